@@ -1,0 +1,34 @@
+"""minidiff: a from-scratch, readable and fast Stable Diffusion toolkit in plain PyTorch.
+
+`import minidiff` is light: the public names below are imported on first use.
+"""
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_PUBLIC = {
+    "MinidiffError": "minidiff.errors",
+    "SamplerError": "minidiff.errors",
+    "CheckpointError": "minidiff.errors",
+    "attention": "minidiff.attention",
+    "set_attention_backend": "minidiff.attention",
+    "NoiseSchedule": "minidiff.schedule",
+    "sample": "minidiff.samplers",
+    "SAMPLERS": "minidiff.samplers",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        import importlib
+
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,63 @@
+"""The one attention function used by the UNet, the VAE and the text encoder.
+
+Notation (Vaswani et al. 2017, "Attention Is All You Need"):
+    q, k, v   -> Q, K, V projected to (B, L, heads * d)
+    d         -> head dimension d_k; the scores are softmax(Q K^T / sqrt(d)) V
+
+`attention` runs PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels where
+the device has them). `naive_attention` is the textbook formula, kept for lessons and for the test
+that the two agree. `slice_size` computes the queries in chunks to bound peak memory.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# "sdpa" (default) or "naive"; set through set_attention_backend for lessons and comparisons.
+_BACKEND = {"name": "sdpa", "slice_size": None}
+
+
+def set_attention_backend(name: str = "sdpa", slice_size: int | None = None) -> None:
+    """Choose how every minidiff model computes attention: "sdpa" or "naive", optionally sliced."""
+    from minidiff.errors import MinidiffError
+
+    if name not in ("sdpa", "naive"):
+        raise MinidiffError(f"unknown attention backend {name!r}: use 'sdpa' or 'naive'")
+    if slice_size is not None and slice_size < 1:
+        raise MinidiffError(f"slice_size must be a positive number of queries, got {slice_size}")
+    _BACKEND.update(name=name, slice_size=slice_size)
+
+
+def naive_attention(q, k, v, mask=None):
+    """softmax(Q K^T / sqrt(d) + mask) V on (B, heads, L, d) tensors, written out."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1) @ v
+
+
+def attention(q, k, v, heads: int, mask=None, slice_size: int | None = None):
+    """Multi-head attention on (B, L, heads * d) inputs; returns (B, L_q, heads * d).
+
+    mask: broadcastable to (B, heads, L_q, L_k); bool (True = attend) or additive float.
+    slice_size: compute at most this many queries at a time (low-memory mode).
+    """
+    batch, length_q, inner = q.shape
+    head_dim = inner // heads
+    # (B, L, heads * d) -> (B, heads, L, d)
+    q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    kernel = naive_attention if _BACKEND["name"] == "naive" else F.scaled_dot_product_attention
+    slice_size = slice_size or _BACKEND["slice_size"]
+    if slice_size is None or slice_size >= length_q:
+        out = kernel(q, k, v, mask)
+    else:
+        chunks = []
+        for start in range(0, length_q, slice_size):
+            chunk_mask = mask
+            if mask is not None and mask.shape[-2] != 1:
+                chunk_mask = mask[..., start : start + slice_size, :]
+            chunks.append(kernel(q[:, :, start : start + slice_size], k, v, chunk_mask))
+        out = torch.cat(chunks, dim=2)
+    # (B, heads, L, d) -> (B, L, heads * d)
+    return out.transpose(1, 2).reshape(batch, length_q, inner)

@@ -1,0 +1,176 @@
+"""Noise schedules: the forward process q(x_t | x_0) and the timesteps a sampler visits.
+
+Notation (Ho et al. 2020, DDPM; Karras et al. 2022, EDM):
+    betas[t]          -> beta_t, the variance added at training step t
+    alphas_cumprod[t] -> alpha_bar_t = prod_{s<=t} (1 - beta_s)
+    alpha_t, sigma_t  -> sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t): x_t = alpha_t x_0 + sigma_t eps
+    sigmas[t]         -> sigma_t / alpha_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the "k-diffusion"
+                         noise level: x_t / alpha_t = x_0 + sigmas[t] eps
+    log_snr[t]        -> lambda_t = log(alpha_t^2 / sigma_t^2) = -2 log sigmas[t]
+
+Timesteps run from noisy (t = 999) to clean (t = 0). The three spacings of N inference steps
+over T training steps are those of the diffusers schedulers (Lin et al. 2023, table 2):
+    leading   -> 0, T/N, 2T/N, ... plus steps_offset (SD 1.x/2.x ship steps_offset = 1)
+    trailing  -> T-1, T-1-T/N, ...   (always starts at the noisiest step)
+    linspace  -> N points evenly from 0 to T-1, rounded
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minidiff.errors import SamplerError
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class NoiseSchedule:
+    num_train_timesteps: int = 1000  # T
+    beta_start: float = 0.00085  # beta_0 (SD's value)
+    beta_end: float = 0.012  # beta_{T-1} (SD's value)
+    beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
+
+    def __post_init__(self):
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise SamplerError(
+                f"unknown beta_schedule {self.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}"
+            )
+        T = self.num_train_timesteps
+        # float32 like the published schedulers, so the schedule is bit-for-bit the one SD shipped with
+        if self.beta_schedule == "linear":
+            betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float32)
+        elif self.beta_schedule == "scaled_linear":
+            betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float32) ** 2
+        else:  # Nichol & Dhariwal 2021, the cosine schedule, each beta capped at 0.999
+            alpha_bar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = torch.tensor(
+                [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
+                dtype=torch.float32,
+            )
+        self.betas = betas.double()
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).double()
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        self.log_snr = -2 * self.sigmas.log()
+
+    @classmethod
+    def sd(cls) -> "NoiseSchedule":
+        """The schedule every SD 1.x and 2.x model was trained with."""
+        return cls(1000, 0.00085, 0.012, "scaled_linear")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "NoiseSchedule":
+        """From a diffusers `scheduler_config.json` dict (unknown keys ignored)."""
+        return cls(
+            config.get("num_train_timesteps", 1000),
+            config.get("beta_start", 0.00085),
+            config.get("beta_end", 0.012),
+            config.get("beta_schedule", "scaled_linear"),
+        )
+
+    # --- the forward process -------------------------------------------------------------------
+
+    def alpha_sigma(self, t):
+        """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at integer timesteps t."""
+        alpha_bar = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long)]
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def add_noise(self, x0, noise, t):
+        """q(x_t | x_0): x_t = alpha_t x_0 + sigma_t eps, with t an int or one per batch item."""
+        alpha, sigma = self.alpha_sigma(t)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        alpha = alpha.to(x0.device, x0.dtype).reshape(shape)
+        sigma = sigma.to(x0.device, x0.dtype).reshape(shape)
+        return alpha * x0 + sigma * noise
+
+    # --- choosing the inference timesteps ------------------------------------------------------
+
+    def check_steps(self, steps: int) -> None:
+        T = self.num_train_timesteps
+        if not isinstance(steps, (int, np.integer)) or steps < 1 or steps > T:
+            raise SamplerError(f"steps must be an integer from 1 to {T} (the training timesteps), got {steps!r}")
+
+    def timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 1) -> torch.Tensor:
+        """The N integer timesteps to visit, noisiest first (int64)."""
+        self.check_steps(steps)
+        T = self.num_train_timesteps
+        if spacing == "leading":
+            ts = np.arange(steps) * (T // steps) + steps_offset
+        elif spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / steps)) - 1
+        elif spacing == "linspace":
+            ts = np.linspace(0, T - 1, steps).round()
+        else:
+            raise SamplerError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+        return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1].copy())
+
+    def check_custom_timesteps(self, timesteps) -> torch.Tensor:
+        """Validate a user list such as [999, 950, 900, 800, ..., 10, 5, 1]; returns int64."""
+        ts = torch.as_tensor(list(timesteps), dtype=torch.float64)
+        T = self.num_train_timesteps
+        if ts.numel() == 0:
+            raise SamplerError("the custom timestep list is empty: give at least one timestep, e.g. [999, 500, 1]")
+        if (ts != ts.round()).any() or ts.min() < 0 or ts.max() > T - 1:
+            raise SamplerError(f"custom timesteps must be integers from 0 to {T - 1}, got {timesteps!r}")
+        if (ts[1:] >= ts[:-1]).any():
+            raise SamplerError(
+                f"custom timesteps must be strictly decreasing (noisiest first), got {timesteps!r}"
+            )
+        return ts.long()
+
+    # --- timesteps <-> noise levels (k-diffusion's sigma space) --------------------------------
+
+    def sigma_at(self, t) -> torch.Tensor:
+        """sigmas at (possibly fractional) timesteps, linearly interpolated between integers."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
+        return torch.from_numpy(np.interp(t.numpy(), grid.numpy(), self.sigmas.numpy()))
+
+    def t_at(self, sigma) -> torch.Tensor:
+        """The fractional timestep of each sigma, interpolating log(sigma) (k-diffusion's sigma_to_t)."""
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        log_sigmas = self.sigmas.log()
+        # index of the training sigma just below each query, then linear interpolation in log space
+        low = torch.searchsorted(log_sigmas, log_sigma, right=True).sub(1).clamp(0, len(log_sigmas) - 2)
+        w = ((log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clamp(0, 1)
+        return low + w
+
+    def karras_sigmas(self, n: int, sigma_min=None, sigma_max=None, rho: float = 7.0) -> torch.Tensor:
+        """Karras et al. 2022, eq. 5: n sigmas evenly spaced in sigma^(1/rho), largest first."""
+        sigma_min = float(self.sigmas[0]) if sigma_min is None else sigma_min
+        sigma_max = float(self.sigmas[-1]) if sigma_max is None else sigma_max
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        inv_min, inv_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        return (inv_max + ramp * (inv_min - inv_max)) ** rho
+
+
+# --- what the network predicts <-> x0 and eps ---------------------------------------------------
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise SamplerError(
+            f"unknown prediction_type {prediction_type!r}: use 'epsilon' (SD 1.x, SD 2.x base), "
+            f"'v_prediction' (SD 2.x 768 models) or 'sample'"
+        )
+
+
+def to_x0_eps(model_output, x_t, alpha, sigma, prediction_type: str = "epsilon"):
+    """Convert the network's output at x_t = alpha x0 + sigma eps into (pred_x0, pred_eps).
+
+    epsilon:       out = eps            -> x0 = (x_t - sigma eps) / alpha
+    v_prediction:  out = alpha eps - sigma x0 (Salimans & Ho 2022) -> x0 = alpha x_t - sigma v,
+                                          eps = sigma x_t + alpha v   (alpha^2 + sigma^2 = 1)
+    sample:        out = x0             -> eps = (x_t - alpha x0) / sigma
+    """
+    if prediction_type == "epsilon":
+        return (x_t - sigma * model_output) / alpha, model_output
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * model_output, sigma * x_t + alpha * model_output
+    if prediction_type == "sample":
+        return model_output, (x_t - alpha * model_output) / sigma
+    check_prediction_type(prediction_type)

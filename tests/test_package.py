@@ -1,0 +1,42 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minidiff
+from minidiff.attention import attention, naive_attention
+
+
+def test_import_is_light():
+    """`import minidiff` must not pull in torch or any oracle library."""
+    code = "import sys, minidiff; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("slice_size", [None, 5])
+def test_sdpa_matches_naive_attention(slice_size):
+    q, k, v = (torch.randn(2, 17, 4 * 8) for _ in range(3))
+    heads = 4
+    out = attention(q, k, v, heads, slice_size=slice_size)
+    qh, kh, vh = (t.view(2, 17, heads, 8).transpose(1, 2) for t in (q, k, v))
+    ref = naive_attention(qh, kh, vh).transpose(1, 2).reshape(2, 17, 32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_mask_sdpa_matches_naive():
+    q, k, v = (torch.randn(1, 6, 16) for _ in range(3))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    out = attention(q, k, v, 2, mask=mask)
+    minidiff.set_attention_backend("naive")
+    try:
+        ref = attention(q, k, v, 2, mask=mask, slice_size=4)
+    finally:
+        minidiff.set_attention_backend("sdpa")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_attention_backend_is_named():
+    with pytest.raises(minidiff.MinidiffError, match="sdpa"):
+        minidiff.set_attention_backend("flash3")
