@@ -174,3 +174,53 @@ def to_x0_eps(model_output, x_t, alpha, sigma, prediction_type: str = "epsilon")
     if prediction_type == "sample":
         return model_output, (x_t - alpha * model_output) / sigma
     check_prediction_type(prediction_type)
+
+
+class Denoiser:
+    """Wraps a network `model(x_t, t) -> eps | v | x0` into (pred_x0, pred_eps) for the samplers.
+
+    Two views of the same call:
+        denoiser(x_t, t)               VP space: x_t = alpha_t x0 + sigma_t eps, t an integer timestep
+        denoiser.at_sigma(x, sigma, t) k-diffusion space: x = x0 + sigma eps, so the network sees
+                                       x_t = x / sqrt(1 + sigma^2); t is the timestep passed to it
+    The outputs are checked for NaN/inf: eagerly on the CPU (stop at the step that broke), on other
+    devices through `check_finite()` after the loop, so that no step waits for the GPU.
+    """
+
+    def __init__(self, model, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+        check_prediction_type(prediction_type)
+        self.model, self.schedule, self.prediction_type = model, schedule, prediction_type
+        self._finite = []  # one 0-dim bool tensor per call (non-CPU devices)
+
+    def __call__(self, x_t, t):
+        alpha, sigma = (float(a) for a in self.schedule.alpha_sigma(int(t)))
+        return self._convert(self.model(x_t, t), x_t, alpha, sigma)
+
+    def at_sigma(self, x, sigma: float, t):
+        sigma = float(sigma)
+        alpha = 1.0 / math.sqrt(1.0 + sigma**2)
+        x_t = x * alpha
+        pred_x0, pred_eps = self._convert(self.model(x_t, t), x_t, alpha, sigma * alpha)
+        return pred_x0, pred_eps
+
+    def _convert(self, out, x_t, alpha, sigma):
+        if out.device.type == "cpu":
+            if not torch.isfinite(out).all():
+                raise SamplerError(
+                    f"the model returned NaN or inf at model call {len(self._finite) + 1}: "
+                    "check the weights and the dtype (fp16 overflow? try dtype=torch.float32 or bfloat16)"
+                )
+            self._finite.append(None)
+        else:
+            self._finite.append(torch.isfinite(out).all())
+        return to_x0_eps(out, x_t, alpha, sigma, self.prediction_type)
+
+    def check_finite(self) -> None:
+        """Raise if any model call produced NaN/inf (one device sync, after the loop)."""
+        flags = [f for f in self._finite if f is not None]
+        if flags and not bool(torch.stack(flags).all()):
+            first = next(i for i, f in enumerate(self._finite) if f is not None and not bool(f))
+            raise SamplerError(
+                f"the model returned NaN or inf at model call {first + 1}: "
+                "check the weights and the dtype (fp16 overflow? try dtype=torch.float32 or bfloat16)"
+            )
