@@ -91,26 +91,44 @@ class NoiseSchedule:
 
     def check_steps(self, steps: int) -> None:
         T = self.num_train_timesteps
-        if not isinstance(steps, (int, np.integer)) or steps < 1 or steps > T:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1 or steps > T:
             raise SamplerError(f"steps must be an integer from 1 to {T} (the training timesteps), got {steps!r}")
 
-    def timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 1) -> torch.Tensor:
-        """The N integer timesteps to visit, noisiest first (int64)."""
+    def timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 1, rounded: bool = True):
+        """The N timesteps to visit, noisiest first: int64, or float64 if `rounded=False`.
+
+        The diffusers Euler and Heun schedulers do not round the linspace grid (999, 832.5, ...);
+        the others (DDPM, DDIM) do. Leading and trailing grids are integers either way.
+        """
         self.check_steps(steps)
         T = self.num_train_timesteps
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+            raise SamplerError(f"steps_offset must be a non-negative integer (SD ships 1), got {steps_offset!r}")
         if spacing == "leading":
             ts = np.arange(steps) * (T // steps) + steps_offset
         elif spacing == "trailing":
             ts = np.round(np.arange(T, 0, -T / steps)) - 1
         elif spacing == "linspace":
-            ts = np.linspace(0, T - 1, steps).round()
+            ts = np.linspace(0, T - 1, steps)
+            ts = ts.round() if rounded else ts
         else:
             raise SamplerError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
-        return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1].copy())
+        if ts.max() > T - 1:
+            raise SamplerError(
+                f"leading spacing with steps_offset={steps_offset} and {steps} steps reaches timestep "
+                f"{int(ts.max())}, past the last one ({T - 1}): use fewer steps, a smaller steps_offset "
+                "or spacing='trailing'"
+            )
+        ts = np.sort(ts)[::-1].copy()
+        return torch.from_numpy(ts.astype(np.int64)) if rounded else torch.from_numpy(ts.astype(np.float64))
 
     def check_custom_timesteps(self, timesteps) -> torch.Tensor:
         """Validate a user list such as [999, 950, 900, 800, ..., 10, 5, 1]; returns int64."""
-        ts = torch.as_tensor(list(timesteps), dtype=torch.float64)
+        try:
+            ts = torch.as_tensor([float(t) for t in timesteps], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise SamplerError(f"custom timesteps must be a list of integers such as [999, 500, 1], "
+                               f"got {timesteps!r}") from None
         T = self.num_train_timesteps
         if ts.numel() == 0:
             raise SamplerError("the custom timestep list is empty: give at least one timestep, e.g. [999, 500, 1]")
@@ -121,6 +139,56 @@ class NoiseSchedule:
                 f"custom timesteps must be strictly decreasing (noisiest first), got {timesteps!r}"
             )
         return ts.long()
+
+    def ddim_timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 1, timesteps=None):
+        """(t, t_prev) pairs of diffusers' DDIMScheduler; t_prev = -1 means "the end", alpha_bar_0.
+
+        DDIM steps back by T // N from every timestep whatever the spacing (so with trailing or
+        linspace grids t_prev can land beside, not on, the next timestep); with a custom list it
+        steps to the next listed timestep.
+        """
+        if timesteps is not None:
+            ts = self.check_custom_timesteps(timesteps)
+            return ts, torch.cat([ts[1:], ts.new_tensor([-1])])
+        ts = self.timesteps(steps, spacing, steps_offset)
+        return ts, (ts - self.num_train_timesteps // steps).clamp(min=-1)
+
+    def sigma_grid(self, steps: int, spacing: str = "leading", steps_offset: int = 1, timesteps=None,
+                   karras: bool = False):
+        """(timesteps, sigmas) of diffusers' Euler/Heun schedulers: N fractional timesteps, N + 1 sigmas
+        ending with 0. karras=True respaces the N sigmas by Karras et al. 2022, eq. 5, between the
+        grid's first and last, and maps them back to fractional timesteps."""
+        if timesteps is not None:
+            if karras:
+                raise SamplerError("karras=True makes its own sigmas and cannot follow custom timesteps: "
+                                   "drop one of karras=True and timesteps=[...]")
+            ts = self.check_custom_timesteps(timesteps).double()
+        else:
+            ts = self.timesteps(steps, spacing, steps_offset, rounded=False)
+        sigmas = self.sigma_at(ts)
+        if karras:
+            sigmas = self.karras_sigmas(len(ts), sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]))
+            ts = self.t_at(sigmas)
+        return ts, torch.cat([sigmas, sigmas.new_zeros(1)])
+
+    def lcm_timesteps(self, steps: int, original_inference_steps: int = 50, timesteps=None) -> torch.Tensor:
+        """The timesteps of diffusers' LCMScheduler: N picked evenly from the distillation grid
+        (T/M - 1, 2T/M - 1, ..., T - 1) of M = original_inference_steps, noisiest first."""
+        if timesteps is not None:
+            return self.check_custom_timesteps(timesteps)
+        T = self.num_train_timesteps
+        if not isinstance(original_inference_steps, (int, np.integer)) or not 1 <= original_inference_steps <= T:
+            raise SamplerError(f"original_inference_steps must be an integer from 1 to {T}, "
+                               f"got {original_inference_steps!r}")
+        self.check_steps(steps)
+        if steps > original_inference_steps:
+            raise SamplerError(
+                f"lcm takes at most original_inference_steps={original_inference_steps} steps (the grid it was "
+                f"distilled on), got steps={steps}: use fewer steps"
+            )
+        grid = (np.arange(1, original_inference_steps + 1) * (T // original_inference_steps) - 1)[::-1]
+        picks = np.floor(np.linspace(0, original_inference_steps, steps, endpoint=False)).astype(np.int64)
+        return torch.from_numpy(grid[picks].copy())
 
     # --- timesteps <-> noise levels (k-diffusion's sigma space) --------------------------------
 
@@ -184,43 +252,46 @@ class Denoiser:
         denoiser.at_sigma(x, sigma, t) k-diffusion space: x = x0 + sigma eps, so the network sees
                                        x_t = x / sqrt(1 + sigma^2); t is the timestep passed to it
     The outputs are checked for NaN/inf: eagerly on the CPU (stop at the step that broke), on other
-    devices through `check_finite()` after the loop, so that no step waits for the GPU.
+    devices through `check_finite()` after the loop, so that no step waits for the GPU. `step` is the
+    sampler step being computed (kept up to date by `minidiff.sample`), for the error message.
     """
 
     def __init__(self, model, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
         check_prediction_type(prediction_type)
         self.model, self.schedule, self.prediction_type = model, schedule, prediction_type
-        self._finite = []  # one 0-dim bool tensor per call (non-CPU devices)
+        self.step = None  # 0-based sampler step, or None when the caller does not track it
+        self.calls = 0  # model calls so far
+        self._finite = []  # (where, 0-dim bool tensor) per model call on non-CPU devices
 
     def __call__(self, x_t, t):
         alpha, sigma = (float(a) for a in self.schedule.alpha_sigma(int(t)))
-        return self._convert(self.model(x_t, t), x_t, alpha, sigma)
+        return self._convert(self.model(x_t, t), x_t, alpha, sigma, t)
 
     def at_sigma(self, x, sigma: float, t):
         sigma = float(sigma)
         alpha = 1.0 / math.sqrt(1.0 + sigma**2)
         x_t = x * alpha
-        pred_x0, pred_eps = self._convert(self.model(x_t, t), x_t, alpha, sigma * alpha)
-        return pred_x0, pred_eps
+        return self._convert(self.model(x_t, t), x_t, alpha, sigma * alpha, t)
 
-    def _convert(self, out, x_t, alpha, sigma):
+    def _convert(self, out, x_t, alpha, sigma, t):
+        self.calls += 1
         if out.device.type == "cpu":
             if not torch.isfinite(out).all():
-                raise SamplerError(
-                    f"the model returned NaN or inf at model call {len(self._finite) + 1}: "
-                    "check the weights and the dtype (fp16 overflow? try dtype=torch.float32 or bfloat16)"
-                )
-            self._finite.append(None)
+                raise SamplerError(_nan_message(self.step, self.calls, t))
         else:
-            self._finite.append(torch.isfinite(out).all())
+            self._finite.append(((self.step, self.calls, t), torch.isfinite(out).all()))
         return to_x0_eps(out, x_t, alpha, sigma, self.prediction_type)
 
     def check_finite(self) -> None:
         """Raise if any model call produced NaN/inf (one device sync, after the loop)."""
-        flags = [f for f in self._finite if f is not None]
-        if flags and not bool(torch.stack(flags).all()):
-            first = next(i for i, f in enumerate(self._finite) if f is not None and not bool(f))
-            raise SamplerError(
-                f"the model returned NaN or inf at model call {first + 1}: "
-                "check the weights and the dtype (fp16 overflow? try dtype=torch.float32 or bfloat16)"
-            )
+        if self._finite and not bool(torch.stack([ok for _, ok in self._finite]).all()):
+            where = next(where for where, ok in self._finite if not bool(ok))
+            raise SamplerError(_nan_message(*where))
+
+
+def _nan_message(step, call: int, t) -> str:
+    t = float(t)
+    t = int(t) if t == int(t) else round(t, 3)
+    where = f"model call {call}" if step is None else f"step {step} (counting from 0)"
+    return (f"the model returned NaN or inf at {where}, timestep {t}: check the weights and the dtype "
+            "(fp16 overflow? try dtype=torch.float32 or bfloat16)")
