@@ -196,7 +196,7 @@ class NoiseSchedule:
         """sigmas at (possibly fractional) timesteps, linearly interpolated between integers."""
         t = torch.as_tensor(t, dtype=torch.float64)
         grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
-        return torch.from_numpy(np.interp(t.numpy(), grid.numpy(), self.sigmas.numpy()))
+        return torch.from_numpy(np.asarray(np.interp(t.numpy(), grid.numpy(), self.sigmas.numpy())))
 
     def t_at(self, sigma) -> torch.Tensor:
         """The fractional timestep of each sigma, interpolating log(sigma) (k-diffusion's sigma_to_t)."""
@@ -275,12 +275,16 @@ class Denoiser:
 
     def _convert(self, out, x_t, alpha, sigma, t):
         self.calls += 1
-        if out.device.type == "cpu":
-            if not torch.isfinite(out).all():
-                raise SamplerError(_nan_message(self.step, self.calls, t))
-        else:
+        if self._deferred(out):
             self._finite.append(((self.step, self.calls, t), torch.isfinite(out).all()))
+        elif not torch.isfinite(out).all():
+            raise SamplerError(_nan_message(self.step, self.calls, t))
         return to_x0_eps(out, x_t, alpha, sigma, self.prediction_type)
+
+    @staticmethod
+    def _deferred(out) -> bool:
+        """Check on the CPU at once; elsewhere keep the flag and check after the loop (no sync per step)."""
+        return out.device.type != "cpu"
 
     def check_finite(self) -> None:
         """Raise if any model call produced NaN/inf (one device sync, after the loop)."""
