@@ -112,7 +112,7 @@ def sample_ddim(denoiser, x, steps, *, spacing="leading", steps_offset=1, timest
     ts, prev_ts = schedule.ddim_timesteps(steps, spacing, steps_offset, timesteps)
     for i, (t, t_prev) in enumerate(zip(ts.tolist(), prev_ts.tolist())):
         a_t = float(schedule.alphas_cumprod[t])
-        a_prev = float(schedule.alphas_cumprod[max(t_prev, 0)])
+        a_prev = float(schedule.alphas_cumprod[max(t_prev, 0)])  # t_prev = -1: the end, alpha_bar_0
         # current prediction for x_0 (and the noise it implies)
         pred_x0, pred_eps = denoiser(x, t)
         # the noise level of this step, eq. 16 scaled by eta
