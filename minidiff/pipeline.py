@@ -101,10 +101,10 @@ class Pipeline:
         """Token ids -> the text encoder's hidden states; warns when a prompt is cut at 77 tokens."""
         ids = self.tokenizer(prompts)
         for prompt in prompts:
-            dropped = self.tokenizer.num_truncated(prompt)
+            dropped = len(self.tokenizer.dropped_tokens(prompt))
             if dropped:
                 warnings.warn(
-                    f"the prompt is longer than {self.tokenizer.max_length} tokens: the last {dropped} "
+                    f"the prompt is longer than the text encoder's 77 positions: its last {dropped} "
                     f"token(s) were dropped ({prompt[:40]!r}...)",
                     stacklevel=3,
                 )
@@ -165,6 +165,7 @@ class Pipeline:
         # all randomness from one CPU generator: the same seed gives the same image on any device
         generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
         shape = (batch, self.latent_channels(), height // 8, width // 8)
+        init = self.encode_image(image, height, width, generator).expand(shape) if image is not None else None
         noise = latents if latents is not None else torch.randn(shape, generator=generator)
         noise = noise.to(self.device, self.dtype)
 
@@ -175,7 +176,6 @@ class Pipeline:
             grid = timesteps if timesteps is not None else self.schedule.timesteps(
                 steps, sampler_options["spacing"], sampler_options["steps_offset"])
             start = len(grid) - min(int(len(grid) * strength), len(grid))
-            init = self.encode_image(image, height, width, generator).expand(batch, -1, -1, -1)
             if start == len(grid):  # strength 0: nothing to denoise
                 return self.finish(init, [], preview)
             timesteps = [int(t) for t in grid[start:]]
