@@ -305,9 +305,10 @@ class Transformer2D(nn.Module):
 
     def forward(self, x, context):
         batch, channels, height, width = x.shape
+        # SD 1.x projects with 1x1 convs on (B, C, H, W), SD 2.x with linears on (B, HW, C): the same map
         h = self.norm(x)
         h = h if self.linear else self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, C)
+        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, C): a token per position
         h = self.proj_in(h) if self.linear else h
         for block in self.transformer_blocks:
             h = block(h, context)
