@@ -15,9 +15,16 @@ are more than a rename, and `from_original` / `to_original` make them:
     OpenCLIP's fused attn.in_proj (3C, C) is q_proj, k_proj and v_proj stacked;
     OpenCLIP's last resblock, text_projection and logit_scale are dropped: SD 2.x conditions on the
     penultimate layer's output (then final_layer_norm), so its text encoder has one layer fewer.
+The `infer_*_config` functions read the architecture (a diffusers / transformers config dict) from the tensor
+shapes; what the shapes cannot tell is taken from the official configs: SD 1.x has 8 heads, SD 2.x heads of
+64 channels; only the file name tells an SD 2.x v-prediction (768 px) model from an epsilon (512 px) one.
 """
 
+from pathlib import Path
+
 import torch
+
+from minidiff.errors import CheckpointError
 
 PREFIXES = {  # component -> its prefix in an original single-file checkpoint
     "unet": "model.diffusion_model.",
@@ -212,3 +219,75 @@ def _rules(component: str, config: dict) -> list:
     if component in ("taesd_encoder", "taesd_decoder"):
         return taesd_rules(component.split("_")[1])
     raise ValueError(f"unknown component {component!r}")
+
+
+# --- the architecture, from the shapes of an original checkpoint ---------------------------------------------
+
+
+def infer_unet_config(state: dict, prediction_type) -> dict:
+    """The diffusers unet config of an ldm UNetModel state dict (keys without model.diffusion_model.)."""
+    first = state["input_blocks.0.0.weight"]
+    inputs = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("input_blocks."))
+    stages = 1 + sum(1 for k in state if k.startswith("input_blocks.") and k.endswith(".0.op.weight"))
+    per_block = (inputs - stages) // stages  # inputs = 1 + stages * per_block + (stages - 1) downsamplers
+    starts = [1 + stage * (per_block + 1) for stage in range(stages)]
+    channels = [state[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in starts]
+    attention = [f"input_blocks.{i}.1.proj_in.weight" in state for i in starts]
+    to_k = next(v for k, v in state.items() if k.endswith("attn2.to_k.weight"))
+    proj_in = next(v for k, v in state.items() if k.endswith("proj_in.weight"))
+    depth = len({k.split(".")[4] for k in state if k.startswith(f"input_blocks.{starts[attention.index(True)]}.1."
+                                                                 "transformer_blocks.")})
+    context = to_k.shape[1]
+    # not in the weights: SD 1.x uses 8 heads, SD 2.x (OpenCLIP context, 1024) heads of 64 channels
+    heads = [c // 64 for c in channels] if context == 1024 else [8] * stages
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+    return {
+        "in_channels": first.shape[1], "out_channels": state["out.2.weight"].shape[0], "down_block_types": down,
+        "up_block_types": [kind.replace("Down", "Up") for kind in reversed(down)], "block_out_channels": channels,
+        "layers_per_block": per_block, "attention_head_dim": heads, "cross_attention_dim": context,
+        "use_linear_projection": proj_in.ndim == 2, "transformer_layers_per_block": depth,
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if "middle_block.1.proj_in.weight" in state else None,
+        "sample_size": 96 if prediction_type == "v_prediction" else 64,  # 768 px v-models, 512 px otherwise
+    }
+
+
+def infer_vae_config(state: dict) -> dict:
+    """The diffusers vae config of an ldm AutoencoderKL state dict (keys without first_stage_model.)."""
+    levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
+    per_block = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
+    return {
+        "in_channels": state["encoder.conv_in.weight"].shape[1],
+        "out_channels": state["decoder.conv_out.weight"].shape[0],
+        "block_out_channels": [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
+        "layers_per_block": per_block, "latent_channels": state["post_quant_conv.weight"].shape[0],
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+    }
+
+
+def infer_text_config(state: dict, open_clip: bool) -> dict:
+    """The transformers config of the text encoder in an original checkpoint (keys without the prefix)."""
+    if open_clip:  # SD 2.x: OpenCLIP ViT-H/14 without its last resblock
+        vocab, width = state["token_embedding.weight"].shape
+        layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks."))
+        return {"vocab_size": vocab, "hidden_size": width, "num_hidden_layers": layers - 1, "hidden_act": "gelu",
+                "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                "num_attention_heads": width // 64, "max_position_embeddings": state["positional_embedding"].shape[0]}
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    vocab, width = state["embeddings.token_embedding.weight"].shape
+    return {"vocab_size": vocab, "hidden_size": width, "hidden_act": "quick_gelu", "num_attention_heads": width // 64,
+            "num_hidden_layers": 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")),
+            "intermediate_size": state["encoder.layers.0.mlp.fc1.weight"].shape[0],
+            "max_position_embeddings": state["embeddings.position_embedding.weight"].shape[0]}
+
+
+def single_file_prediction_type(path: Path, unet_state: dict) -> str:
+    """SD 1.x predicts eps; SD 2.x 768 px models predict v, and only the file name can tell which one this is."""
+    context = next(v.shape[1] for k, v in unet_state.items() if k.endswith("attn2.to_k.weight"))
+    name = path.name.lower()
+    if context != 1024 or "512" in name or "base" in name:
+        return "epsilon"
+    if "768" in name:
+        return "v_prediction"
+    raise CheckpointError(f"{path} is an SD 2.x checkpoint, and the weights do not say what it predicts: pass "
+                          "prediction_type='v_prediction' (the 768 px models, e.g. v2-1_768-ema-pruned) or "
+                          "'epsilon' (the 512 px base models)")
