@@ -15,6 +15,22 @@ _PUBLIC = {
     "NoiseSchedule": "minidiff.schedule",
     "sample": "minidiff.samplers",
     "SAMPLERS": "minidiff.samplers",
+    "UNet": "minidiff.unet",
+    "UNetConfig": "minidiff.unet",
+    "AutoencoderKL": "minidiff.vae",
+    "VAEConfig": "minidiff.vae",
+    "TAESD": "minidiff.taesd",
+    "CLIPTextModel": "minidiff.clip",
+    "CLIPTextConfig": "minidiff.clip",
+    "CLIPTokenizer": "minidiff.tokenizer",
+    "load_unet": "minidiff.load",
+    "load_vae": "minidiff.load",
+    "load_taesd": "minidiff.load",
+    "load_text_encoder": "minidiff.load",
+    "load_tokenizer": "minidiff.load",
+    "load_components": "minidiff.load",
+    "load_pipeline": "minidiff.pipeline",
+    "Pipeline": "minidiff.pipeline",
 }
 
 __all__ = sorted(_PUBLIC)

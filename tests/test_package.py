@@ -40,3 +40,8 @@ def test_causal_mask_sdpa_matches_naive():
 def test_unknown_attention_backend_is_named():
     with pytest.raises(minidiff.MinidiffError, match="sdpa"):
         minidiff.set_attention_backend("flash3")
+
+
+def test_every_public_name_resolves():
+    for name in minidiff.__all__:
+        assert getattr(minidiff, name) is not None, name
