@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from minidiff import keymap
 from minidiff.clip import CLIPTextConfig
 from minidiff.errors import CheckpointError
-from minidiff.load import load_components, load_text_encoder, load_unet, load_vae
+from minidiff.load import load_components, load_text_encoder, load_unet, load_vae, read_safetensors
 from minidiff.unet import UNetConfig
 from minidiff.vae import VAEConfig
 
@@ -206,3 +206,30 @@ def test_whole_single_file_loads_all_components(family, tmp_path):
 def original_part(checkpoint: dict, component: str) -> dict:
     prefix = keymap.PREFIXES[component]
     return {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+
+
+@pytest.mark.slow
+def test_full_size_sd15_unet_single_file(tmp_path):
+    """The real SD 1.5 UNet shapes (3.4 GB in float32), at a small latent size: the layout and the inferred
+    architecture at full scale. The reference is freed before loading, so only one copy lives in RAM."""
+    config = UNetConfig.sd15().to_diffusers()
+    with torch.device("meta"):
+        reference = ReferenceUNet.from_config(config)
+    reference = reference.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.normal_(0, 0.02)
+        x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 768)
+        expected = reference(x, t, context).sample
+    path = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    original = keymap.to_original(reference.state_dict(), "unet", config)
+    save_file({keymap.PREFIXES["unet"] + k: v for k, v in original.items()}, path)
+    del reference, original
+
+    unet = load_unet(path)
+    assert unet.config == UNetConfig.sd15() and unet.prediction_type == "epsilon"
+    theirs = convert_ldm_unet_checkpoint(read_safetensors(path), config)
+    ours = unet.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():
+        assert_close(unet(x, t, context), expected, "SD 1.5 UNet output")
