@@ -199,13 +199,13 @@ def hints(expected: dict, state: dict, missing: list, unexpected: list, wrong: l
     for key in wrong:
         found, want = tuple(state[key].shape), tuple(expected[key].shape)
         if key.endswith("attn2.to_k.weight"):
-            family = {768: "SD 1.x", 1024: "SD 2.x"}
-            out.append(f"context dim {found[1]} vs {want[1]}: a {family.get(found[1], 'different')} checkpoint into "
-                       f"a {family.get(want[1], 'different')} config")
+            family = {768: "an SD 1.x", 1024: "an SD 2.x"}
+            out.append(f"context dim {found[1]} vs {want[1]}: {family.get(found[1], 'a different')} checkpoint into "
+                       f"{family.get(want[1], 'a different')} config")
         elif key.endswith("token_embedding.weight") and found[1] != want[1]:
-            family = {768: "SD 1.x (CLIP ViT-L)", 1024: "SD 2.x (OpenCLIP ViT-H)"}
-            out.append(f"text width {found[1]} vs {want[1]}: a {family.get(found[1], 'different')} text encoder "
-                       f"into a {family.get(want[1], 'different')} config")
+            family = {768: "an SD 1.x (CLIP ViT-L)", 1024: "an SD 2.x (OpenCLIP ViT-H)"}
+            out.append(f"text width {found[1]} vs {want[1]}: {family.get(found[1], 'a different')} text encoder "
+                       f"into {family.get(want[1], 'a different')} config")
         elif key == "conv_in.weight" and found[1] != want[1]:
             extra = " (9: an inpainting UNet: latent + mask + masked image)" if found[1] == 9 else ""
             out.append(f"{found[1]} input channels vs {want[1]}{extra}")

@@ -141,7 +141,7 @@ def test_wrong_architecture_names_the_keys_and_says_what_it_means(tmp_path, sd_f
         load_unet(folder)
     message = str(error.value)
     assert "attn2.to_k.weight (32, 1024) in the file, (32, 768) in the model" in message
-    assert "context dim 1024 vs 768: a SD 2.x checkpoint into a SD 1.x config" in message
+    assert "context dim 1024 vs 768: an SD 2.x checkpoint into an SD 1.x config" in message
     # a VAE's weights where a UNet's should be
     shutil.copy(root / "vae" / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError, match=r"(?s)684 missing key\(s\): time_embedding.*load it with load_vae"):
@@ -317,3 +317,21 @@ def test_download_fetches_only_the_needed_files_and_nothing_when_cached(tmp_path
     assert hub.download("taesd", cache_dir=tmp_path) == folder
     with pytest.raises(MinidiffError, match="unknown model 'nope': known models are sd15"):
         hub.download("nope")
+
+
+def test_a_missing_mid_block_is_explained(tmp_path):
+    folder = tmp_path / "unet"
+    reference_unet(mid_block_type=None).save_pretrained(folder)  # BK-SDM small/tiny drop the mid block
+    config = json.loads((folder / "config.json").read_text()) | {"mid_block_type": "UNetMidBlock2DCrossAttn"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"(?s)missing key\(s\): mid_block.*the file has no mid block: BK-SDM"):
+        load_unet(folder)
+
+
+def test_known_names_resolve_through_the_hub(monkeypatch, sd_folder):
+    root, _ = sd_folder
+    monkeypatch.setattr(hub, "local_path", lambda name, cache_dir=None, variant=None: None)
+    with pytest.raises(MinidiffError, match="run `minidiff download sd15`"):
+        load_unet("sd15")
+    monkeypatch.setattr(hub, "local_path", lambda name, cache_dir=None, variant=None: root)
+    assert load_unet("sd15").config == UNetConfig.tiny()
