@@ -11,7 +11,8 @@ from pathlib import Path
 
 from minidiff.errors import MinidiffError
 
-MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.json"
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = ROOT / "weights" / "manifest.json"
 KNOWN_MODELS = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
 OPTIONAL = ("tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json")  # fetched if the repo has them
 WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -52,6 +53,9 @@ def local_path(name: str, cache_dir=None, variant: str | None = None) -> Path | 
     from huggingface_hub import snapshot_download
 
     model = entry(name)
+    if "bundled" in model:  # ships with minidiff, in weights/
+        folder = ROOT / model["bundled"]
+        return folder if (folder / "model_index.json").is_file() else None
     choices = [variant] if variant else [None, *model.get("variants", [])]
     for choice in choices:
         wanted = files(name, choice)
@@ -74,6 +78,10 @@ def resolve(name_or_path, cache_dir=None, variant: str | None = None) -> Path:
         raise MinidiffError(f"{name!r} is neither a file or folder nor a known model; known models: "
                             f"{', '.join(KNOWN_MODELS)}")
     folder = local_path(name, cache_dir, variant)
+    if folder is None and "bundled" in KNOWN_MODELS[name]:
+        raise MinidiffError(f"the bundled model {name} is missing from {ROOT / KNOWN_MODELS[name]['bundled']}: "
+                            "restore it with `git checkout -- weights/` or retrain it with "
+                            "`python -m minidiff.train shapes`")
     if folder is None:
         model = KNOWN_MODELS[name]
         size = model["size_gb"].get(variant or "fp32")
@@ -87,6 +95,8 @@ def download(name: str, variant: str | None = None, cache_dir=None) -> Path:
     from huggingface_hub import snapshot_download
 
     model = entry(name)
+    if "bundled" in model:
+        return resolve(name)
     wanted = files(name, variant)  # checks the variant before anything is fetched
     folder = local_path(name, cache_dir, variant)
     if folder is not None:

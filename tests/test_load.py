@@ -284,7 +284,7 @@ def test_resolve_finds_a_known_model_in_the_cache_without_network(tmp_path, monk
     assert hub.resolve(tmp_path) == tmp_path  # a path is returned as it is
     with pytest.raises(MinidiffError, match="sd15 .* is not downloaded yet: run `minidiff download sd15`"):
         hub.resolve("sd15", cache_dir=tmp_path)
-    with pytest.raises(MinidiffError, match="known models: sd15, sd21"):
+    with pytest.raises(MinidiffError, match="known models: shapes, sd15, sd21"):
         hub.resolve("sd-99", cache_dir=tmp_path)
     snapshot = fake_cache(tmp_path, "sd15", hub.files("sd15", "fp16")[:-1])  # incomplete: no scheduler config
     assert hub.local_path("sd15", cache_dir=tmp_path) is None
