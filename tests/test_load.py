@@ -315,7 +315,7 @@ def test_download_fetches_only_the_needed_files_and_nothing_when_cached(tmp_path
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline_only)
     assert hub.download("taesd", cache_dir=tmp_path) == folder
-    with pytest.raises(MinidiffError, match="unknown model 'nope': known models are sd15"):
+    with pytest.raises(MinidiffError, match="unknown model 'nope': known models are shapes, sd15"):
         hub.download("nope")
 
 
