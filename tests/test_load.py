@@ -273,7 +273,8 @@ def test_manifest_lists_the_official_models():
     assert hub.KNOWN_MODELS["sd15"]["repo"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert hub.KNOWN_MODELS["sd21"]["prediction_type"] == "v_prediction"
     for entry in hub.KNOWN_MODELS.values():
-        assert {"repo", "license", "size_gb", "components", "description"} <= set(entry)
+        assert {"license", "size_gb", "components", "description"} <= set(entry)
+        assert ("repo" in entry) != ("bundled" in entry)  # downloaded from the hub, or shipped in weights/
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in hub.files("sd15", "fp16")
     with pytest.raises(MinidiffError, match="bk-sdm-tiny has no 'fp16' variant"):
         hub.files("bk-sdm-tiny", "fp16")
