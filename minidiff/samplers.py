@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from minidiff.errors import SamplerError
 from minidiff.schedule import Denoiser, NoiseSchedule
+from minidiff.solvers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc  # the multistep solvers
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -236,25 +237,16 @@ def sample_heun(denoiser, x, steps, *, spacing="leading", steps_offset=1, timest
 
 # --- the registry and the front end --------------------------------------------------------------
 
-try:
-    from minidiff.solvers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
-except ImportError:  # minidiff/solvers.py is being written; the registry lists what exists
-    sample_dpmpp_2m = sample_dpmpp_2m_sde = sample_unipc = None
-
 SAMPLERS = {
-    name: fn
-    for name, fn in {
-        "ddpm": sample_ddpm,
-        "ddim": sample_ddim,
-        "euler": sample_euler,
-        "euler_a": sample_euler_a,
-        "heun": sample_heun,
-        "dpmpp_2m": sample_dpmpp_2m,
-        "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-        "unipc": sample_unipc,
-        "lcm": sample_lcm,
-    }.items()
-    if fn is not None
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_a,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "unipc": sample_unipc,
+    "lcm": sample_lcm,
 }
 
 _COMMON = ("denoiser", "x", "steps", "spacing", "steps_offset", "timesteps", "karras", "generator", "callback")
