@@ -30,9 +30,6 @@ from minidiff.milestones import (
 from minidiff.schedule import NoiseSchedule
 
 SHAPES_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "shapes"
-
-
-
 DDIM_50_MAX_ERROR = 0.03  # mean |x0 - exact| on the Gaussian model (DDIM 50 gives ~0.020, DDIM 20 ~0.047)
 DPMPP_20_MAX_DIFF = 0.015  # mean |DPM++ 20 - DDIM 50| on the same noise (measured ~0.007; DDIM 20 is ~0.027 away)
 
