@@ -1,0 +1,254 @@
+"""Pictures and plots for the course notebooks: image grids, the trace view, schedules, a demo pipeline.
+
+The trace view is the course's signature picture (after the `x_inter` / `pred_x0` of CompVis' DDIM): for chosen
+sampler steps, the latent x_t the sampler holds (top row, x_inter) above the model's guess of the clean image
+(bottom row, pred_x0), both decoded to pixels. `Pipeline(..., trace=True)` records it for text-to-image;
+`StepRecorder` records it for `minidiff.sample` called directly (pixel-space toy models, the Gaussian reference).
+
+Notation (Ho et al. 2020; Song et al. 2021):
+    x_inter      -> x_t, what the sampler holds after a step (VP space: alpha_t x0 + sigma_t eps)
+    pred_x0      -> x0_theta(x_t, t) = E[x0 | x_t] for a perfect model
+    alpha_t, sigma_t -> sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)
+
+Plotting functions return a matplotlib Figure that is already closed: a notebook shows it once when it is the
+cell's last expression (or through `display(fig)`), and `fig.savefig(path)` writes it.
+"""
+
+import io
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from minidiff.errors import MinidiffError
+from minidiff.schedule import NoiseSchedule
+
+SHAPES = Path(__file__).resolve().parent.parent / "weights" / "shapes"
+
+
+# --- pictures ----------------------------------------------------------------------------------------------------
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [-1, 1] -> PIL images (values outside are clipped)."""
+    from minidiff.pipeline import to_pil as pipeline_to_pil
+
+    return pipeline_to_pil(images)
+
+
+def latents_to_pil(latents: torch.Tensor, channels=(0, 1, 2)) -> list:
+    """(B, C, h, w) latents -> PIL images of three of their channels, each stretched to its own min..max."""
+    picked = latents[:, list(channels)].float()
+    low = picked.amin(dim=(2, 3), keepdim=True)
+    high = picked.amax(dim=(2, 3), keepdim=True)
+    return to_pil((picked - low) / (high - low).clamp_min(1e-8) * 2 - 1)
+
+
+def image_grid(images: list, columns: int | None = None, pad: int = 2) -> Image.Image:
+    """PIL images of one size side by side, `columns` per row, on a white background."""
+    if not images:
+        raise MinidiffError("image_grid got no images")
+    columns = columns or len(images)
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * (w + pad) - pad, rows * (h + pad) - pad), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * (w + pad), (i // columns) * (h + pad)))
+    return grid
+
+
+def _figure(rows: int, columns: int, size: float):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return plt, fig, axes
+
+
+def show_images(images: list, titles=None, columns: int | None = None, size: float = 1.8, title: str | None = None):
+    """PIL images in a grid with a title under each: a closed Figure."""
+    columns = min(columns or len(images), len(images))
+    plt, fig, axes = _figure(math.ceil(len(images) / columns), columns, size)
+    for ax in axes.flat[len(images):]:
+        ax.axis("off")
+    for i, (ax, image) in enumerate(zip(axes.flat, images)):
+        ax.imshow(image, interpolation="nearest")
+        if titles is not None:
+            ax.set_xlabel(titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def show_trace(trace: list, steps=None, index: int = 0, size: float = 1.5, title: str | None = None):
+    """The signature picture: x_inter (top) above pred_x0 (bottom) at the chosen steps (default: 8 spread out)."""
+    from minidiff.pipeline import evenly_spaced_steps
+
+    if not trace:
+        raise MinidiffError("the trace is empty: generate with trace=True, or record with StepRecorder")
+    steps = evenly_spaced_steps(len(trace)) if steps is None else steps
+    chosen = [s for s in trace if s.step in set(steps)]
+    if not chosen:
+        raise MinidiffError(f"none of the steps {list(steps)} is in the trace (steps 0..{len(trace) - 1})")
+    plt, fig, axes = _figure(2, len(chosen), size)
+    for column, s in enumerate(chosen):
+        axes[0, column].imshow(s.x_inter[index], interpolation="nearest")
+        axes[1, column].imshow(s.pred_x0[index], interpolation="nearest")
+        axes[0, column].set_title(f"step {s.step}\nt = {s.timestep:.0f}", fontsize=8)
+    axes[0, 0].set_ylabel("x_inter", fontsize=9)
+    axes[1, 0].set_ylabel("pred_x0", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def trace_gif(trace: list, path=None, index: int = 0, ms_per_frame: int = 150, scale: int = 2):
+    """The trace as an animated GIF (x_inter above pred_x0, one frame per step, the last held longer).
+
+    Written to `path` if given; returns an IPython Image to show in a notebook (or the GIF's bytes without IPython).
+    """
+    from minidiff.pipeline import trace_frames
+
+    frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in trace_frames(trace, index)]
+    durations = [ms_per_frame] * (len(frames) - 1) + [4 * ms_per_frame]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    data = buffer.getvalue()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+    try:
+        from IPython.display import Image as IPythonImage
+    except ImportError:
+        return data
+    return IPythonImage(data=data, format="gif")
+
+
+class StepRecorder:
+    """A sampler callback that keeps every step's x_inter and pred_x0, for `sample(..., callback=recorder)`.
+
+    `recorder.trace(decode)` turns them into the TraceSteps `show_trace` draws, with `decode` mapping a tensor to
+    PIL images (`to_pil` for pixel-space models, `latents_to_pil`, or a pipeline's VAE).
+    """
+
+    def __init__(self):
+        self.steps = []  # dicts: step, timestep, sigma, x, pred_x0
+
+    def __call__(self, **info):
+        self.steps.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in info.items()})
+
+    def trace(self, decode=to_pil) -> list:
+        from minidiff.pipeline import TraceStep
+
+        return [TraceStep(s["step"], float(s["timestep"]), decode(s["x"]), decode(s["pred_x0"])) for s in self.steps]
+
+
+# --- plots -------------------------------------------------------------------------------------------------------
+
+
+def plot_schedules(schedules: dict):
+    """alpha_bar_t (signal kept) and log SNR = log(alpha_bar / (1 - alpha_bar)) against t, one line per schedule."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, schedule in schedules.items():
+        t = range(schedule.num_train_timesteps)
+        left.plot(t, schedule.alphas_cumprod.numpy(), label=name)
+        right.plot(t, schedule.log_snr.numpy(), label=name)
+    left.set(xlabel="timestep t", ylabel="alphas_cumprod  (alpha_bar_t)", title="signal kept")
+    right.set(xlabel="timestep t", ylabel="log_snr  (log alpha_bar / (1 - alpha_bar))", title="signal-to-noise")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_curves(x, curves: dict, xlabel: str, ylabel: str, title: str = "", log: str = "", marker: str = "o-"):
+    """One line per entry of `curves` ({label: y values}) against x; log in "", "x", "y", "xy"."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, y in curves.items():
+        ax.plot(x, y, marker, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set_xscale("log" if "x" in log else "linear")
+    ax.set_yscale("log" if "y" in log else "linear")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# --- models for the lessons --------------------------------------------------------------------------------------
+
+
+class DatasetEpsModel:
+    """The ideal eps-predictor when the data is a finite set of images: E[eps | x_t] in closed form (Bayes' rule).
+
+    For x0 drawn uniformly from `images` {y_i} and x_t = alpha_t x0 + sigma_t eps, the posterior over which image
+    was noised is w_i = softmax_i(-|x_t - alpha_t y_i|^2 / (2 sigma_t^2)), so
+        pred_x0 = E[x0 | x_t] = sum_i w_i y_i        and        eps = (x_t - alpha_t pred_x0) / sigma_t.
+    A network trained to perfection on these images would output exactly this, and could only reproduce them.
+    Called like a UNet, model(x_t, t) -> eps, at integer or fractional timesteps t.
+    """
+
+    def __init__(self, images: torch.Tensor, schedule: NoiseSchedule | None = None):
+        self.images = images  # (N, C, H, W)
+        self.schedule = schedule or NoiseSchedule.sd()
+
+    def __call__(self, x_t, t):
+        sigma = float(self.schedule.sigma_at(float(t)))  # k-diffusion sigma_t / alpha_t, interpolated like samplers
+        alpha_t, sigma_t = 1 / math.sqrt(1 + sigma**2), sigma / math.sqrt(1 + sigma**2)
+        images = self.images.to(x_t.dtype)
+        # (B, 1, C, H, W) - (1, N, C, H, W) -> squared distances (B, N)
+        distances = (x_t[:, None] - alpha_t * images[None]).pow(2).flatten(2).sum(-1)
+        weights = (-distances / (2 * sigma_t**2)).softmax(dim=1)
+        pred_x0 = torch.einsum("bn,nchw->bchw", weights, images)
+        return (x_t - alpha_t * pred_x0) / sigma_t
+
+
+def tiny_pipeline(seed: int = 0, image_size: int = 64):
+    """A Stable Diffusion pipeline of miniature networks with RANDOM weights (the SD 1.x layout, 8x VAE, CLIP
+    tokenizer): the mechanics of every stage in a second, and pictures that are noise."""
+    from minidiff.clip import CLIPTextConfig, CLIPTextModel
+    from minidiff.pipeline import Pipeline
+    from minidiff.tokenizer import CLIPTokenizer
+    from minidiff.unet import UNet, UNetConfig
+    from minidiff.vae import AutoencoderKL, VAEConfig
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet(UNetConfig(**{**UNetConfig.tiny().__dict__, "sample_size": image_size // 8}))
+        vae, text_encoder = AutoencoderKL(VAEConfig.tiny()), CLIPTextModel(CLIPTextConfig.tiny())
+    return Pipeline(unet.eval(), vae.eval(), text_encoder.eval(), CLIPTokenizer.default(), NoiseSchedule.sd(),
+                    source=f"tiny random-weight pipeline (seed {seed})")
+
+
+def shapes_available() -> bool:
+    """Whether the bundled shapes model is in weights/shapes."""
+    return (SHAPES / "model_index.json").is_file()
+
+
+def course_pipeline(dtype=torch.float32, device: str = "cpu"):
+    """The bundled shapes model if it is there, else `tiny_pipeline()`; says which, since only one draws shapes."""
+    if shapes_available():
+        from minidiff.pipeline import load_pipeline
+
+        print("course pipeline: the bundled shapes model (weights/shapes)")
+        return load_pipeline("shapes", dtype=dtype, device=device)
+    print("course pipeline: weights/shapes is not there, so this is a tiny RANDOM-weight pipeline. Its pictures "
+          "are noise: read them for the mechanics only (train the shapes model: python -m minidiff.train shapes)")
+    pipe = tiny_pipeline()
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to(device=device, dtype=dtype)
+    return pipe

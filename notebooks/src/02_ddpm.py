@@ -1,0 +1,133 @@
+# Source of notebooks/02_ddpm.ipynb: build it with `python notebooks/build.py`.
+# ruff: noqa: E402
+
+# %% [markdown]
+# # Lesson 02: DDPM, ancestral sampling
+#
+# A network $\epsilon_\theta(x_t, t)$ guesses the noise in $x_t$. DDPM (Ho et al. 2020) turns the guess into a
+# clean-image estimate $\hat x_0$ and steps to $x_{t-1}$ by sampling the Gaussian posterior
+# $q(x_{t-1}\mid x_t, \hat x_0)$ (eq. 6 and 7). Read beside `course/02_ddpm.md` and `sample_ddpm` in
+# `minidiff/samplers.py`.
+#
+# | code name | symbol |
+# |---|---|
+# | `abar`, `abar_prev` | $\bar\alpha_t$, $\bar\alpha_{t_{prev}}$ |
+# | `alpha`, `beta` | $\alpha_t=\bar\alpha_t/\bar\alpha_{t_{prev}}$, $\beta_t=1-\alpha_t$ |
+# | `pred_x0` | $\hat x_0=(x_t-\sqrt{1-\bar\alpha_t}\,\epsilon_\theta)/\sqrt{\bar\alpha_t}$ |
+# | `coef_x0` | $\sqrt{\bar\alpha_{t_{prev}}}\,\beta_t/(1-\bar\alpha_t)$, weight of $\hat x_0$ in $\tilde\mu_t$ |
+# | `coef_xt` | $\sqrt{\alpha_t}\,(1-\bar\alpha_{t_{prev}})/(1-\bar\alpha_t)$, weight of $x_t$ in $\tilde\mu_t$ |
+# | `posterior_var` | $\tilde\beta_t=\frac{1-\bar\alpha_{t_{prev}}}{1-\bar\alpha_t}\beta_t$ |
+
+# %%
+import math
+import time
+
+import torch
+
+from minidiff import shapes
+from minidiff.samplers import sample
+from minidiff.schedule import NoiseSchedule
+from minidiff.viz import DatasetEpsModel, StepRecorder, course_pipeline, image_grid, show_trace, to_pil
+
+# %% [markdown]
+# ## A perfect model to sample from
+#
+# Training a network takes hours (lesson 09). To see what a sampler does we need a model whose every prediction
+# is right. If the data is a finite set of pictures $\{y_i\}$, the best possible prediction is known in closed
+# form: Bayes' rule gives the probability that $x_t$ came from $y_i$,
+# $w_i \propto \exp(-\lVert x_t-\alpha_t y_i\rVert^2 / 2\sigma_t^2)$, and then
+# $\hat x_0 = \sum_i w_i y_i$, $\epsilon = (x_t - \alpha_t\hat x_0)/\sigma_t$. `DatasetEpsModel` is exactly
+# that, called like a UNet: `model(x_t, t) -> eps`. Our data: 12 pictures from `minidiff.shapes`.
+
+# %%
+images, captions, _ = shapes.batch(12, seed=0)
+model = DatasetEpsModel(images)
+print(captions[:3])
+image_grid(to_pil(images), columns=12)
+
+# %% [markdown]
+# ## Use it: `sample(model, noise, sampler="ddpm")`
+#
+# All 1000 steps, t = 999, 998, ..., 0, as in the paper (`steps_offset=0`: SD's default offset of 1 would
+# start past the last timestep); then 50 (DDPM can skip: it jumps between the visited timesteps, with
+# $\alpha_t=\bar\alpha_t/\bar\alpha_{t_{prev}}$ for the whole jump).
+
+# %%
+noise = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+start = time.perf_counter()
+samples = sample(model, noise, sampler="ddpm", steps=1000, steps_offset=0, generator=torch.Generator().manual_seed(1))
+print(f"1000 DDPM steps on 8 pictures: {time.perf_counter() - start:.1f} s")
+image_grid(to_pil(samples), columns=8)
+
+# %% [markdown]
+# A perfect model of 12 pictures can only give back those 12 pictures: each sample is one of them. The
+# distance to the nearest training picture, per sample (pixels in [-1, 1]):
+
+# %%
+nearest = torch.cdist(samples.flatten(1), images.flatten(1)).min(dim=1)
+print("RMS distance to the nearest training picture:",
+      [round(float(d) / math.sqrt(images[0].numel()), 4) for d in nearest.values])
+print("which picture:", nearest.indices.tolist())
+
+# %% [markdown]
+# A trained network does not memorise its (millions of) pictures this way: it generalises because it cannot
+# fit them exactly. Lesson 09 trains one and checks that it draws shape-colour-position combinations that were
+# never in its training set.
+
+# %% [markdown]
+# ## Re-implement it: the DDPM loop in ten lines
+#
+# Same timesteps (`schedule.timesteps(50)`: leading spacing, 981, 961, ..., 1), same noise draws from the same
+# generator, so the result must match the library's to float rounding.
+
+# %%
+def my_ddpm(model, x, timesteps, alphas_cumprod, generator):
+    for i, t in enumerate(timesteps):
+        abar = float(alphas_cumprod[t])
+        abar_prev = float(alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+        alpha, beta = abar / abar_prev, 1 - abar / abar_prev
+        eps = model(x, t)
+        pred_x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * pred_x0 + (
+            math.sqrt(alpha) * (1 - abar_prev) / (1 - abar)) * x
+        if t > 0:
+            posterior_var = (1 - abar_prev) / (1 - abar) * beta
+            mean = mean + math.sqrt(posterior_var) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = mean
+    return x
+
+
+schedule = NoiseSchedule.sd()
+mine = my_ddpm(model, noise, schedule.timesteps(50).tolist(), schedule.alphas_cumprod,
+               torch.Generator().manual_seed(1))
+library = sample(model, noise, sampler="ddpm", steps=50, generator=torch.Generator().manual_seed(1))
+print(f"max |mine - minidiff| after 50 DDPM steps: {float((mine - library).abs().max()):.2e} (fp32)")
+
+# %% [markdown]
+# ## The trace: x_inter and pred_x0
+#
+# `StepRecorder` is a sampler callback: after every step it keeps the new latent $x_t$ (**x_inter**) and the
+# model's clean guess $\hat x_0$ (**pred_x0**). Early on, pred_x0 is the *average* of the pictures that are
+# still likely (a blur of several shapes); as the noise falls, one picture wins. x_inter stays noisy to the end:
+# DDPM adds fresh noise at every step.
+
+# %%
+recorder = StepRecorder()
+sample(model, noise[:1], sampler="ddpm", steps=50, generator=torch.Generator().manual_seed(2), callback=recorder)
+show_trace(recorder.trace(), title="DDPM, 50 steps, on the perfect model of 12 pictures")
+
+# %% [markdown]
+# ## The same on a text-to-image pipeline
+#
+# `Pipeline(prompt, trace=True)` records the trace and decodes both rows with the VAE. `course_pipeline()` is
+# the bundled shapes model when `weights/shapes` is there, and otherwise a tiny random-weight pipeline, whose
+# pictures are noise (it says which).
+
+# %%
+pipe = course_pipeline()
+result = pipe("a big red circle at the top left", sampler="ddpm", steps=50, seed=0, trace=True, progress=False)
+show_trace(result.trace, title=f"DDPM, 50 steps: {pipe.source}")
+
+# %% [markdown]
+# **Milestone:** `minidiff milestones --only pred_eps` (turning a network output into $\epsilon$ and $\hat x_0$).
+# Next: lesson 03, DDIM, which drops the fresh noise and needs far fewer steps.
