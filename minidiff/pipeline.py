@@ -68,6 +68,7 @@ class Pipeline:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.schedule, self.prediction_type, self.taesd = schedule, prediction_type, taesd
         self.spacing, self.steps_offset, self.source = spacing, steps_offset, source
+        self.vae_tile_size = None  # decode in tiles of this many latent pixels (set by minidiff.speed.optimize)
 
     def describe(self) -> str:
         """Architecture, parameter counts, dtype and source, for `minidiff info`."""
@@ -114,6 +115,8 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] with the VAE (or TAESD, or the decoder given)."""
         decoder = decoder or self.taesd or self.vae
+        if decoder is self.vae and self.vae_tile_size:
+            return decoder.decode(latents / decoder.scaling_factor, tile_size=self.vae_tile_size)
         return decoder.decode(latents / decoder.scaling_factor)
 
     @torch.no_grad()
@@ -233,11 +236,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, variant=None,
-                  prediction_type=None) -> Pipeline:
+                  prediction_type=None, **speed_options) -> Pipeline:
     """A ready pipeline from a known model name (see `minidiff models`) or a path to official files.
 
     dtype: a torch dtype or "float32" / "float16" / "bfloat16"; device: default cuda when present.
     taesd: a path or known name of TAESD weights, for fast previews (preview="taesd").
+    speed_options: channels_last, compile, cuda_graphs, attention, attention_slice, vae_tile_size
+    (see minidiff.speed.optimize).
     """
     from minidiff.hub import resolve
     from minidiff.load import load_components, load_taesd
@@ -249,9 +254,14 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     path = resolve(path_or_name)
     parts = load_components(path, dtype=dtype, device=device, variant=variant, prediction_type=prediction_type)
     tiny = load_taesd(resolve(taesd), dtype=dtype, device=device) if taesd else None
-    return Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule,
+    pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule,
                     parts.prediction_type, tiny, parts.scheduler_config.get("timestep_spacing", "leading"),
                     parts.scheduler_config.get("steps_offset", 1), source=str(path_or_name))
+    if speed_options:
+        from minidiff.speed import optimize
+
+        optimize(pipe, **speed_options)
+    return pipe
 
 
 def trace_grid(trace: list, steps_to_show=None, index: int = 0) -> Image.Image:

@@ -1,0 +1,141 @@
+"""Speed options: the same numbers (within the tolerances `minidiff bench` checks), computed faster.
+
+Each option is a known technique, switched on by `optimize(pipe_or_unet, ...)`:
+    dtype          -> float16 / bfloat16 weights and activations (half the memory traffic); chosen at loading
+    channels_last  -> NHWC memory layout for convolutions, the layout oneDNN (CPU) and cuDNN tensor cores prefer
+    compile        -> torch.compile (TorchDynamo + TorchInductor, Ansel et al. 2024, "PyTorch 2"): fused kernels
+                      for the UNet and the VAE decoder
+    cuda_graphs    -> record the UNet's kernels once per input shape and replay them (NVIDIA CUDA Graphs): no
+                      per-kernel launch cost from Python; GPU only, static shapes
+    attention      -> "sdpa" (PyTorch's fused kernels, the default) or "naive"; attention_slice bounds the memory
+                      of the attention scores by computing that many queries at a time
+    vae_tile_size  -> decode the latent in overlapping tiles of this many latent pixels (bounded VAE memory)
+
+No option adds a host-device synchronisation to the denoising loop: the timestep reaches the UNet as a device
+tensor filled on the device (`timestep_tensor`), never copied from the host, and a CUDA graph replay is queued
+like any kernel.
+"""
+
+import torch
+from torch import nn
+
+from minidiff.attention import set_attention_backend
+from minidiff.errors import MinidiffError
+
+
+def timestep_tensor(t, x: torch.Tensor) -> torch.Tensor:
+    """t (a number, or a 0-d / (B,) tensor) -> float32 (B,) on x's device, made there (no host-to-device copy)."""
+    batch = x.shape[0]
+    if torch.is_tensor(t):
+        t = t.to(x.device, torch.float32)
+        return t.reshape(-1).expand(batch) if t.numel() == 1 else t
+    return torch.full((batch,), float(t), dtype=torch.float32, device=x.device)
+
+
+class CudaGraphCall:
+    """Capture `function(*tensors)` into a CUDA graph once per input shape and dtype, then replay it.
+
+    The inputs are copied into static buffers that the graph reads; the output is copied out of the graph's
+    static output (the next replay overwrites it). Warm-up runs on a side stream first, as CUDA graph capture
+    requires (cuDNN autotuning, lazy initialisation and torch.compile all happen there, outside the graph).
+    """
+
+    def __init__(self, function, warmup_calls: int = 3):
+        self.function, self.warmup_calls = function, warmup_calls
+        self.graphs = {}  # (shape, dtype) per input -> (graph, static inputs, static output)
+
+    def __call__(self, *tensors):
+        key = tuple((tuple(t.shape), t.dtype, t.device, t.is_contiguous()) for t in tensors)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(tensors)
+        graph, static_inputs, static_output = self.graphs[key]
+        for buffer, value in zip(static_inputs, tensors):
+            buffer.copy_(value)
+        graph.replay()
+        return static_output.clone()
+
+    @torch.no_grad()
+    def capture(self, tensors):
+        static_inputs = [t.clone() for t in tensors]  # clone keeps the memory format (channels_last stays)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_calls):
+                self.function(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self.function(*static_inputs)
+        return graph, static_inputs, static_output
+
+
+class FastUNet(nn.Module):
+    """A UNet behind the speed options: timestep as a device tensor, channels_last input, compiled, graph-replayed.
+
+    It holds the UNet as `.unet` and exposes its `config`, so a Pipeline uses it like the UNet itself.
+    """
+
+    def __init__(self, unet: nn.Module, channels_last: bool = False, compile: bool = False,
+                 cuda_graphs: bool = False, compile_options: dict | None = None):
+        super().__init__()
+        self.unet = unet
+        self.channels_last = channels_last
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        # a compiled bound method (not a module attribute, so no second copy of the keys in state_dict)
+        self.run = torch.compile(unet.forward, **(compile_options or {})) if compile else unet.forward
+        self.graphed = CudaGraphCall(self.run) if cuda_graphs else None
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x, t, context):
+        t = timestep_tensor(t, x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.graphed is not None and x.is_cuda:
+            return self.graphed(x, t, context)
+        return self.run(x, t, context)
+
+
+def check_cuda_graphs(device) -> None:
+    if torch.device(device).type != "cuda":
+        raise MinidiffError(f"cuda_graphs=True needs the model on a CUDA GPU, but it is on {device}: "
+                            "drop cuda_graphs, or load with device='cuda'")
+
+
+def optimize(target, *, channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False,
+             attention: str = "sdpa", attention_slice: int | None = None, vae_tile_size: int | None = None,
+             compile_options: dict | None = None):
+    """Switch on speed options for a Pipeline (returned, changed in place) or a bare UNet (returns a FastUNet).
+
+    attention / attention_slice are global (minidiff.attention.set_attention_backend); vae_tile_size applies to
+    a Pipeline's VAE decoding; compile also compiles a Pipeline's VAE decoder (in place: its keys are unchanged).
+    """
+    set_attention_backend(attention, attention_slice)
+    if vae_tile_size is not None and (not isinstance(vae_tile_size, int) or vae_tile_size < 8):
+        raise MinidiffError(f"vae_tile_size is a size in latent pixels, at least 8 (64 px), got {vae_tile_size!r}")
+    unet = getattr(target, "unet", None)
+    if unet is None or isinstance(target, FastUNet):  # a bare UNet
+        target = getattr(target, "unet", target)  # optimize() again: start from the plain UNet
+        if vae_tile_size is not None:
+            raise MinidiffError("vae_tile_size applies to a Pipeline's VAE: call optimize(pipe, vae_tile_size=...)")
+        if cuda_graphs:
+            check_cuda_graphs(next(target.parameters()).device)
+        return FastUNet(target, channels_last, compile, cuda_graphs, compile_options)
+    if isinstance(unet, FastUNet):  # optimize() again: start from the plain UNet
+        unet = unet.unet
+    if cuda_graphs:
+        check_cuda_graphs(next(unet.parameters()).device)
+    target.unet = FastUNet(unet, channels_last, compile, cuda_graphs, compile_options)
+    for decoder in (target.vae, target.taesd):
+        if decoder is None:
+            continue
+        if channels_last:
+            decoder.to(memory_format=torch.channels_last)
+        if compile:
+            inner = decoder.decoder
+            inner.compile(**(compile_options or {}))  # nn.Module.compile: in place, same state_dict keys
+    target.vae_tile_size = vae_tile_size
+    return target
