@@ -1,0 +1,89 @@
+"""`minidiff bench` and `minidiff profile` on the tiny config: every rung runs and is checked against its tolerance,
+the interleaved diffusers comparison runs on the same weights, the profile writes a trace. No timing assertions:
+speed is measured by the benchmark itself, not by tests."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from minidiff.bench import TOLERANCE, Rung, bench, distilled_config, ladder, make_setup, run_rung
+from minidiff.cli import main
+from minidiff.unet import UNet, UNetConfig
+
+QUICK = ["--config", "tiny", "--size", "64", "--steps", "1", "--repeats", "1", "--compile-backend", "eager"]
+
+
+@pytest.mark.slow  # ~20 s of CPU, mostly TorchDynamo tracing three UNets and two decoders
+def test_the_bench_prints_every_rung_and_passes_on_the_tiny_config(capsys, tmp_path):
+    # "eager" compile backend: TorchDynamo traces (the compile path runs) without minutes of Inductor codegen
+    status = main(["bench", *QUICK, "--no-diffusers", "--json", str(tmp_path / "r.json"),
+                   "--csv", str(tmp_path / "r.csv")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "RANDOM weights" in out
+    rungs = ladder("cpu")
+    assert [r.key for r in rungs] == ["fp32", "half", "channels_last", "compile", "taesd", "bk_small", "bk_tiny"]
+    table = out.splitlines()
+    for rung in rungs:
+        row = next(line for line in table if line.startswith(rung.name))
+        assert " PASS " in row and "FAIL" not in row, row
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["rung"] for r in rows] == [r.name for r in rungs]
+    for row, rung in zip(rows, rungs):
+        assert row["passed"] and row["ms_per_step"] > 0 and row["e2e_s"] > 0 and row["peak_mb"] > 0
+        if rung.tolerance is not None:
+            assert row["max_dev"] <= rung.tolerance == row["tolerance"]
+    assert rows[0]["max_dev"] == 0.0  # fp32 eager against itself
+    assert 0 < rows[1]["max_dev"]  # bf16 does change the numbers, within its tolerance
+    assert (tmp_path / "r.csv").read_text().startswith("rung,dtype,ms_per_step")
+
+
+def test_a_rung_outside_its_tolerance_fails():
+    setup = make_setup("tiny", 64, 1, 1, 1, "cpu", 0)
+    with torch.no_grad():
+        reference = UNet(setup.config)
+        reference.load_state_dict(setup.state)
+        reference_out = reference.eval()(setup.x, 500, setup.context)
+    strict = Rung("strict", "strict bf16", torch.bfloat16, tolerance=1e-6)  # bf16 rounding alone is ~1e-2
+    result = run_rung(setup, strict, reference_out, False, {}, log=lambda line: None)
+    assert result.max_dev > 1e-6 and not result.passed
+    loose = dataclasses.replace(strict, tolerance=TOLERANCE[torch.bfloat16])
+    assert run_rung(setup, loose, reference_out, False, {}, log=lambda line: None).passed
+
+
+def test_diffusers_runs_interleaved_on_the_same_weights(capsys):
+    pytest.importorskip("diffusers", reason="the comparison needs diffusers (the parity extra)")
+    header, results = bench("tiny", 64, 1, 1, 2, "cpu", rungs=["fp32", "channels_last"], log=lambda line: None)
+    assert "diffusers" in header and "interleaved" in header
+    for r in results:
+        assert r.diffusers_ms > 0 and r.ratio == pytest.approx(r.ms_per_step / r.diffusers_ms)
+        assert r.dev_vs_diffusers <= 1e-5  # the same network on the same weights (float32)
+
+
+def test_bk_sdm_rungs_are_the_bk_sdm_presets():
+    assert distilled_config(UNetConfig.sd15(), "small") == UNetConfig.bk_sdm_small()
+    assert distilled_config(UNetConfig.sd15(), "tiny") == UNetConfig.bk_sdm_tiny()
+
+
+def test_profile_prints_the_top_operators_and_writes_a_trace(capsys, tmp_path):
+    trace = tmp_path / "trace.json"
+    assert main(["profile", "--config", "tiny", "--size", "64", "--rows", "5", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "aten::" in out and "Self CPU" in out
+    assert "traceEvents" in json.loads(trace.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["trace.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--config", "sd99"], "unknown UNet config 'sd99'"),
+    (["bench", "--config", "tiny", "--size", "100"], "multiple of 64"),
+    (["bench", "--config", "tiny", "--rungs", "fp32,warp"], "unknown rung"),
+    (["bench", "--config", "tiny", "--json", "/no/such/folder/r.json"], "cannot write"),
+    (["profile", "--config", "tiny", "--trace", "/no/such/folder/t.json"], "cannot write"),
+])
+def test_bad_arguments_give_one_line(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
