@@ -2,6 +2,7 @@
 
     minidiff generate "a red circle" [--model shapes] [--sampler dpmpp_2m] [--steps 20] [--trace t.gif]
     minidiff samplers | models | info MODEL | download NAME
+    minidiff bench [--config sd15] [--size 256] | profile [--trace t.json] | export-onnx OUT_DIR [--model shapes]
     minidiff milestones [--ddim-step my_code.py:my_ddim_step ...]
 
 A user mistake prints one line, `minidiff: error: ...`, and exits with status 2: no traceback.
@@ -129,6 +130,50 @@ def cmd_milestones(args):
         raise SystemExit(status)  # a failed milestone: exit 1 after the checklist is printed
 
 
+def cmd_bench(args):
+    import torch
+
+    from minidiff.bench import bench, format_table, write_results
+
+    for path in (args.json, args.csv):
+        check_writable(path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rungs = args.rungs.split(",") if args.rungs else None
+    header, results = bench(args.config, args.size, args.images, args.steps, args.repeats, args.device, rungs,
+                            diffusers=not args.no_diffusers, compile_options={"backend": args.compile_backend},
+                            log=lambda line: print(line, file=sys.stderr))
+    print(header)
+    print(format_table(results))
+    for path in (args.json, args.csv):
+        if path:
+            write_results(path, results)
+    return 0 if all(r.passed for r in results) else 1  # 1: a rung outside its tolerance
+
+
+def cmd_profile(args):
+    from minidiff.bench import profile_unet
+    from minidiff.pipeline import DTYPES
+
+    check_writable(args.trace)
+    table, profiler = profile_unet(args.config, args.size, args.images, args.device, DTYPES[args.dtype],
+                                   args.channels_last, args.rows)
+    print(table)
+    atomic_save(args.trace, profiler.export_chrome_trace)
+    print(f"wrote {args.trace} (open it in chrome://tracing or https://ui.perfetto.dev)")
+
+
+def cmd_export_onnx(args):
+    from minidiff.export import export_pipeline
+    from minidiff.pipeline import load_pipeline
+
+    height, width = parse_size(args.size)
+    pipe = load_pipeline(args.model, device="cpu", dtype=args.dtype)
+    for name, (path, error) in export_pipeline(pipe, args.out_dir, height, width, check=not args.no_check).items():
+        check = "" if error is None else f", max |onnxruntime - torch| = {error:.2e}"
+        print(f"wrote {path} ({name}{check})")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minidiff", description="Stable Diffusion from scratch, readable and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,7 +217,44 @@ def build_parser():
                        help="the course checklist; check your own code with --NAME FILE.py:FUNCTION (see --help)")
     m.add_argument("options", nargs="*")
     m.set_defaults(run=cmd_milestones)
+    add_speed_commands(sub)
     return parser
+
+
+def add_speed_commands(sub):
+    """bench, profile, export-onnx (minidiff.bench, minidiff.export)."""
+    b = sub.add_parser("bench", help="the speed ladder: ms per UNet step for each speed option, accuracy, "
+                       "and the ratio to diffusers on the same weights")
+    p = sub.add_parser("profile", help="the top operators of one UNet step, and a chrome://tracing trace")
+    for parser in (b, p):
+        parser.add_argument("--config", default="sd15", help="UNetConfig preset (random weights): sd15, sd21, "
+                            "bk_sdm_small, tiny, ...")
+        parser.add_argument("--size", type=int, default=256, help="image size in px (latent = size / 8)")
+        parser.add_argument("--images", type=int, default=1, help="images per batch (the UNet sees 2x: CFG)")
+        parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    b.add_argument("--steps", type=int, default=4, help="Euler steps of the end-to-end run")
+    b.add_argument("--repeats", type=int, default=3, help="end-to-end runs per rung (medians are reported)")
+    b.add_argument("--rungs", help="comma-separated subset: fp32,half,channels_last,compile,cuda_graphs,taesd,"
+                   "bk_small,bk_tiny")
+    b.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' only traces: "
+                   "a quick check of the compile path)")
+    b.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers' UNet")
+    b.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    b.add_argument("--json", help="also write the results as JSON")
+    b.add_argument("--csv", help="also write the results as CSV")
+    b.set_defaults(run=cmd_bench)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--rows", type=int, default=25, help="operators in the table")
+    p.add_argument("--trace", default="unet_profile.json", help="the chrome://tracing file to write")
+    p.set_defaults(run=cmd_profile)
+    e = sub.add_parser("export-onnx", help="export the UNet and the VAE decoder to ONNX, checked with onnxruntime")
+    e.add_argument("out_dir")
+    e.add_argument("--model", default="shapes", help="a known name or a path (see `minidiff models`)")
+    e.add_argument("--size", default="512", help="example image size, N or WIDTHxHEIGHT (the axes stay dynamic)")
+    e.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    e.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    e.set_defaults(run=cmd_export_onnx)
 
 
 def main(argv=None):
