@@ -1,5 +1,5 @@
 # Source of notebooks/01_forward_process.ipynb: build it with `python notebooks/build.py`.
-# ruff: noqa: E402
+# ruff: noqa: E402, E501  (imports after Markdown cells; long equations in Markdown)
 
 # %% [markdown]
 # # Lesson 01: the forward process and noise schedules

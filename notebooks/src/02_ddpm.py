@@ -1,5 +1,5 @@
 # Source of notebooks/02_ddpm.ipynb: build it with `python notebooks/build.py`.
-# ruff: noqa: E402
+# ruff: noqa: E402, E501  (imports after Markdown cells; long equations in Markdown)
 
 # %% [markdown]
 # # Lesson 02: DDPM, ancestral sampling
