@@ -125,9 +125,7 @@ def cmd_download(args):
 def cmd_milestones(args):
     from minidiff.milestones import main as milestones_main
 
-    status = milestones_main(args.options)
-    if status:
-        raise SystemExit(status)  # a failed milestone: exit 1 after the checklist is printed
+    return milestones_main(args.options)  # 1 when a milestone failed, after the checklist is printed
 
 
 def cmd_bench(args):
@@ -260,14 +258,14 @@ def add_speed_commands(sub):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except MinidiffError as e:
         print(f"minidiff: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minidiff: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0  # a command may return its own exit status (milestones: 1 when one fails)
 
 
 if __name__ == "__main__":
