@@ -105,7 +105,9 @@ def cmd_models(args):
 
     for name, entry in KNOWN_MODELS.items():
         where = local_path(name)
-        status = f"present: {where}" if where else f"not downloaded (minidiff download {name})"
+        missing = "not trained yet (python -m minidiff.train shapes)" if "bundled" in entry else \
+            f"not downloaded (minidiff download {name})"
+        status = f"present: {where}" if where else missing
         print(f"{name:16s} {entry.get('description', '')}\n{'':16s} {status}")
 
 
