@@ -14,8 +14,11 @@ Plotting functions return a matplotlib Figure that is already closed: a notebook
 cell's last expression (or through `display(fig)`), and `fig.savefig(path)` writes it.
 """
 
+import contextlib
 import io
+import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -187,6 +190,23 @@ def plot_curves(x, curves: dict, xlabel: str, ylabel: str, title: str = "", log:
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence stderr (Python's, and the process's file descriptor 2) and log records up to warnings, for the
+    duration: torch.profiler's C++ side prints two lines per run, the ONNX exporter its warnings, which a notebook
+    would show under the cell."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(io.StringIO()):
+        os.dup2(null.fileno(), 2)
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 # --- models for the lessons --------------------------------------------------------------------------------------

@@ -17,8 +17,6 @@
 # | `scores` | $QK^\top/\sqrt d$ | (B, heads, L_q, L_k): **quadratic in the number of pixels** |
 
 # %%
-import contextlib
-import os
 import statistics
 import time
 
@@ -28,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from minidiff.attention import attention, naive_attention, set_attention_backend
 from minidiff.milestones import check
-from minidiff.viz import course_pipeline, plot_curves, show_trace
+from minidiff.viz import course_pipeline, plot_curves, quiet_stderr, show_trace
 
 # %% [markdown]
 # ## Re-implement it, compare it
@@ -73,19 +71,6 @@ print(f"out {tuple(full.shape)}; max |sliced - full| = {float((sliced - full).ab
 # read from the profiler's allocation events.
 
 # %%
-@contextlib.contextmanager
-def quiet_stderr():
-    """torch.profiler's C++ side prints two lines per run on the process's stderr: send them to /dev/null."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def peak_megabytes(function):
     """The largest total of live allocations during `function()`, from torch.profiler's memory events."""
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
