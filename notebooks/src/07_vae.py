@@ -134,20 +134,25 @@ show_trace(reference.trace, title=f"the same run decoded by the VAE ({pipe.sourc
 # float16 holds numbers up to 65,504. Some VAE decoders carry activations larger than that in a few channels
 # (SD-XL's does on most pictures, hence its `force_upcast` flag and the retrained "fp16-fix" VAE; SD 2.x's on some
 # pictures): in float16 they become `inf`, the next GroupNorm turns them into `NaN`, and `NaN` pixels are saved as
-# black. To see it on our small VAE we make one layer loud, scaling `up_blocks[-1].resnets[-1].conv2` by $5\cdot10^4$:
-# in float32 the following GroupNorm absorbs it and the picture is fine.
+# black. To see it on our small VAE we make one layer loud: `up_blocks[-1].resnets[-1].conv2` scaled until its
+# output reaches about $2\cdot10^5$. In float32 the following GroupNorm absorbs it and the picture is fine.
 
 # %%
 loud = copy.deepcopy(vae).float()
 layer = loud.decoder.up_blocks[-1].resnets[-1]
-with torch.no_grad():
-    layer.conv2.weight.mul_(5e4)
-    layer.conv2.bias.mul_(5e4)
 largest = {}
 layer.register_forward_hook(lambda module, inputs, out: largest.update(value=float(out.float().abs().max())))
+conv_output = {}
+probe = layer.conv2.register_forward_hook(lambda module, inputs, out: conv_output.update(value=float(out.abs().max())))
 z = z_128[:, :, :8, :8]
 with torch.no_grad():
+    loud.decode(z)
+    probe.remove()
+    scale = 2e5 / conv_output["value"]
+    layer.conv2.weight.mul_(scale)
+    layer.conv2.bias.mul_(scale)
     fp32 = loud.decode(z)
+print(f"conv2 scaled by {scale:.3g}")
 print(f"float32: largest activation after it {largest['value']:.3g}, picture finite: {bool(fp32.isfinite().all())}")
 half = copy.deepcopy(loud).half()
 with torch.no_grad():

@@ -99,7 +99,8 @@ if shapes_available():
     bundled = json.loads((SHAPES / "train_log.json").read_text())
     print(json.dumps({key: bundled[key] for key in ("timings_s", "final_loss", "weights_mb", "held_out_adherence")
                       if key in bundled}, indent=1))
-    display(Image(filename=str(SHAPES / "loss_curve.png")))
+    if (SHAPES / "loss_curve.png").is_file():
+        display(Image(filename=str(SHAPES / "loss_curve.png")))
 else:
     print("weights/shapes is not there yet: `python -m minidiff.train shapes` trains it (about 45 minutes)")
 
