@@ -15,6 +15,7 @@ cell's last expression (or through `display(fig)`), and `fig.savefig(path)` writ
 """
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -248,7 +249,7 @@ def tiny_pipeline(seed: int = 0, image_size: int = 64):
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = UNet(UNetConfig(**{**UNetConfig.tiny().__dict__, "sample_size": image_size // 8}))
+        unet = UNet(dataclasses.replace(UNetConfig.tiny(), sample_size=image_size // 8))
         vae, text_encoder = AutoencoderKL(VAEConfig.tiny()), CLIPTextModel(CLIPTextConfig.tiny())
     return Pipeline(unet.eval(), vae.eval(), text_encoder.eval(), CLIPTokenizer.default(), NoiseSchedule.sd(),
                     source=f"tiny random-weight pipeline (seed {seed})")

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
+
+from minidiff.errors import MinidiffError
+from minidiff.samplers import sample
+from minidiff.schedule import NoiseSchedule
+from minidiff.viz import DatasetEpsModel, StepRecorder, image_grid, show_trace, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -57,6 +63,57 @@ def test_every_lesson_has_a_notebook_and_a_line_in_the_index():
 def test_the_parser_splits_markdown_and_code_cells_and_drops_the_header():
     cells = build_module().parse_cells("# header\n# %% [markdown]\n# # Title\n# text\n\n# %%\nx = 1\n\n\n# %%\n\n")
     assert cells == [("markdown", "# Title\ntext"), ("code", "x = 1")]
+
+
+# --- the course's helpers (minidiff/viz.py) ---------------------------------------------------------------------
+
+
+def test_dataset_model_is_the_exact_posterior_mean():
+    """One picture: E[x0 | x_t] is that picture at every t. Two: Bayes' weights, checked against the formula."""
+    schedule = NoiseSchedule.sd()
+    images = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_t = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for t in (999, 500, 10):
+        alpha, sigma = (float(v) for v in schedule.alpha_sigma(t))
+        eps = DatasetEpsModel(images[:1], schedule)(x_t, t)
+        torch.testing.assert_close((x_t - sigma * eps) / alpha, images[:1].expand(3, -1, -1, -1), rtol=0, atol=1e-9)
+        log_likelihood = -((x_t[:, None] - alpha * images[None]) ** 2).sum(dim=(2, 3, 4)) / (2 * sigma**2)
+        expected_x0 = torch.einsum("bn,nchw->bchw", log_likelihood.softmax(dim=1), images)
+        pred_x0 = (x_t - sigma * DatasetEpsModel(images, schedule)(x_t, t)) / alpha
+        torch.testing.assert_close(pred_x0, expected_x0, rtol=0, atol=1e-9)
+
+
+def test_sampling_the_dataset_model_returns_a_training_picture():
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    out = sample(DatasetEpsModel(images), noise, sampler="dpmpp_2m", steps=20)
+    assert torch.cdist(out.flatten(1), images.flatten(1)).min(dim=1).values.max() < 1e-3
+
+
+def test_recorder_trace_and_grid():
+    recorder = StepRecorder()
+    sample(DatasetEpsModel(torch.zeros(1, 3, 8, 8)), torch.randn(1, 3, 8, 8), sampler="ddim", steps=5,
+           callback=recorder)
+    trace = recorder.trace()
+    assert [s.step for s in trace] == list(range(5)) and trace[0].x_inter[0].size == (8, 8)
+    assert show_trace(trace, steps=[0, 4]).axes[0].get_title().startswith("step 0")
+    assert image_grid(trace[0].x_inter * 3, columns=2).size == (18, 18)
+    with pytest.raises(MinidiffError, match="none of the steps"):
+        show_trace(trace, steps=[7])
+    with pytest.raises(MinidiffError, match="empty"):
+        show_trace([])
+
+
+def test_tiny_pipeline_is_seeded_and_leaves_the_global_generator_alone():
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    first, second = tiny_pipeline(seed=1), tiny_pipeline(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(first.unet.state_dict().values(), second.unet.state_dict().values()))
+    assert first.default_size() == 64
+
+
+# --- running them ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
