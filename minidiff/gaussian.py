@@ -96,7 +96,7 @@ def plot_convergence(errors: dict, steps, path=None):
     for name, errs in errors.items():
         ax.loglog(steps, errs, "o-", label=f"{name} (order {convergence_order(steps, errs):.2f})")
     ax.set_xlabel("steps N")
-    ax.set_ylabel("max |x0 - exact x0|")
+    ax.set_ylabel("max |x_t - exact x_t| at the probe timestep")
     ax.set_title("Sampler error against the exact Gaussian ODE solution")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
