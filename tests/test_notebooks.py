@@ -118,8 +118,10 @@ def test_tiny_pipeline_is_seeded_and_leaves_the_global_generator_alone():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path, tmp_path):
+def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     """Each cell without an error, the whole notebook within NOTEBOOK_BUDGET_S; files it writes go to tmp_path."""
+    # the lessons' models are tiny: one thread runs them faster than two fighting over small kernels
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
