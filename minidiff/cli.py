@@ -2,6 +2,7 @@
 
     minidiff generate "a red circle" [--model shapes] [--sampler dpmpp_2m] [--steps 20] [--trace t.gif]
     minidiff samplers | models | info MODEL | download NAME
+    minidiff sampler-table [--model shapes] [--prompts 200] [--grid samplers.png]
     minidiff bench [--config sd15] [--size 256] | profile [--trace t.json] | export-onnx OUT_DIR [--model shapes]
     minidiff milestones [--ddim-step my_code.py:my_ddim_step ...]
 
@@ -98,6 +99,22 @@ def cmd_samplers(args):
     for name in sorted(SAMPLERS):
         doc = (SAMPLERS[name].__doc__ or "").strip().splitlines()
         print(f"{name:14s} {doc[0] if doc else ''}")
+
+
+def cmd_sampler_table(args):
+    from minidiff.evaluate import format_table, held_out_prompts, sampler_table, save_grid
+    from minidiff.pipeline import load_pipeline
+
+    check_writable(args.grid)
+    if args.prompts < 1:
+        raise MinidiffError(f"--prompts must be a positive integer, got {args.prompts}")
+    pipe = load_pipeline(args.model, device=args.device)
+    results, images = sampler_table(pipe, args.prompts, args.guidance, args.seed, args.batch)
+    print(f"{pipe.source}: {args.prompts} held-out prompts, guidance {args.guidance}, seed {args.seed}")
+    print(format_table(results, args.prompts))
+    if args.grid:
+        atomic_save(args.grid, lambda p: save_grid(images, held_out_prompts(args.prompts, args.seed), p))
+        print(f"wrote {args.grid}")
 
 
 def cmd_models(args):
@@ -204,6 +221,16 @@ def build_parser():
     g.set_defaults(run=cmd_generate)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(run=cmd_samplers)
+    t = sub.add_parser("sampler-table", help="the samplers side by side on a shapes model: held-out adherence, "
+                       "difference to DDIM 50, time")
+    t.add_argument("--model", default="shapes", help="a shapes model: a known name or a path (default: shapes)")
+    t.add_argument("--prompts", type=int, default=200, help="held-out prompts per sampler")
+    t.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch", type=int, default=50, help="prompts per batch")
+    t.add_argument("--grid", help="also write a PNG: a row of pictures per sampler")
+    t.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    t.set_defaults(run=cmd_sampler_table)
     sub.add_parser("models", help="known models and which are present").set_defaults(run=cmd_models)
     i = sub.add_parser("info", help="architecture, parameter counts, dtype and files of a model")
     i.add_argument("model")

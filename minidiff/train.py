@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from minidiff import shapes
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
+from minidiff.evaluate import evaluate
 from minidiff.schedule import NoiseSchedule
 from minidiff.tokenizer import CLIPTokenizer, write_vocab_files
 from minidiff.unet import UNet, UNetConfig
@@ -76,16 +77,16 @@ class TrainConfig:
 
     @classmethod
     def shapes(cls) -> "TrainConfig":
-        """The bundled model, under 30 MB of weights. Measured on 2 CPU cores (2026-11-22): the VAE phase
-        ~6 min (6 it/s), the UNet phase 1.3 s/step, so ~66 min for 3000 steps: over the 45-minute target, and
-        the shipped weights are not trained yet."""
+        """The bundled model, under 30 MB of weights, sized to train in under 45 minutes on 2 CPU cores.
+        Measured per step at batch 128 (fp32, 2 threads): the UNet 0.59 s, the text encoder 0.18 s."""
         return cls(
             vae=VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
-            unet=UNetConfig(block_out_channels=(64, 128), cross_attention=(True, True), layers_per_block=1,
-                            num_attention_heads=(4, 8), cross_attention_dim=128, norm_num_groups=16,
+            unet=UNetConfig(block_out_channels=(48, 96), cross_attention=(True, True), layers_per_block=1,
+                            num_attention_heads=(4, 8), cross_attention_dim=96, norm_num_groups=16,
                             sample_size=8),
-            text_encoder=CLIPTextConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+            text_encoder=CLIPTextConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
                                         num_attention_heads=4),
+            steps=2400,
         )
 
     @classmethod
@@ -283,35 +284,6 @@ def save_folder(out, vae: AutoencoderKL, unet: UNet, text_encoder: CLIPTextModel
 
 def folder_megabytes(out) -> float:
     return sum(p.stat().st_size for p in Path(out).rglob("*.safetensors")) / 2**20
-
-
-# --- evaluation: held-out combinations, judged by the checker ----------------------------------------------
-
-
-def held_out_prompts(n: int, seed: int = 0) -> list:
-    """n (prompt, spec) pairs that cycle through every held-out combination, both sizes, varied wording."""
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for i in range(n):
-        colour, shape, position = shapes.HELD_OUT[i % len(shapes.HELD_OUT)]
-        size = shapes.SIZES[(i // len(shapes.HELD_OUT)) % len(shapes.SIZES)]
-        spec = shapes.ShapeSpec(shape, colour, position, size)
-        pairs.append((shapes.caption(spec, rng), spec))
-    return pairs
-
-
-def evaluate(pipeline, n: int = 256, steps: int = 20, guidance_scale: float = 5.0, seed: int = 0,
-             batch: int = 64, sampler: str = "dpmpp_2m") -> dict:
-    """Adherence of pictures generated for n held-out prompts (DPM++ 2M, classifier-free guidance)."""
-    pairs = held_out_prompts(n, seed)
-    images = []
-    for start in range(0, n, batch):
-        prompts = [prompt for prompt, _ in pairs[start : start + batch]]
-        result = pipeline(prompts, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                          seed=seed + start, progress=False)
-        images += result.images
-    scores = shapes.adherence(images, [spec for _, spec in pairs])
-    return scores | {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}, images
 
 
 def plot_losses(vae_losses: list, diffusion_losses: list, path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minidiff import shapes, train
+from minidiff.evaluate import held_out_prompts
 from minidiff.load import load_components
 from minidiff.pipeline import Pipeline
 
@@ -91,7 +92,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 
 def test_held_out_prompts_cover_every_held_out_combination_and_nothing_else():
-    pairs = train.held_out_prompts(256)
+    pairs = held_out_prompts(256)
     combos = [spec.combination() for _, spec in pairs]
     assert set(combos) == set(shapes.HELD_OUT)
     assert {spec.size for _, spec in pairs} == set(shapes.SIZES)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from IPython.display import Image, display
 
 from minidiff import shapes, train
+from minidiff.evaluate import held_out_prompts
 from minidiff.pipeline import load_pipeline
 from minidiff.schedule import NoiseSchedule
 from minidiff.viz import SHAPES, course_pipeline, shapes_available, show_images, show_trace, to_pil
@@ -109,7 +110,7 @@ else:
 # random-weight fallback scores 0%):
 
 # %%
-pairs = train.held_out_prompts(8, seed=1)
+pairs = held_out_prompts(8, seed=1)
 prompts, held_out_specs = [p for p, _ in pairs], [s for _, s in pairs]
 generated = pipe(prompts, steps=20, guidance_scale=5.0, seed=0, progress=False).images
 print(shapes.adherence(generated, held_out_specs), f"({pipe.source})")
