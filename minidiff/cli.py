@@ -201,7 +201,8 @@ def build_parser():
                    "default: the bundled shapes model")
     g.add_argument("--sampler", default="dpmpp_2m", help="see `minidiff samplers`")
     g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1: none")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1: none (default: 7.5, or "
+                   "the scale the model was tuned for: 5 for shapes)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", help="N or WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's own)")
     g.add_argument("--negative", help="negative prompt")

@@ -64,10 +64,11 @@ class Pipeline:
     """Stable Diffusion from its parts: tokenizer, text encoder, UNet, VAE (or TAESD), noise schedule."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule, prediction_type="epsilon", taesd=None,
-                 spacing="leading", steps_offset=1, source=None):
+                 spacing="leading", steps_offset=1, source=None, guidance_scale: float = 7.5):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.schedule, self.prediction_type, self.taesd = schedule, prediction_type, taesd
         self.spacing, self.steps_offset, self.source = spacing, steps_offset, source
+        self.guidance_scale = guidance_scale  # the default w: SD's 7.5, or what a model was tuned for
         self.vae_tile_size = None  # decode in tiles of this many latent pixels (set by minidiff.speed.optimize)
 
     def describe(self) -> str:
@@ -147,13 +148,14 @@ class Pipeline:
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, steps: int = 20, sampler: str = "dpmpp_2m",
-                 guidance_scale: float = 7.5, seed: int | None = None, height: int | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None, height: int | None = None,
                  width: int | None = None, num_images: int = 1, image=None, strength: float = 0.8,
                  early_exit=None, preview: str | None = None, callback=None, trace: bool = False,
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
                  progress: bool = True, **sampler_options) -> GenerationResult:
         """Generate images. See the module docstring for the symbols; returns a GenerationResult."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         height, width = height or self.default_size(), width or self.default_size()
         self.check_options(steps, sampler, height, width, strength, num_images, len(negatives), len(prompts), preview)
@@ -244,7 +246,7 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     speed_options: channels_last, compile, cuda_graphs, attention, attention_slice, vae_tile_size
     (see minidiff.speed.optimize).
     """
-    from minidiff.hub import resolve
+    from minidiff.hub import KNOWN_MODELS, resolve
     from minidiff.load import load_components, load_taesd
 
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) or dtype is None else dtype
@@ -256,7 +258,8 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     tiny = load_taesd(resolve(taesd), dtype=dtype, device=device) if taesd else None
     pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule,
                     parts.prediction_type, tiny, parts.scheduler_config.get("timestep_spacing", "leading"),
-                    parts.scheduler_config.get("steps_offset", 1), source=str(path_or_name))
+                    parts.scheduler_config.get("steps_offset", 1), source=str(path_or_name),
+                    guidance_scale=KNOWN_MODELS.get(str(path_or_name), {}).get("guidance_scale", 7.5))
     if speed_options:
         from minidiff.speed import optimize
 
