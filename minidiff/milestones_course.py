@@ -75,13 +75,16 @@ def check_ddim_50(candidate=None):
     return f"mean |x_0 - exact| {error:.4f} < {DDIM_50_MAX_ERROR} (fp32, exact Gaussian model)"
 
 
+SHAPES_PROMPTS = 16  # held-out prompts of the shapes-model part of dpmpp_20
+
+
 @milestone("DPM++ 2M at 20 steps, as good as DDIM at 50", group="course")
 def check_dpmpp_20(candidate=None):
     """dpmpp_sample(model, x_T, alphas_cumprod, steps) -> x_0; model(x_t, t) -> eps at integer timesteps t
 
     On the Gaussian model and noise of ddim_50, 20 steps must land within DPMPP_20_MAX_DIFF (mean abs) of minidiff's
-    DDIM at 50 steps. With weights/shapes present, also on the shapes model (guidance 5, a fixed prompt): the
-    20-step latents must be closer to DDIM 50's than DDIM 20's are.
+    DDIM at 50 steps. With weights/shapes present, also on the shapes model (guidance 5, 16 held-out prompts): 20
+    steps must draw as many of them right (by shapes.check) as DDIM at 50 steps does, give or take one.
     """
     model, noise, _ = _gaussian_problem()
     call = signature(check_dpmpp_20)
@@ -100,26 +103,35 @@ def check_dpmpp_20(candidate=None):
 
 
 def _shapes_dpmpp_20(candidate, call: str) -> str:
-    """The bundled shapes model: |sampler at 20 - DDIM 50| < |DDIM 20 - DDIM 50| on the latents (mean abs)."""
+    """The bundled shapes model: 20 steps draw held-out prompts right as often as DDIM at 50 does (one slack).
+
+    Judged by the checker, not by the distance to DDIM 50's latents: DDIM (diffusers' set_alpha_to_one=False)
+    stops at t = 0, sigma ~0.03, not at sigma = 0 as DPM++ does, so the DDIMs agree with each other more closely
+    than any sampler that finishes the job (measured: DDIM 20 0.024 from DDIM 500, DPM++ 2M 20 0.042).
+    """
+    from minidiff.evaluate import held_out_prompts
     from minidiff.pipeline import load_pipeline
+    from minidiff.shapes import adherence
 
     pipe = load_pipeline(str(SHAPES_WEIGHTS), dtype=torch.float32, device="cpu")
     if pipe.prediction_type != "epsilon":
         return f"shapes model skipped (it predicts {pipe.prediction_type}, the course samplers take eps)"
-    model = pipe.guided_model(pipe.encode_prompt(["a big red circle at the top left"]), pipe.encode_prompt([""]), 5.0)
+    pairs = held_out_prompts(SHAPES_PROMPTS, seed=2)
+    prompts, specs = [prompt for prompt, _ in pairs], [spec for _, spec in pairs]
+    model = pipe.guided_model(pipe.encode_prompt(prompts), pipe.encode_prompt([""] * len(prompts)), 5.0)
     size = pipe.unet.config.sample_size
-    noise = fixed_randn(1, pipe.latent_channels(), size, size, seed=31)
+    noise = fixed_randn(len(prompts), pipe.latent_channels(), size, size, seed=31)
     options = {"spacing": pipe.spacing, "steps_offset": pipe.steps_offset}
-    ddim, alphas_cumprod = _library_sampler("ddim", pipe.schedule, **options), pipe.schedule.alphas_cumprod
-    reference, coarse = ddim(model, noise, alphas_cumprod, 50), ddim(model, noise, alphas_cumprod, 20)
+    alphas_cumprod = pipe.schedule.alphas_cumprod
     sampler = candidate or _library_sampler("dpmpp_2m", pipe.schedule, **options)
     with torch.no_grad():
+        reference = _library_sampler("ddim", pipe.schedule, **options)(model, noise, alphas_cumprod, 50)
         fast = call_candidate(sampler, call, model, noise.clone(), alphas_cumprod, 20)
-    ours, baseline = float((fast - reference).abs().mean()), float((coarse - reference).abs().mean())
-    if not ours < baseline:
-        raise Mismatch(f"shapes model: mean |20 steps - DDIM 50| is {ours:.4f}, no closer than DDIM 20's "
-                       f"{baseline:.4f}")
-    return f"shapes model: {ours:.4f} < DDIM 20's {baseline:.4f}"
+        scores = [adherence(list(pipe.decode(latents)), specs)["all"] for latents in (fast, reference)]
+    ours, ddim = (round(score * len(prompts)) for score in scores)
+    if ours < ddim - 1:
+        raise Mismatch(f"shapes model: 20 steps drew {ours} of {len(prompts)} held-out prompts right, DDIM 50 {ddim}")
+    return f"shapes model: {ours}/{len(prompts)} held-out prompts right at 20 steps, DDIM 50 {ddim}/{len(prompts)}"
 
 
 @milestone("torch.compile compiles and matches eager", group="course", takes_candidate=False)

@@ -122,4 +122,4 @@ show_trace(result.trace, title=f"{prompts[0]!r}, never seen in training: {pipe.s
 
 # %% [markdown]
 # **Milestone:** `minidiff milestones --only dpmpp_20` also runs on the shapes model when it is there (DPM++ 2M at
-# 20 steps closer to DDIM 50 than DDIM 20 is). Next: lesson 10, making it fast.
+# 20 steps drawing 16 held-out prompts right as often as DDIM at 50 does). Next: lesson 10, making it fast.
