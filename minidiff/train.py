@@ -3,8 +3,9 @@
     python -m minidiff.train shapes [--steps N] [--vae-steps N] [--out weights/shapes] [--quick] [--seed 0]
 
 Latent diffusion (Rombach et al. 2022) at toy scale, on minidiff.shapes: 64x64 pictures <-> 8x8x4 latents.
-    phase 1  the VAE: L1 + MSE reconstruction (shape pixels weighted up) + kl_weight * KL(q(z|x) || N(0, I));
-             then frozen, and scaling_factor = 1 / std(z) over the training pictures, as SD's 0.18215 was found
+    phase 1  the VAE: L1 + MSE reconstruction (shape pixels weighted up) + kl_weight * KL(q(z|x) || N(0, I)),
+             on 32x32 windows and, for the last vae_full_steps, whole pictures; then frozen, and
+             scaling_factor = 1 / std(z) over the training pictures, as SD's 0.18215 was found
     phase 2  the text encoder and the UNet, jointly, on the epsilon loss of Ho et al. 2020:
              || eps - eps_theta(alpha_t z + sigma_t eps, t, c) ||^2, t ~ U{0, ..., 999} on SD's schedule; the
              caption is replaced by "" 10% of the time, so that one network also serves as the unconditional
