@@ -118,10 +118,10 @@ def to_images(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1
 
 
-def render_pool(n: int, seed: int):
-    """n training pictures as uint8 (n, 3, 64, 64) and their specs (the captions are drawn fresh each step)."""
+def render_pool(n: int, seed: int, split: str = "train"):
+    """n pictures of a split as uint8 (n, 3, 64, 64) and their specs (the captions are drawn fresh each step)."""
     rng = np.random.default_rng(seed)
-    specs = shapes.random_specs(n, rng, "train")
+    specs = shapes.random_specs(n, rng, split)
     pixels = np.stack([np.asarray(shapes.render(spec, rng)) for spec in specs])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), specs
 
@@ -207,11 +207,8 @@ def encode_pool(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 256) -> t
 @torch.no_grad()
 def reconstruction_adherence(vae: AutoencoderKL, n: int, seed: int) -> dict:
     """The checker's verdict on VAE reconstructions of n held-out pictures: the ceiling of the whole model."""
-    rng = np.random.default_rng(seed + 4)
-    specs = shapes.random_specs(n, rng, "held_out")
-    pixels = torch.stack([torch.from_numpy(np.array(shapes.render(spec, rng))) for spec in specs])
-    images = to_images(pixels.permute(0, 3, 1, 2))
-    return shapes.adherence(list(vae.decode(vae.encode(images))), specs)
+    pixels, specs = render_pool(n, seed + 4, "held_out")
+    return shapes.adherence(list(vae.decode(vae.encode(to_images(pixels)))), specs)
 
 
 # --- phase 2: text encoder + UNet ------------------------------------------------------------------------
