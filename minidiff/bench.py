@@ -1,8 +1,9 @@
 """`minidiff bench` and `minidiff profile`: how much faster each speed option makes the UNet, and at what accuracy.
 
 The ladder switches the options of minidiff.speed on one rung at a time, on the same random weights and inputs:
-    fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +CUDA graphs (GPU only)
-    -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by distillation)
+    fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +freeze (weights folded and
+    pre-packed into the compiled graph) -> +CUDA graphs (GPU only) -> +TAESD (decode)
+    -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by distillation)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
 else fp32) and keep the options of the rung before.
 
@@ -13,6 +14,8 @@ Columns:
     max dev       -> max |out - out_fp32_eager| / max |out_fp32_eager| on one UNet call; PASS if <= tol
     diffusers     -> diffusers' UNet2DConditionModel with the same weights (the keys are the same), options and
                      inputs, called alternately with minidiff's; ratio = minidiff ms / diffusers ms
+The summary under the table compares minidiff's fastest rung of the full network with diffusers' fastest, and
+with diffusers' +compile rung (torch.compile with default options, as diffusers documents it).
 The weights are random: the timings are those of the real network, the images are noise.
 """
 
@@ -45,6 +48,7 @@ class Rung:
     dtype: torch.dtype = torch.float32
     channels_last: bool = False
     compile: bool = False
+    freeze: bool = False  # with compile: Inductor freezing (minidiff.speed.FastUNet)
     cuda_graphs: bool = False
     decoder: str = "vae"  # "vae" (AutoencoderKL) or "taesd"
     distilled: str | None = None  # None, "small" or "tiny": the BK-SDM version of the configuration
@@ -67,6 +71,7 @@ class Result:
     ratio: float | None = None
     dev_vs_diffusers: float | None = None
     syncs: int | None = None  # host-device synchronisations while sampling (GPU only)
+    distilled: str | None = None  # the BK-SDM rungs run another (smaller) network
 
 
 def fast_dtype(device) -> torch.dtype:
@@ -85,6 +90,7 @@ def ladder(device) -> list:
     best = Rung("channels_last", "+channels_last", fast, channels_last=True, tolerance=TOLERANCE[fast])
     rungs.append(best)
     rungs.append(best := dataclasses.replace(best, key="compile", name="+compile", compile=True))
+    rungs.append(best := dataclasses.replace(best, key="freeze", name="+freeze", freeze=True))
     if cuda:
         rungs.append(best := dataclasses.replace(best, key="cuda_graphs", name="+CUDA graphs", cuda_graphs=True))
     rungs.append(dataclasses.replace(best, key="taesd", name="+TAESD (decode)", decoder="taesd"))
@@ -317,8 +323,8 @@ def unets(setup: Setup, rung: Rung, with_diffusers: bool, compile_options: dict)
         with torch.device("meta"):
             skeleton = UNet(config)
         state = {k: v.to(setup.device) for k, v in random_weights(skeleton, torch.Generator().manual_seed(2)).items()}
-    options = dict(channels_last=rung.channels_last, compile=rung.compile, cuda_graphs=rung.cuda_graphs,
-                   compile_options=compile_options)
+    options = dict(channels_last=rung.channels_last, compile=rung.compile, freeze=rung.freeze,
+                   cuda_graphs=rung.cuda_graphs, compile_options=compile_options)
     ours = FastUNet(build(UNet, config, state, rung.dtype, setup.device), **options)
     theirs = FastUNet(DiffusersUNet(config, state, rung.dtype, setup.device), **options) if with_diffusers else None
     return ours, theirs
@@ -337,7 +343,7 @@ def run_rung(setup: Setup, rung: Rung, reference_out, with_diffusers: bool, comp
     """Measure one rung; `caches` (two dicts) let consecutive rungs with the same options share models."""
     unet_cache, decoder_cache = caches or ({}, {})
     options = (rung.dtype, rung.channels_last, rung.compile)
-    ours, theirs = cached(unet_cache, (rung.distilled, rung.cuda_graphs, *options),
+    ours, theirs = cached(unet_cache, (rung.distilled, rung.freeze, rung.cuda_graphs, *options),
                           lambda: unets(setup, rung, with_diffusers, compile_options))
     decoder = cached(decoder_cache, (rung.decoder, *options),
                      lambda: build_decoders(setup, rung.dtype, rung, compile_options))
@@ -358,10 +364,10 @@ def run_rung(setup: Setup, rung: Rung, reference_out, with_diffusers: bool, comp
     noise = setup.noise.to(rung.dtype)
     schedule = NoiseSchedule.sd()
     ours_timer, theirs_timer = CallTimer(ours, setup.device), CallTimer(theirs, setup.device)
-    e2e, decode_ms, peak = [], [], 0.0
+    e2e, decode_ms, peaks = [], [], []
     from minidiff.samplers import sample
 
-    for repeat in range(setup.repeats):  # minidiff and diffusers alternate: the same machine state for both
+    def run_ours():
         reset_peak_memory(setup.device)
         synchronize(setup.device)
         start = time.perf_counter()
@@ -373,9 +379,16 @@ def run_rung(setup: Setup, rung: Rung, reference_out, with_diffusers: bool, comp
         end = time.perf_counter()
         e2e.append(end - start)
         decode_ms.append(1000 * (end - decode_start))
-        peak = max(peak, peak_memory_mb(setup.device))
-        if theirs is not None:
-            sample(guided(theirs_timer, context), noise, "euler", setup.steps, schedule=schedule)
+        peaks.append(peak_memory_mb(setup.device))
+
+    def run_theirs():
+        sample(guided(theirs_timer, context), noise, "euler", setup.steps, schedule=schedule)
+
+    # minidiff and diffusers alternate, and take turns going first: the same machine state for both
+    turns = [run_ours] if theirs is None else [run_ours, run_theirs]
+    for repeat in range(setup.repeats):
+        for run in turns if repeat % 2 == 0 else turns[::-1]:
+            run()
         log(f"  {rung.name}: repeat {repeat + 1}/{setup.repeats} done")
 
     syncs = None
@@ -385,8 +398,8 @@ def run_rung(setup: Setup, rung: Rung, reference_out, with_diffusers: bool, comp
     theirs_ms = statistics.median(theirs_timer.milliseconds()) if theirs is not None else None
     passed = bool(torch.isfinite(out).all()) and (dev is None or dev <= rung.tolerance)
     return Result(rung.name, DTYPE_NAMES[rung.dtype], ms, 1000 / ms, statistics.median(e2e),
-                  statistics.median(decode_ms), peak, dev, rung.tolerance, passed, theirs_ms,
-                  ms / theirs_ms if theirs_ms else None, dev_theirs, syncs)
+                  statistics.median(decode_ms), max(peaks), dev, rung.tolerance, passed, theirs_ms,
+                  ms / theirs_ms if theirs_ms else None, dev_theirs, syncs, rung.distilled)
 
 
 def describe_device(device) -> str:
@@ -443,6 +456,22 @@ def format_table(results: list) -> str:
                      f"{number(r.tolerance, '7.0e')} {'PASS' if r.passed else 'FAIL'} "
                      f"{number(r.diffusers_ms, '12.1f')} {number(r.ratio, '6.2f')} "
                      f"{number(r.dev_vs_diffusers, '12.1e')} {number(r.syncs, '5d')}")
+    return "\n".join(lines)
+
+
+def summary(results: list) -> str:
+    """minidiff's fastest rung of the full network against diffusers' fastest, and against diffusers' +compile."""
+    full = [r for r in results if r.distilled is None]
+    theirs = [r for r in full if r.diffusers_ms is not None]
+    if not theirs:
+        return ""
+    ours, best = min(full, key=lambda r: r.ms_per_step), min(theirs, key=lambda r: r.diffusers_ms)
+    lines = [f"fastest (full network, UNet ms/step): minidiff {ours.rung} {ours.ms_per_step:.1f}; diffusers "
+             f"{best.rung} {best.diffusers_ms:.1f}; ratio {ours.ms_per_step / best.diffusers_ms:.2f}"]
+    compiled = next((r for r in theirs if r.rung == "+compile"), None)
+    if compiled is not None:
+        lines.append(f"against diffusers +compile (torch.compile, default options) {compiled.diffusers_ms:.1f}: "
+                     f"ratio {ours.ms_per_step / compiled.diffusers_ms:.2f}")
     return "\n".join(lines)
 
 

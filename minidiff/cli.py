@@ -150,7 +150,7 @@ def cmd_milestones(args):
 def cmd_bench(args):
     import torch
 
-    from minidiff.bench import bench, format_table, write_results
+    from minidiff.bench import bench, format_table, summary, write_results
 
     for path in (args.json, args.csv):
         check_writable(path)
@@ -162,6 +162,8 @@ def cmd_bench(args):
                             log=lambda line: print(line, file=sys.stderr))
     print(header)
     print(format_table(results))
+    if comparison := summary(results):
+        print(comparison)
     for path in (args.json, args.csv):
         if path:
             write_results(path, results)
@@ -262,7 +264,7 @@ def add_speed_commands(sub):
         parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     b.add_argument("--steps", type=int, default=4, help="Euler steps of the end-to-end run")
     b.add_argument("--repeats", type=int, default=3, help="end-to-end runs per rung (medians are reported)")
-    b.add_argument("--rungs", help="comma-separated subset: fp32,half,channels_last,compile,cuda_graphs,taesd,"
+    b.add_argument("--rungs", help="comma-separated subset: fp32,half,channels_last,compile,freeze,cuda_graphs,taesd,"
                    "bk_small,bk_tiny")
     b.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' only traces: "
                    "a quick check of the compile path)")

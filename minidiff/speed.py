@@ -5,6 +5,10 @@ Each option is a known technique, switched on by `optimize(pipe_or_unet, ...)`:
     channels_last  -> NHWC memory layout for convolutions, the layout oneDNN (CPU) and cuDNN tensor cores prefer
     compile        -> torch.compile (TorchDynamo + TorchInductor, Ansel et al. 2024, "PyTorch 2"): fused kernels
                       for the UNet and the VAE decoder
+    freeze         -> with compile, for inference: Inductor's freezing makes the UNet's weights constants of the
+                      compiled graph, folded and pre-packed once into the layouts oneDNN / MKL compute in (without
+                      it a CPU convolution reorders its weights on every call); the UNet's weights must not change
+                      afterwards (optimize again after loading new ones)
     cuda_graphs    -> record the UNet's kernels once per input shape and replay them (NVIDIA CUDA Graphs): no
                       per-kernel launch cost from Python; GPU only, static shapes
     attention      -> "sdpa" (PyTorch's fused kernels, the default) or "naive"; attention_slice bounds the memory
@@ -76,19 +80,36 @@ class FastUNet(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, channels_last: bool = False, compile: bool = False,
-                 cuda_graphs: bool = False, compile_options: dict | None = None):
+                 cuda_graphs: bool = False, compile_options: dict | None = None, freeze: bool = False):
         super().__init__()
+        if freeze and not compile:
+            raise MinidiffError("freeze=True freezes the weights into the compiled graph: use it with compile=True")
         self.unet = unet
-        self.channels_last = channels_last
+        self.channels_last, self.freeze = channels_last, freeze
         if channels_last:
             unet.to(memory_format=torch.channels_last)
+        compile_options = dict(compile_options or {})
+        if freeze and compile_options.get("backend", "inductor") == "inductor":
+            # its own Inductor options: TorchDynamo then keeps this compiled graph apart from an unfrozen one of the
+            # same UNet.forward (it reuses compiled code across instances when the backend is the same)
+            compile_options["options"] = {**compile_options.get("options", {}), "freezing": True}
         # a compiled bound method (not a module attribute, so no second copy of the keys in state_dict)
-        self.run = torch.compile(unet.forward, **(compile_options or {})) if compile else unet.forward
-        self.graphed = CudaGraphCall(self.run) if cuda_graphs else None
+        self.run = torch.compile(unet.forward, **compile_options) if compile else unet.forward
+        self.graphed = CudaGraphCall(self.call) if cuda_graphs else None
 
     @property
     def config(self):
         return self.unet.config
+
+    def call(self, x, t, context):
+        if not self.freeze:
+            return self.run(x, t, context)
+        # Inductor freezes only graphs compiled without autograd, and reads the flag when it compiles (the first
+        # call, or a new input shape): scoped to these calls, not set for the whole process
+        from torch._inductor import config as inductor_config  # imported here: seconds of import time
+
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self.run(x, t, context)
 
     def forward(self, x, t, context):
         t = timestep_tensor(t, x)
@@ -96,7 +117,7 @@ class FastUNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         if self.graphed is not None and x.is_cuda:
             return self.graphed(x, t, context)
-        return self.run(x, t, context)
+        return self.call(x, t, context)
 
 
 def check_cuda_graphs(device) -> None:
@@ -105,13 +126,14 @@ def check_cuda_graphs(device) -> None:
                             "drop cuda_graphs, or load with device='cuda'")
 
 
-def optimize(target, *, channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False,
-             attention: str = "sdpa", attention_slice: int | None = None, vae_tile_size: int | None = None,
-             compile_options: dict | None = None):
+def optimize(target, *, channels_last: bool = False, compile: bool = False, freeze: bool = False,
+             cuda_graphs: bool = False, attention: str = "sdpa", attention_slice: int | None = None,
+             vae_tile_size: int | None = None, compile_options: dict | None = None):
     """Switch on speed options for a Pipeline (returned, changed in place) or a bare UNet (returns a FastUNet).
 
     attention / attention_slice are global (minidiff.attention.set_attention_backend); vae_tile_size applies to
-    a Pipeline's VAE decoding; compile also compiles a Pipeline's VAE decoder (in place: its keys are unchanged).
+    a Pipeline's VAE decoding; compile also compiles a Pipeline's VAE decoder (in place: its keys are unchanged);
+    freeze applies to the UNet (the decoder runs once per image).
     """
     set_attention_backend(attention, attention_slice)
     if vae_tile_size is not None and (not isinstance(vae_tile_size, int) or vae_tile_size < 8):
@@ -123,12 +145,12 @@ def optimize(target, *, channels_last: bool = False, compile: bool = False, cuda
             raise MinidiffError("vae_tile_size applies to a Pipeline's VAE: call optimize(pipe, vae_tile_size=...)")
         if cuda_graphs:
             check_cuda_graphs(next(target.parameters()).device)
-        return FastUNet(target, channels_last, compile, cuda_graphs, compile_options)
+        return FastUNet(target, channels_last, compile, cuda_graphs, compile_options, freeze)
     if isinstance(unet, FastUNet):  # optimize() again: start from the plain UNet
         unet = unet.unet
     if cuda_graphs:
         check_cuda_graphs(next(unet.parameters()).device)
-    target.unet = FastUNet(unet, channels_last, compile, cuda_graphs, compile_options)
+    target.unet = FastUNet(unet, channels_last, compile, cuda_graphs, compile_options, freeze)
     for decoder in (target.vae, target.taesd):
         if decoder is None:
             continue

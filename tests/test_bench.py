@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from minidiff.bench import TOLERANCE, Rung, bench, distilled_config, ladder, make_setup, run_rung
+from minidiff.bench import TOLERANCE, Result, Rung, bench, distilled_config, ladder, make_setup, run_rung, summary
 from minidiff.cli import main
 from minidiff.unet import UNet, UNetConfig
 
@@ -24,7 +24,8 @@ def test_the_bench_prints_every_rung_and_passes_on_the_tiny_config(capsys, tmp_p
     assert status == 0, out
     assert "RANDOM weights" in out
     rungs = ladder("cpu")
-    assert [r.key for r in rungs] == ["fp32", "half", "channels_last", "compile", "taesd", "bk_small", "bk_tiny"]
+    assert [r.key for r in rungs] == ["fp32", "half", "channels_last", "compile", "freeze", "taesd", "bk_small",
+                                      "bk_tiny"]
     table = out.splitlines()
     for rung in rungs:
         row = next(line for line in table if line.startswith(rung.name))
@@ -60,6 +61,19 @@ def test_diffusers_runs_interleaved_on_the_same_weights(capsys):
     for r in results:
         assert r.diffusers_ms > 0 and r.ratio == pytest.approx(r.ms_per_step / r.diffusers_ms)
         assert r.dev_vs_diffusers <= 1e-5  # the same network on the same weights (float32)
+
+
+def test_the_summary_compares_the_fastest_full_network_rungs():
+    def row(rung, ms, theirs, distilled=None):
+        return Result(rung, "fp32", ms, 1000 / ms, 1.0, 1.0, 1.0, None, None, True, theirs,
+                      None if theirs is None else ms / theirs, None, None, distilled)
+
+    results = [row("fp32 eager", 100, 100), row("+compile", 90, 80), row("+freeze", 50, 45),
+               row("+TAESD (decode)", 49, 46), row("BK-SDM tiny", 20, 18, "tiny")]  # BK-SDM: another network
+    assert summary(results).splitlines() == [
+        "fastest (full network, UNet ms/step): minidiff +TAESD (decode) 49.0; diffusers +freeze 45.0; ratio 1.09",
+        "against diffusers +compile (torch.compile, default options) 80.0: ratio 0.61"]
+    assert summary([row("fp32 eager", 100, None)]) == ""  # no diffusers: nothing to compare
 
 
 def test_bk_sdm_rungs_are_the_bk_sdm_presets():

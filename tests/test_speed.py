@@ -98,6 +98,24 @@ def test_compiled_unet_matches_eager_and_does_not_recompile_per_timestep():
     assert counters["unique_graphs"] == 1, "the UNet was compiled more than once"
 
 
+@pytest.mark.slow  # 1-3 min: TorchInductor generates and compiles C++ for the tiny UNet, twice
+def test_frozen_unet_matches_eager_and_its_weights_are_constants():
+    # Inductor's real code generation: freezing happens only there (the "eager" backend has nothing to freeze)
+    torch.manual_seed(0)
+    unet = perturbed(UNet(UNetConfig.tiny()))
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        reference = unet(x, 321, context)
+        # compiled unfrozen first: the frozen UNet must get its own graph, not reuse this one for UNet.forward
+        assert relative_error(FastUNet(unet, compile=True)(x, 321, context), reference) <= 1e-5
+        frozen = FastUNet(unet, compile=True, freeze=True)
+        out = frozen(x, 321, context)
+        assert relative_error(out, reference) <= 1e-5
+        unet.conv_out.bias.add_(1.0)  # the frozen graph holds its own folded copy of the weights
+        assert torch.equal(frozen(x, 321, context), out)
+        assert not torch.allclose(unet(x, 321, context), out)
+
+
 def test_sliced_attention_matches_plain_within_1e_5(unet_and_inputs):
     unet, x, context, reference = unet_and_inputs
     with torch.no_grad():
@@ -136,6 +154,7 @@ def test_pipeline_decodes_in_tiles_when_asked():
     (dict(cuda_graphs=True), "CUDA"),
     (dict(attention="flash"), "unknown attention backend"),
     (dict(attention_slice=0), "slice_size"),
+    (dict(freeze=True), "compile=True"),
 ])
 def test_bad_options_say_what_to_do(options, message):
     target = types.SimpleNamespace(unet=UNet(UNetConfig.tiny()), vae=None, taesd=None)
