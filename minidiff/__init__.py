@@ -31,6 +31,7 @@ _PUBLIC = {
     "load_components": "minidiff.load",
     "load_pipeline": "minidiff.pipeline",
     "Pipeline": "minidiff.pipeline",
+    "optimize": "minidiff.speed",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -14,6 +14,7 @@
 # | +fp16 / +bf16 | half the bytes per number | GPUs (tensor cores); CPUs with bf16 instructions |
 # | +channels_last | NHWC layout for convolutions | cuDNN, oneDNN |
 # | +compile | `torch.compile`: fused kernels (TorchInductor) | GPU, and CPU with a C++ compiler |
+# | +freeze | the weights become constants of the compiled graph, pre-packed once | CPU above all (oneDNN, MKL) |
 # | +CUDA graphs | record the step's kernels once, replay them | GPU: no per-kernel launch cost |
 # | +TAESD | a 141 GFLOP decoder instead of 2,515 (lesson 07) | everywhere |
 # | BK-SDM small / tiny | a distilled UNet with blocks removed (Kim et al. 2023) | everywhere |
@@ -59,12 +60,14 @@ for name in ("sd15", "bk_sdm_base", "bk_sdm_small", "bk_sdm_tiny"):
 # `minidiff bench` (here `bench.bench`) runs every rung on the same random weights and inputs and checks each
 # against fp32 eager: `max dev` is $\max|out-out_{fp32}|/\max|out_{fp32}|$ of one UNet call, PASS when under
 # the dtype's tolerance. The notebook runs the miniature `tiny` UNet at 64 px so that it finishes on any CPU;
-# `minidiff bench --config sd15 --size 512` on a GPU is the real measurement. (`+compile` is left out here: it
-# needs a C++ compiler and a minute of compiling on a CPU; `minidiff bench` runs it.)
+# `minidiff bench --config sd15 --size 512` on a GPU is the real measurement. The `+compile` and `+freeze` rows
+# are left out, and the rungs after them, which inherit `compile`, use TorchDynamo's `eager` backend: it captures
+# the graph without Inductor's C++ code generation, which takes minutes on a CPU (`minidiff bench` runs Inductor).
 
 # %%
 header, results = bench.bench("tiny", size=64, steps=2, repeats=1, diffusers=False, log=lambda *_: None,
-                              rungs=["fp32", "half", "channels_last", "taesd", "bk_small", "bk_tiny"])
+                              rungs=["fp32", "half", "channels_last", "taesd", "bk_small", "bk_tiny"],
+                              compile_options={"backend": "eager"})
 print(header)
 print(bench.format_table(results))
 
