@@ -7,6 +7,10 @@ Notation (Vaswani et al. 2017, "Attention Is All You Need"):
 `attention` runs PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels where
 the device has them). `naive_attention` is the textbook formula, kept for lessons and for the test
 that the two agree. `slice_size` computes the queries in chunks to bound peak memory.
+
+On a CPU, bfloat16 / float16 inputs are attended in float32 and the result cast back: PyTorch's CPU flash
+kernel is faster in float32 than in half precision (measured on a 2-core AVX-512 CPU, (2, 8, 4096, 40) bf16:
+429 ms, in float32 322 ms), and the softmax is then exact to float32 too.
 """
 
 import math
@@ -48,6 +52,10 @@ def attention(q, k, v, heads: int, mask=None, slice_size: int | None = None):
     # (B, L, heads * d) -> (B, heads, L, d)
     q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     kernel = naive_attention if _BACKEND["name"] == "naive" else F.scaled_dot_product_attention
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        q, k, v = q.float(), k.float(), v.float()
+        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
     slice_size = slice_size or _BACKEND["slice_size"]
     if slice_size is None or slice_size >= length_q:
         out = kernel(q, k, v, mask)
@@ -60,4 +68,4 @@ def attention(q, k, v, heads: int, mask=None, slice_size: int | None = None):
             chunks.append(kernel(q[:, :, start : start + slice_size], k, v, chunk_mask))
         out = torch.cat(chunks, dim=2)
     # (B, heads, L, d) -> (B, L, heads * d)
-    return out.transpose(1, 2).reshape(batch, length_q, inner)
+    return out.transpose(1, 2).reshape(batch, length_q, inner).to(dtype)

@@ -45,3 +45,12 @@ def test_unknown_attention_backend_is_named():
 def test_every_public_name_resolves():
     for name in minidiff.__all__:
         assert getattr(minidiff, name) is not None, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_attention_on_a_cpu_is_computed_in_float32(dtype):
+    q, k, v = (torch.randn(2, 33, 4 * 8).to(dtype) for _ in range(3))
+    out = attention(q, k, v, 4)
+    assert out.dtype == dtype
+    # float32 attention of the same half-precision numbers, rounded once at the end
+    assert torch.equal(out, attention(q.float(), k.float(), v.float(), 4).to(dtype))
