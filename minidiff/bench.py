@@ -2,20 +2,24 @@
 
 The ladder switches the options of minidiff.speed on one rung at a time, on the same random weights and inputs:
     fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +freeze (weights folded and
-    pre-packed into the compiled graph) -> +CUDA graphs (GPU only) -> +TAESD (decode)
-    -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by distillation)
+    pre-packed into the compiled graph) -> +CUDA graphs (GPU only) -> +reuse memory (CPU with glibc: freed tensors
+    stay in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by
+    distillation)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
-else fp32) and keep the options of the rung before.
+else fp32) and keep the options of the rung before. The rungs up to +compile (and +CUDA graphs, torch.compile's
+"reduce-overhead" mode) use only options diffusers itself offers; +freeze and +reuse memory are minidiff's.
 
 Columns:
-    ms/step, it/s -> one UNet call on the classifier-free-guidance batch (2 per image), median over the calls
+    ms/step, it/s -> one UNet call on the classifier-free-guidance batch (2 per image), median over steps x repeats
+                     calls, taken in turns with diffusers' (A B B A ...)
     e2e s         -> `steps` Euler steps with guidance plus the decode to pixels, median over the repeats
     peak MB       -> CUDA max allocated, or the process's peak resident memory (VmHWM) on a CPU
     max dev       -> max |out - out_fp32_eager| / max |out_fp32_eager| on one UNet call; PASS if <= tol
     diffusers     -> diffusers' UNet2DConditionModel with the same weights (the keys are the same), options and
                      inputs, called alternately with minidiff's; ratio = minidiff ms / diffusers ms
-The summary under the table compares minidiff's fastest rung of the full network with diffusers' fastest, and
-with diffusers' +compile rung (torch.compile with default options, as diffusers documents it).
+The summary under the table compares minidiff's fastest rung of the full network with diffusers' fastest rung
+among those with diffusers' own options (torch.compile with default options, as diffusers documents it), and
+with diffusers' UNet run behind minidiff's options too (the diffusers column of the +freeze and later rungs).
 The weights are random: the timings are those of the real network, the images are noise.
 """
 
@@ -30,7 +34,7 @@ from torch import nn
 
 from minidiff.errors import MinidiffError
 from minidiff.schedule import NoiseSchedule
-from minidiff.speed import FastUNet, timestep_tensor
+from minidiff.speed import FastUNet, reuse_freed_memory, reuse_memory_available, timestep_tensor
 from minidiff.taesd import TAESD
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
@@ -50,9 +54,15 @@ class Rung:
     compile: bool = False
     freeze: bool = False  # with compile: Inductor freezing (minidiff.speed.FastUNet)
     cuda_graphs: bool = False
+    reuse_memory: bool = False  # minidiff.speed.reuse_freed_memory (process-wide: diffusers' calls reuse it too)
     decoder: str = "vae"  # "vae" (AutoencoderKL) or "taesd"
     distilled: str | None = None  # None, "small" or "tiny": the BK-SDM version of the configuration
     tolerance: float | None = None  # bound on max dev; None: another network, nothing to compare with
+
+    @property
+    def minidiff_options(self) -> bool:
+        """Options diffusers does not offer itself (its UNet runs behind minidiff's FastUNet for the comparison)."""
+        return self.freeze or self.reuse_memory
 
 
 @dataclass
@@ -72,6 +82,7 @@ class Result:
     dev_vs_diffusers: float | None = None
     syncs: int | None = None  # host-device synchronisations while sampling (GPU only)
     distilled: str | None = None  # the BK-SDM rungs run another (smaller) network
+    minidiff_options: bool = False  # the rung uses options diffusers does not offer (freeze, reuse memory)
 
 
 def fast_dtype(device) -> torch.dtype:
@@ -93,6 +104,8 @@ def ladder(device) -> list:
     rungs.append(best := dataclasses.replace(best, key="freeze", name="+freeze", freeze=True))
     if cuda:
         rungs.append(best := dataclasses.replace(best, key="cuda_graphs", name="+CUDA graphs", cuda_graphs=True))
+    elif reuse_memory_available():  # the CUDA caching allocator already keeps freed GPU memory
+        rungs.append(best := dataclasses.replace(best, key="reuse_memory", name="+reuse memory", reuse_memory=True))
     rungs.append(dataclasses.replace(best, key="taesd", name="+TAESD (decode)", decoder="taesd"))
     for kind in ("small", "tiny"):
         rungs.append(dataclasses.replace(best, key=f"bk_{kind}", name=f"BK-SDM {kind}", decoder="taesd",
@@ -342,6 +355,8 @@ def run_rung(setup: Setup, rung: Rung, reference_out, with_diffusers: bool, comp
              caches=None) -> Result:
     """Measure one rung; `caches` (two dicts) let consecutive rungs with the same options share models."""
     unet_cache, decoder_cache = caches or ({}, {})
+    if reuse_memory_available():
+        reuse_freed_memory(rung.reuse_memory)
     options = (rung.dtype, rung.channels_last, rung.compile)
     ours, theirs = cached(unet_cache, (rung.distilled, rung.freeze, rung.cuda_graphs, *options),
                           lambda: unets(setup, rung, with_diffusers, compile_options))
@@ -361,17 +376,28 @@ def run_rung(setup: Setup, rung: Rung, reference_out, with_diffusers: bool, comp
             theirs(x, t, context)
         decoder.decode(setup.noise[:1].to(rung.dtype) / decoder.scaling_factor)  # warm-up (and compile)
 
+    # UNet ms/step: single calls on the same inputs, minidiff and diffusers taking turns and turns going first
+    # (A B B A ...), so that each sees the machine, its caches and the allocator's state as the other does
+    timers = [CallTimer(ours, setup.device)] + ([CallTimer(theirs, setup.device)] if theirs is not None else [])
+    with torch.no_grad():
+        for call in range(setup.steps * setup.repeats):
+            for timer in timers if call % 2 == 0 else timers[::-1]:
+                timer(x, t, context)
+    medians = [statistics.median(timer.milliseconds()) for timer in timers]
+    log(f"  {rung.name}: {setup.steps * setup.repeats} UNet calls timed, median ms minidiff {medians[0]:.1f}"
+        + (f", diffusers {medians[1]:.1f}" if theirs is not None else ""))
+
+    # end to end: minidiff's sampling loop with guidance, then the decode
     noise = setup.noise.to(rung.dtype)
     schedule = NoiseSchedule.sd()
-    ours_timer, theirs_timer = CallTimer(ours, setup.device), CallTimer(theirs, setup.device)
     e2e, decode_ms, peaks = [], [], []
     from minidiff.samplers import sample
 
-    def run_ours():
+    for repeat in range(setup.repeats):
         reset_peak_memory(setup.device)
         synchronize(setup.device)
         start = time.perf_counter()
-        latents = sample(guided(ours_timer, context), noise, "euler", setup.steps, schedule=schedule)
+        latents = sample(guided(ours, context), noise, "euler", setup.steps, schedule=schedule)
         decode_start = time.perf_counter()
         with torch.no_grad():
             decoder.decode(latents / decoder.scaling_factor)
@@ -380,26 +406,16 @@ def run_rung(setup: Setup, rung: Rung, reference_out, with_diffusers: bool, comp
         e2e.append(end - start)
         decode_ms.append(1000 * (end - decode_start))
         peaks.append(peak_memory_mb(setup.device))
-
-    def run_theirs():
-        sample(guided(theirs_timer, context), noise, "euler", setup.steps, schedule=schedule)
-
-    # minidiff and diffusers alternate, and take turns going first: the same machine state for both
-    turns = [run_ours] if theirs is None else [run_ours, run_theirs]
-    for repeat in range(setup.repeats):
-        for run in turns if repeat % 2 == 0 else turns[::-1]:
-            run()
-        log(f"  {rung.name}: repeat {repeat + 1}/{setup.repeats} done")
+        log(f"  {rung.name}: end-to-end run {repeat + 1}/{setup.repeats} done")
 
     syncs = None
     if setup.device.type == "cuda":  # the one expected: the NaN check after the loop (Denoiser.check_finite)
         syncs = count_syncs(lambda: sample(guided(ours, context), noise, "euler", setup.steps, schedule=schedule))
-    ms = statistics.median(ours_timer.milliseconds())
-    theirs_ms = statistics.median(theirs_timer.milliseconds()) if theirs is not None else None
+    ms, theirs_ms = medians[0], medians[1] if theirs is not None else None
     passed = bool(torch.isfinite(out).all()) and (dev is None or dev <= rung.tolerance)
     return Result(rung.name, DTYPE_NAMES[rung.dtype], ms, 1000 / ms, statistics.median(e2e),
                   statistics.median(decode_ms), max(peaks), dev, rung.tolerance, passed, theirs_ms,
-                  ms / theirs_ms if theirs_ms else None, dev_theirs, syncs, rung.distilled)
+                  ms / theirs_ms if theirs_ms else None, dev_theirs, syncs, rung.distilled, rung.minidiff_options)
 
 
 def describe_device(device) -> str:
@@ -438,9 +454,13 @@ def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repea
               + ("; diffusers " + __import__("diffusers").__version__ + " interleaved" if with_diffusers
                  else "; diffusers: not compared"))
     results, caches = [], ({}, {})
-    for rung in all_rungs:
-        log(f"rung {rung.name} ...")
-        results.append(run_rung(setup, rung, reference_out, with_diffusers, compile_options, log, caches))
+    try:
+        for rung in all_rungs:
+            log(f"rung {rung.name} ...")
+            results.append(run_rung(setup, rung, reference_out, with_diffusers, compile_options, log, caches))
+    finally:
+        if reuse_memory_available():
+            reuse_freed_memory(False)  # the process's allocator as it was
     return header, results
 
 
@@ -460,18 +480,20 @@ def format_table(results: list) -> str:
 
 
 def summary(results: list) -> str:
-    """minidiff's fastest rung of the full network against diffusers' fastest, and against diffusers' +compile."""
+    """minidiff's fastest rung of the full network against diffusers' fastest with its own options, and against
+    diffusers' fastest behind minidiff's options too."""
     full = [r for r in results if r.distilled is None]
     theirs = [r for r in full if r.diffusers_ms is not None]
     if not theirs:
         return ""
-    ours, best = min(full, key=lambda r: r.ms_per_step), min(theirs, key=lambda r: r.diffusers_ms)
-    lines = [f"fastest (full network, UNet ms/step): minidiff {ours.rung} {ours.ms_per_step:.1f}; diffusers "
-             f"{best.rung} {best.diffusers_ms:.1f}; ratio {ours.ms_per_step / best.diffusers_ms:.2f}"]
-    compiled = next((r for r in theirs if r.rung == "+compile"), None)
-    if compiled is not None:
-        lines.append(f"against diffusers +compile (torch.compile, default options) {compiled.diffusers_ms:.1f}: "
-                     f"ratio {ours.ms_per_step / compiled.diffusers_ms:.2f}")
+    ours = min(full, key=lambda r: r.ms_per_step)
+    lines = [f"fastest (full network, UNet ms/step): minidiff {ours.rung} {ours.ms_per_step:.1f}"]
+    for label, rows in (("diffusers with its own options", [r for r in theirs if not r.minidiff_options]),
+                        ("diffusers behind minidiff's options too", [r for r in theirs if r.minidiff_options])):
+        if rows:
+            best = min(rows, key=lambda r: r.diffusers_ms)
+            lines.append(f"  {label}: {best.rung} {best.diffusers_ms:.1f}; ratio "
+                         f"{ours.ms_per_step / best.diffusers_ms:.2f}")
     return "\n".join(lines)
 
 

@@ -264,8 +264,8 @@ def add_speed_commands(sub):
         parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     b.add_argument("--steps", type=int, default=4, help="Euler steps of the end-to-end run")
     b.add_argument("--repeats", type=int, default=3, help="end-to-end runs per rung (medians are reported)")
-    b.add_argument("--rungs", help="comma-separated subset: fp32,half,channels_last,compile,freeze,cuda_graphs,taesd,"
-                   "bk_small,bk_tiny")
+    b.add_argument("--rungs", help="comma-separated subset: fp32,half,channels_last,compile,freeze,cuda_graphs,"
+                   "reuse_memory,taesd,bk_small,bk_tiny")
     b.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' only traces: "
                    "a quick check of the compile path)")
     b.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers' UNet")

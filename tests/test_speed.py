@@ -2,6 +2,8 @@
 decoding and float16 overflow guard. All float32 on the CPU unless a test says otherwise; tolerances are relative
 to max |reference| and stated in each test."""
 
+import subprocess
+import sys
 import types
 import warnings
 
@@ -13,7 +15,14 @@ from minidiff.attention import set_attention_backend
 from minidiff.errors import MinidiffError
 from minidiff.pipeline import Pipeline
 from minidiff.schedule import NoiseSchedule
-from minidiff.speed import CudaGraphCall, FastUNet, optimize, timestep_tensor
+from minidiff.speed import (
+    CudaGraphCall,
+    FastUNet,
+    optimize,
+    reuse_freed_memory,
+    reuse_memory_available,
+    timestep_tensor,
+)
 from minidiff.taesd import TAESD
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig, decode_tiled, tile_starts
@@ -162,6 +171,63 @@ def test_bad_options_say_what_to_do(options, message):
         pytest.skip("cuda_graphs is valid here (the model could be moved to the GPU)")
     with pytest.raises(MinidiffError, match=message):
         optimize(target, **options)
+
+
+REUSE_MEMORY_SCRIPT = """
+import torch
+import torch.nn.functional as F
+from minidiff.speed import reuse_freed_memory
+
+def resident_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+x, weight = torch.randn(2, 320, 64, 64), torch.randn(320, 320, 3, 3)
+
+def step():  # the tensors of a 512 px UNet layer; returns the MB given back to the kernel when they are freed
+    projected = torch.ones(2, 4096, 2560)  # 84 MB: a GEGLU projection
+    h = F.silu(F.group_norm(F.conv2d(x, weight, padding=1), 32))  # 10 MB feature maps
+    (projected[..., :1280] * F.gelu(projected[..., 1280:])).sum() + h.sum()
+    during = resident_mb()
+    del projected, h
+    return during - resident_mb()
+
+default = step()
+reuse_freed_memory(True)
+kept = max(step() for _ in range(3))
+before = resident_mb()
+for _ in range(8):
+    step()
+grown = resident_mb() - before
+before = resident_mb()
+reuse_freed_memory(False)
+print(default, kept, grown, before - resident_mb())
+"""
+
+
+@pytest.mark.skipif(not reuse_memory_available(), reason="reuse_memory tunes glibc's allocator (Linux)")
+def test_reuse_memory_keeps_freed_tensors_in_the_process_and_off_gives_them_back():
+    # a fresh process: the allocator's state in this one depends on the tests before
+    out = subprocess.run([sys.executable, "-c", REUSE_MEMORY_SCRIPT], capture_output=True, text=True, check=True)
+    default, kept, grown, trimmed = map(float, out.stdout.split())
+    assert default > 80  # glibc's default: the large block goes back to the kernel at once
+    assert kept < 10  # with reuse_memory: kept in the heap...
+    assert grown < 20  # ...and used again by the next steps, not grown
+    assert trimmed > 80  # off again: what the heap kept goes back
+
+
+def test_optimize_switches_reuse_memory_on(monkeypatch):
+    calls = []
+    monkeypatch.setattr("minidiff.speed.reuse_freed_memory", calls.append)
+    optimize(UNet(UNetConfig.tiny()), reuse_memory=True)
+    optimize(UNet(UNetConfig.tiny()))  # off by default: leaves the allocator as it is
+    assert calls == [True]
+
+
+def test_reuse_memory_elsewhere_says_to_drop_it(monkeypatch):
+    monkeypatch.setattr("platform.system", lambda: "Darwin")
+    with pytest.raises(MinidiffError, match="drop reuse_memory"):
+        reuse_freed_memory(True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
