@@ -45,6 +45,7 @@ def timestep_tensor(t, x: torch.Tensor) -> torch.Tensor:
 # glibc's mallopt parameters (malloc.h) and their default values
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_REUSING = {"on": False}  # whether reuse_freed_memory(True) is in effect in this process
 
 
 def reuse_memory_available() -> bool:
@@ -61,12 +62,14 @@ def reuse_freed_memory(enable: bool = True) -> None:
     mmap) and the heap is never trimmed: the resident memory stays at its peak, and the next step reuses it (a
     UNet's steps, which free their tensors together, run in the same memory; a program that frees one large
     block at a time among live small ones can fragment the heap and grow it instead).
-    Process-wide. False restores glibc's default thresholds (fixed ones: glibc's dynamic threshold stays off) and
-    gives the kept memory back (malloc_trim).
+    Process-wide. False after True restores glibc's default thresholds (fixed ones: glibc's dynamic threshold
+    stays off) and gives the kept memory back (malloc_trim); asking for the state in effect changes nothing.
     """
     if not reuse_memory_available():
         raise MinidiffError(f"reuse_memory tunes glibc's allocator (Linux), not the one of "
                             f"{platform.system()} {platform.libc_ver()[0]}: drop reuse_memory")
+    if enable == _REUSING["on"]:
+        return  # an untouched process keeps glibc's own (dynamic) thresholds
     libc = ctypes.CDLL(None)
     settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1} if enable else _GLIBC_DEFAULTS
     for parameter, value in settings.items():
@@ -74,6 +77,7 @@ def reuse_freed_memory(enable: bool = True) -> None:
             raise MinidiffError(f"glibc refused mallopt({parameter}, {value}): drop reuse_memory")
     if not enable:
         libc.malloc_trim(0)  # give back what the heap kept so far
+    _REUSING["on"] = enable
 
 
 class CudaGraphCall:
