@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 
@@ -6,6 +7,8 @@ import torch
 
 import minidiff
 from minidiff.attention import attention, naive_attention
+
+attention_module = importlib.import_module("minidiff.attention")
 
 
 def test_import_is_light():
@@ -48,9 +51,24 @@ def test_every_public_name_resolves():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_attention_on_a_cpu_is_computed_in_float32(dtype):
+def test_half_precision_attention_on_a_cpu_is_computed_in_float32(dtype, monkeypatch):
+    """float16 always, bfloat16 on a CPU without bf16 instructions."""
+    monkeypatch.setattr(attention_module, "CPU_BF16_MATMUL", False)
     q, k, v = (torch.randn(2, 33, 4 * 8).to(dtype) for _ in range(3))
     out = attention(q, k, v, 4)
     assert out.dtype == dtype
     # float32 attention of the same half-precision numbers, rounded once at the end
     assert torch.equal(out, attention(q.float(), k.float(), v.float(), 4).to(dtype))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_attention_on_a_cpu_with_bf16_instructions_in_blocks(causal, monkeypatch):
+    """The bf16 path (written-out formula, blocks of queries) agrees with float32 attention to bf16's precision."""
+    monkeypatch.setattr(attention_module, "CPU_BF16_MATMUL", True)
+    monkeypatch.setattr(attention_module, "CPU_SCORES_PER_BLOCK", 2 * 4 * 33 * 5)  # 5 queries a block: 7 blocks
+    q, k, v = (torch.randn(2, 33, 4 * 8).bfloat16() for _ in range(3))
+    mask = torch.ones(33, 33, dtype=torch.bool).tril() if causal else None
+    out = attention(q, k, v, 4, mask=mask)
+    assert out.dtype == torch.bfloat16
+    ref = attention(q.float(), k.float(), v.float(), 4, mask=mask)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
