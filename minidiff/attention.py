@@ -11,9 +11,9 @@ that the two agree. `slice_size` computes the queries in chunks to bound peak me
 On a CPU, PyTorch's flash kernel is no faster in half precision than in float32 (2-core AVX-512 CPU,
 (2, 8, 4096, 40): bf16 319 ms, float32 311 ms). So there:
 - bfloat16, on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX), is attended with the written-out
-  formula, a block of queries at a time, its matmuls in bf16 (the softmax accumulates in float32): 161 ms for
-  the shape above, 49 ms instead of 184 for the VAE's (1, 1, 4096, 512). The scores are rounded to bf16 before
-  the softmax, as in any bf16 matmul; the blocks keep them under CPU_SCORES_PER_BLOCK at a time.
+  formula, a block of queries at a time (`blockwise_attention`), its matmuls in bf16 (the softmax accumulates in
+  float32): 150-175 ms for the shape above, 49 ms instead of 184 for the VAE's (1, 1, 4096, 512). The scores
+  are rounded to bf16 before the softmax, as in any bf16 matmul; each block holds CPU_SCORES_PER_BLOCK of them.
 - float16 (which such CPUs do not multiply natively: the bf16-style path takes 7 s) and bfloat16 elsewhere
   are attended in float32 and the result cast back.
 """
@@ -23,8 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Most query-key scores the CPU bf16 path holds at once (64 MiB of bf16): 512 queries of SD 1.5 at 512 px.
-CPU_SCORES_PER_BLOCK = 2**25
+# Most query-key scores the CPU bf16 path holds at once (16 MiB of bf16): 128 queries of SD 1.5 at 512 px.
+CPU_SCORES_PER_BLOCK = 2**23
 
 
 def _cpu_multiplies_bf16() -> bool:
@@ -58,6 +58,36 @@ def naive_attention(q, k, v, mask=None):
     return scores.softmax(dim=-1) @ v
 
 
+def _query_rows(mask, rows: slice):
+    """The part of a (..., L_q or 1, L_k) mask for the queries `rows`."""
+    return mask if mask is None or mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., rows, :]
+
+
+def blockwise_attention(q, k, v, mask=None, block: int = 128):
+    """naive_attention on (B, heads, L, d) tensors, `block` queries at a time, every block's scores in one buffer.
+
+    The buffers matter on a CPU: fresh score tensors for every block would be fresh pages from the kernel for
+    every block (glibc returns large freed blocks at once), which costs more than the arithmetic.
+    """
+    length_q = q.shape[2]
+    # contiguous once, not once a block: the (B, heads, L, d) views of (B, L, heads * d) tensors are strided
+    q, keys, v = (q / math.sqrt(q.shape[-1])).contiguous(), k.contiguous().transpose(-2, -1), v.contiguous()
+    scores = q.new_empty(*q.shape[:2], min(block, length_q), k.shape[2])  # (B, heads, block, L_k)
+    probs, out = torch.empty_like(scores), q.new_empty(*q.shape[:3], v.shape[-1])
+    for start in range(0, length_q, block):
+        rows, count = slice(start, start + block), min(block, length_q - start)
+        block_scores, block_probs = scores[:, :, :count], probs[:, :, :count]
+        torch.matmul(q[:, :, rows], keys, out=block_scores)
+        block_mask = _query_rows(mask, rows)
+        if block_mask is not None and block_mask.dtype == torch.bool:
+            block_scores.masked_fill_(~block_mask, float("-inf"))
+        elif block_mask is not None:
+            block_scores.add_(block_mask)
+        torch.softmax(block_scores, dim=-1, out=block_probs)
+        out[:, :, rows] = block_probs @ v
+    return out
+
+
 def attention(q, k, v, heads: int, mask=None, slice_size: int | None = None):
     """Multi-head attention on (B, L, heads * d) inputs; returns (B, L_q, heads * d).
 
@@ -72,20 +102,16 @@ def attention(q, k, v, heads: int, mask=None, slice_size: int | None = None):
     slice_size = slice_size or _BACKEND["slice_size"]
     dtype = q.dtype
     if q.device.type == "cpu" and dtype == torch.bfloat16 and CPU_BF16_MATMUL:
-        kernel = naive_attention
-        slice_size = slice_size or max(1, CPU_SCORES_PER_BLOCK // (batch * heads * k.shape[2]))
-    elif q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        q, k, v = q.float(), k.float(), v.float()
-        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
-    if slice_size is None or slice_size >= length_q:
-        out = kernel(q, k, v, mask)
+        block = slice_size or max(1, CPU_SCORES_PER_BLOCK // (batch * heads * k.shape[2]))
+        out = blockwise_attention(q, k, v, mask, block)
     else:
-        chunks = []
-        for start in range(0, length_q, slice_size):
-            chunk_mask = mask
-            if mask is not None and mask.shape[-2] != 1:
-                chunk_mask = mask[..., start : start + slice_size, :]
-            chunks.append(kernel(q[:, :, start : start + slice_size], k, v, chunk_mask))
-        out = torch.cat(chunks, dim=2)
+        if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            q, k, v = q.float(), k.float(), v.float()
+            mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+        if slice_size is None or slice_size >= length_q:
+            out = kernel(q, k, v, mask)
+        else:
+            rows = [slice(start, start + slice_size) for start in range(0, length_q, slice_size)]
+            out = torch.cat([kernel(q[:, :, r], k, v, _query_rows(mask, r)) for r in rows], dim=2)
     # (B, heads, L, d) -> (B, L, heads * d)
     return out.transpose(1, 2).reshape(batch, length_q, inner).to(dtype)
