@@ -12,8 +12,9 @@ On a CPU, PyTorch's flash kernel is no faster in half precision than in float32 
 (2, 8, 4096, 40): bf16 319 ms, float32 311 ms). So there:
 - bfloat16, on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX), is attended with the written-out
   formula, a block of queries at a time (`blockwise_attention`), its matmuls in bf16 (the softmax accumulates in
-  float32): 150-175 ms for the shape above, 49 ms instead of 184 for the VAE's (1, 1, 4096, 512). The scores
-  are rounded to bf16 before the softmax, as in any bf16 matmul; each block holds CPU_SCORES_PER_BLOCK of them.
+  float32): 176 ms for the shape above (158 with reuse_memory), 50 ms instead of 184 for the VAE's
+  (1, 1, 4096, 512). The scores are rounded to bf16 before the softmax, as in any bf16 matmul; each block holds
+  CPU_SCORES_PER_BLOCK of them.
 - float16 (which such CPUs do not multiply natively: the bf16-style path takes 7 s) and bfloat16 elsewhere
   are attended in float32 and the result cast back.
 """

@@ -63,9 +63,10 @@ def test_diffusers_runs_interleaved_on_the_same_weights(capsys):
     assert "diffusers" in header and "interleaved" in header
     for r in results:
         assert r.diffusers_ms > 0 and r.ratio == pytest.approx(r.ms_per_step / r.diffusers_ms)
-        # the same network on the same weights: float32 agrees to rounding; in bf16 (the fast dtype of a CPU with
-        # bf16 instructions) the two round differently (minidiff attends in float32 on a CPU)
-        assert r.dev_vs_diffusers <= (1e-5 if r.dtype == "fp32" else TOLERANCE[torch.bfloat16])
+        # the same network on the same weights: float32 agrees to rounding, within the UNet's parity tolerance
+        # (minidiff sums the small maps' convolutions in another order: 1.6e-5 here, 1e-6 for SD 1.5); in bf16 (the
+        # fast dtype of a CPU with bf16 instructions) the two round differently (blockwise bf16 attention)
+        assert r.dev_vs_diffusers <= TOLERANCE[torch.float32 if r.dtype == "fp32" else torch.bfloat16]
 
 
 def test_the_summary_compares_the_fastest_full_network_rungs():

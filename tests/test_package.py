@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minidiff
-from minidiff.attention import attention, naive_attention
+from minidiff.attention import attention, blockwise_attention, naive_attention
 
 attention_module = importlib.import_module("minidiff.attention")
 
@@ -72,3 +72,13 @@ def test_bf16_attention_on_a_cpu_with_bf16_instructions_in_blocks(causal, monkey
     assert out.dtype == torch.bfloat16
     ref = attention(q.float(), k.float(), v.float(), 4, mask=mask)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive", "one row"])
+def test_blockwise_attention_is_naive_attention(mask_kind):
+    """Blocks of 5 of 33 queries (the last one short), each in the same score buffers: float32, to 1e-6."""
+    q, k, v = (torch.randn(2, 4, 33, 8) for _ in range(3))
+    mask = {None: None, "bool": torch.ones(33, 33, dtype=torch.bool).tril(), "additive": torch.randn(2, 1, 33, 33),
+            "one row": torch.randn(2, 1, 1, 33)}[mask_kind]
+    torch.testing.assert_close(blockwise_attention(q, k, v, mask, block=5), naive_attention(q, k, v, mask),
+                               rtol=1e-6, atol=1e-6)
