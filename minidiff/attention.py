@@ -51,12 +51,17 @@ def set_attention_backend(name: str = "sdpa", slice_size: int | None = None) -> 
     _BACKEND.update(name=name, slice_size=slice_size)
 
 
+def _mask_scores_(scores, mask):
+    """The scores with a bool (True = attend) or additive float mask applied, in place."""
+    if mask is None:
+        return scores
+    return scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
+
+
 def naive_attention(q, k, v, mask=None):
     """softmax(Q K^T / sqrt(d) + mask) V on (B, heads, L, d) tensors, written out."""
     scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)  # scaling q is cheaper than scaling the scores
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return scores.softmax(dim=-1) @ v
+    return _mask_scores_(scores, mask).softmax(dim=-1) @ v
 
 
 def _query_rows(mask, rows: slice):
@@ -79,12 +84,7 @@ def blockwise_attention(q, k, v, mask=None, block: int = 128):
         rows, count = slice(start, start + block), min(block, length_q - start)
         block_scores, block_probs = scores[:, :, :count], probs[:, :, :count]
         torch.matmul(q[:, :, rows], keys, out=block_scores)
-        block_mask = _query_rows(mask, rows)
-        if block_mask is not None and block_mask.dtype == torch.bool:
-            block_scores.masked_fill_(~block_mask, float("-inf"))
-        elif block_mask is not None:
-            block_scores.add_(block_mask)
-        torch.softmax(block_scores, dim=-1, out=block_probs)
+        torch.softmax(_mask_scores_(block_scores, _query_rows(mask, rows)), dim=-1, out=block_probs)
         out[:, :, rows] = block_probs @ v
     return out
 

@@ -219,18 +219,20 @@ class TimestepEmbedding(nn.Module):
 class Conv3x3(nn.Conv2d):
     """A 3x3, stride-1 convolution (nn.Conv2d, same weights and keys).
 
-    On a CPU, in float32 and outside torch.compile, a small feature map (at most 64 pixels: SD's 1280-channel
+    On a CPU, in float32 and outside torch.compile, a small feature map (at most `matmul_max_pixels`: SD's 1280-channel
     stages) is convolved as one matmul of the weight with its unfolded 3x3 patches (im2col). oneDNN's direct
     convolution is slower there (2-core AVX-512 CPU, batch 2, 1280 channels: 4x4 23.5 ms vs 9.1 ms, 8x8 30.4 ms
     vs 23.9 ms) and faster on larger maps, in bf16, and compiled.
     """
+
+    matmul_max_pixels = 64
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x):
         batch, _, height, width = x.shape
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or height * width > 64
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or height * width > self.matmul_max_pixels
                 or torch.compiler.is_compiling()):
             return super().forward(x)
         patches = F.unfold(x, 3, padding=1)  # (B, C_in * 9, H * W)
@@ -292,8 +294,8 @@ class FeedForward(nn.Module):
 
     It acts on each token alone, so on a CPU a long sequence goes through in blocks of `block_tokens`: the widest
     intermediate, (B, tokens, 8 x dim), then stays small enough for the allocator to reuse its memory rather than
-    map fresh pages for it every call (SD 1.5 at 512 px, 4096 tokens, float32: 160 ms -> 130 ms a block). A GPU's
-    caching allocator already reuses memory, and there one large matmul beats four.
+    map fresh pages for it every call (SD 1.5 at 512 px, 4096 tokens, float32: 160 ms -> 130 ms a block). On a GPU
+    the caching allocator already reuses memory, and the sequence goes through whole.
     """
 
     block_tokens = 1024
