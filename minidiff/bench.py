@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minidiff.config import to_diffusers
 from minidiff.errors import MinidiffError
 from minidiff.schedule import NoiseSchedule
 from minidiff.speed import FastUNet, reuse_freed_memory, reuse_memory_available, timestep_tensor
@@ -156,7 +157,7 @@ class DiffusersUNet(nn.Module):
         from diffusers import UNet2DConditionModel
 
         with torch.device("meta"):
-            self.model = UNet2DConditionModel.from_config(config.to_diffusers())
+            self.model = UNet2DConditionModel.from_config(to_diffusers(config))
         self.model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True, assign=True)
         self.model.eval()
         self.config = config

@@ -2,9 +2,10 @@
 
     minidiff generate "a red circle" [--model shapes] [--sampler dpmpp_2m] [--steps 20] [--trace t.gif]
     minidiff samplers | models | info MODEL | download NAME
-    minidiff sampler-table [--model shapes] [--prompts 200] [--grid samplers.png]
     minidiff bench [--config sd15] [--size 256] | profile [--trace t.json] | export-onnx OUT_DIR [--model shapes]
-    minidiff milestones [--ddim-step my_code.py:my_ddim_step ...]
+
+Other packages add commands through the "minidiff.commands" entry point (a function given the subparsers):
+minidiff.course adds `minidiff milestones` and `minidiff sampler-table` that way, so the library never imports it.
 
 A user mistake prints one line, `minidiff: error: ...`, and exits with status 2: no traceback.
 Files are written to a temporary name and renamed, so nothing half-written is ever left behind.
@@ -14,6 +15,7 @@ import argparse
 import os
 import sys
 import tempfile
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from minidiff.errors import MinidiffError
@@ -101,28 +103,12 @@ def cmd_samplers(args):
         print(f"{name:14s} {doc[0] if doc else ''}")
 
 
-def cmd_sampler_table(args):
-    from minidiff.evaluate import format_table, held_out_prompts, sampler_table, save_grid
-    from minidiff.pipeline import load_pipeline
-
-    check_writable(args.grid)
-    if args.prompts < 1:
-        raise MinidiffError(f"--prompts must be a positive integer, got {args.prompts}")
-    pipe = load_pipeline(args.model, device=args.device)
-    results, images = sampler_table(pipe, args.prompts, args.guidance, args.seed, args.batch)
-    print(f"{pipe.source}: {args.prompts} held-out prompts, guidance {args.guidance}, seed {args.seed}")
-    print(format_table(results, args.prompts))
-    if args.grid:
-        atomic_save(args.grid, lambda p: save_grid(images, held_out_prompts(args.prompts, args.seed), p))
-        print(f"wrote {args.grid}")
-
-
 def cmd_models(args):
     from minidiff.hub import KNOWN_MODELS, local_path
 
     for name, entry in KNOWN_MODELS.items():
         where = local_path(name)
-        missing = "not trained yet (python -m minidiff.train shapes)" if "bundled" in entry else \
+        missing = "not trained yet (python -m minidiff.course.train shapes)" if "bundled" in entry else \
             f"not downloaded (minidiff download {name})"
         status = f"present: {where}" if where else missing
         print(f"{name:16s} {entry.get('description', '')}\n{'':16s} {status}")
@@ -139,12 +125,6 @@ def cmd_download(args):
     from minidiff.hub import download
 
     print(download(args.name))
-
-
-def cmd_milestones(args):
-    from minidiff.milestones import main as milestones_main
-
-    return milestones_main(args.options)  # 1 when a milestone failed, after the checklist is printed
 
 
 def cmd_bench(args):
@@ -224,16 +204,6 @@ def build_parser():
     g.set_defaults(run=cmd_generate)
 
     sub.add_parser("samplers", help="list the samplers").set_defaults(run=cmd_samplers)
-    t = sub.add_parser("sampler-table", help="the samplers side by side on a shapes model: held-out adherence, "
-                       "difference to DDIM 50, time")
-    t.add_argument("--model", default="shapes", help="a shapes model: a known name or a path (default: shapes)")
-    t.add_argument("--prompts", type=int, default=200, help="held-out prompts per sampler")
-    t.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--batch", type=int, default=50, help="prompts per batch")
-    t.add_argument("--grid", help="also write a PNG: a row of pictures per sampler")
-    t.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    t.set_defaults(run=cmd_sampler_table)
     sub.add_parser("models", help="known models and which are present").set_defaults(run=cmd_models)
     i = sub.add_parser("info", help="architecture, parameter counts, dtype and files of a model")
     i.add_argument("model")
@@ -241,13 +211,9 @@ def build_parser():
     d = sub.add_parser("download", help="download a known model into the Hugging Face cache")
     d.add_argument("name")
     d.set_defaults(run=cmd_download)
-    # its options (--only, --ddim-step FILE.py:FUNCTION, ...) are parsed by minidiff.milestones, so that building
-    # this parser does not import torch; prefix_chars="+" lets every "--option" through to it untouched
-    m = sub.add_parser("milestones", prefix_chars="+", add_help=False,
-                       help="the course checklist; check your own code with --NAME FILE.py:FUNCTION (see --help)")
-    m.add_argument("options", nargs="*")
-    m.set_defaults(run=cmd_milestones)
     add_speed_commands(sub)
+    for plugin in entry_points(group="minidiff.commands"):  # the course's commands (milestones, sampler-table)
+        plugin.load()(sub)
     return parser
 
 

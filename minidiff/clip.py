@@ -15,14 +15,14 @@ Attribute names are the keys of the published `text_encoder/` files (text_model.
 ...; transformers >= 5 drops "text_model." in memory and when saving), so they load with a plain `load_state_dict`.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minidiff.attention import attention
-from minidiff.errors import CheckpointError, MinidiffError
+from minidiff.errors import MinidiffError
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's sigmoid approximation of GELU
@@ -66,30 +66,6 @@ class CLIPTextConfig:
         """A few-layer model with the real vocabulary and context, for tests."""
         return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
 
-    @classmethod
-    def from_diffusers(cls, config: dict) -> "CLIPTextConfig":
-        """Read a transformers `text_encoder/config.json` dict."""
-        config = config.get("text_config", config)  # a full CLIPConfig nests the text tower
-        architectures = config.get("architectures") or ["CLIPTextModel"]
-        if architectures != ["CLIPTextModel"]:
-            raise CheckpointError(
-                f"text encoder architecture {architectures} is not supported: minidiff reads CLIPTextModel "
-                "(SD 1.x/2.x); CLIPTextModelWithProjection (SDXL's second encoder) adds a text_projection"
-            )
-        if config.get("hidden_act") not in ACTIVATIONS:
-            raise CheckpointError(
-                f"text encoder hidden_act {config.get('hidden_act')!r} is not supported: "
-                f"minidiff implements {', '.join(ACTIVATIONS)}"
-            )
-        names = [field.name for field in fields(cls)]
-        missing = [name for name in names if name not in config]
-        if missing:
-            raise CheckpointError(f"text encoder config.json lacks {', '.join(missing)}: is it a CLIP text config?")
-        return cls(**{name: config[name] for name in names})
-
-    def to_transformers(self) -> dict:
-        """The keyword arguments of transformers.CLIPTextConfig for the same model."""
-        return {**asdict(self), "architectures": ["CLIPTextModel"]}
 
 
 class CLIPTextEmbeddings(nn.Module):

@@ -11,8 +11,12 @@ from pathlib import Path
 
 from minidiff.errors import MinidiffError
 
-ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = ROOT / "weights" / "manifest.json"
+PACKAGE = Path(__file__).resolve().parent
+# weights/ (the manifest and the bundled models): inside the package in an installed wheel (pyproject.toml ships it
+# as minidiff/weights), beside the package in a checkout or an editable install
+WEIGHTS = next((folder for folder in (PACKAGE / "weights", PACKAGE.parent / "weights")
+                if (folder / "manifest.json").is_file()), PACKAGE.parent / "weights")
+MANIFEST = WEIGHTS / "manifest.json"
 KNOWN_MODELS = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
 OPTIONAL = ("tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json")  # fetched if the repo has them
 WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -46,6 +50,11 @@ def files(name: str, variant: str | None = None) -> list:
     return needed
 
 
+def bundled_path(name: str) -> Path:
+    """Where a model that ships with minidiff lives (weights/NAME), whether or not it is there."""
+    return WEIGHTS / entry(name)["bundled"]
+
+
 def local_path(name: str, cache_dir=None, variant: str | None = None) -> Path | None:
     """The snapshot folder of a known model in the local Hugging Face cache, if every file is there (no network).
 
@@ -54,7 +63,7 @@ def local_path(name: str, cache_dir=None, variant: str | None = None) -> Path | 
 
     model = entry(name)
     if "bundled" in model:  # ships with minidiff, in weights/
-        folder = ROOT / model["bundled"]
+        folder = bundled_path(name)
         return folder if (folder / "model_index.json").is_file() else None
     choices = [variant] if variant else [None, *model.get("variants", [])]
     for choice in choices:
@@ -79,9 +88,9 @@ def resolve(name_or_path, cache_dir=None, variant: str | None = None) -> Path:
                             f"{', '.join(KNOWN_MODELS)}")
     folder = local_path(name, cache_dir, variant)
     if folder is None and "bundled" in KNOWN_MODELS[name]:
-        raise MinidiffError(f"the bundled model {name} is missing from {ROOT / KNOWN_MODELS[name]['bundled']}: "
-                            "restore it with `git checkout -- weights/` or retrain it with "
-                            "`python -m minidiff.train shapes`")
+        raise MinidiffError(f"the bundled model {name} is missing from {bundled_path(name)}: "
+                            "restore it with `git checkout -- weights/` (or reinstall minidiff) or retrain it with "
+                            "`python -m minidiff.course.train shapes`")
     if folder is None:
         model = KNOWN_MODELS[name]
         size = model["size_gb"].get(variant or "fp32")

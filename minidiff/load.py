@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from minidiff import keymap
+from minidiff.config import from_diffusers, to_diffusers
 from minidiff.errors import CheckpointError
 from minidiff.schedule import NoiseSchedule, check_prediction_type
 
@@ -304,11 +305,11 @@ def load_unet(path, dtype=None, device=None, variant=None, prediction_type=None,
     if found is None:  # an original single file
         state = original_part(state, keymap.PREFIXES["unet"], source)
         prediction_type = prediction_type or inferred(keymap.single_file_prediction_type, source, source, state)
-        config = config or UNetConfig.from_diffusers(inferred(keymap.infer_unet_config, source, state,
+        config = config or from_diffusers(UNetConfig, inferred(keymap.infer_unet_config, source, state,
                                                               prediction_type))
-        state = converted(state, "unet", config.to_diffusers(), keymap.PREFIXES["unet"])
+        state = converted(state, "unet", to_diffusers(config), keymap.PREFIXES["unet"])
     else:
-        config = config or UNetConfig.from_diffusers(found)
+        config = config or from_diffusers(UNetConfig, found)
         prediction_type = prediction_type or scheduler_config(folder).get("prediction_type", "epsilon")
     check_prediction_type(prediction_type)
     unet = build(meta_model(UNet, config), state, source, dtype, device)
@@ -326,10 +327,10 @@ def load_vae(path, dtype=None, device=None, variant=None, config=None, allow_pic
         standalone = "encoder.down.0.block.0.conv1.weight" in state  # the VAE alone, without a prefix
         prefix = "" if standalone else keymap.PREFIXES["vae"]
         state = original_part(state, prefix, source)
-        config = config or VAEConfig.from_diffusers(inferred(keymap.infer_vae_config, source, state))
-        state = converted(state, "vae", config.to_diffusers(), prefix)
+        config = config or from_diffusers(VAEConfig, inferred(keymap.infer_vae_config, source, state))
+        state = converted(state, "vae", to_diffusers(config), prefix)
     else:
-        config = config or VAEConfig.from_diffusers(found)
+        config = config or from_diffusers(VAEConfig, found)
     return build(meta_model(AutoencoderKL, config), state, source, dtype, device)
 
 
@@ -346,10 +347,10 @@ def load_text_encoder(path, dtype=None, device=None, variant=None, config=None, 
         state = original_part(state, prefix, source)
         preset = CLIPTextConfig.sd21() if open_clip else CLIPTextConfig.sd15()
         shapes = inferred(keymap.infer_text_config, source, state, open_clip)
-        config = config or CLIPTextConfig.from_diffusers(preset.to_transformers() | shapes)
-        state = converted(state, component, config.to_transformers(), prefix)
+        config = config or from_diffusers(CLIPTextConfig, to_diffusers(preset) | shapes)
+        state = converted(state, component, to_diffusers(config), prefix)
     else:
-        config = config or CLIPTextConfig.from_diffusers(found)
+        config = config or from_diffusers(CLIPTextConfig, found)
     model = meta_model(CLIPTextModel, config)
     return build(model, with_prefix_of(state, model.state_dict()), source, dtype, device)
 
@@ -375,7 +376,7 @@ def load_taesd(path, dtype=None, device=None, allow_pickle=False):
     path = locate(path)
     if path.is_dir() and (path / "config.json").is_file():
         state, found, _, source = read_component(path, "taesd", None, allow_pickle)
-        return build(meta_model(TAESD, TAESDConfig.from_diffusers(found)), state, source, dtype, device)
+        return build(meta_model(TAESD, from_diffusers(TAESDConfig, found)), state, source, dtype, device)
     if path.is_dir():
         files = [p for p in sorted(path.iterdir()) if p.stem in ("taesd_encoder", "taesd_decoder")]
         if not files:

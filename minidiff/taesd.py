@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minidiff.vae import check_image, check_latent, read_diffusers_config
+from minidiff.vae import check_image, check_latent
 
 
 @dataclass
@@ -29,30 +29,6 @@ class TAESDConfig:
         """taesd / taesdxl: 4 latent channels."""
         return cls()
 
-    @classmethod
-    def from_diffusers(cls, config: dict) -> "TAESDConfig":
-        """Read a diffusers AutoencoderTiny `config.json` dict; CheckpointError names any option TAESD lacks."""
-        fixed = {  # the one architecture TAESD has: {key: allowed values}
-            "in_channels": (3,),
-            "out_channels": (3,),
-            "encoder_block_out_channels": ((64, 64, 64, 64),),
-            "decoder_block_out_channels": ((64, 64, 64, 64),),
-            "block_out_channels": ((64, 64, 64, 64),),
-            "num_encoder_blocks": ((1, 3, 3, 3),),
-            "num_decoder_blocks": ((3, 3, 3, 1),),
-            "act_fn": ("relu",),
-            "upsample_fn": ("nearest",),
-            "upsampling_scaling_factor": (2,),
-            "latent_magnitude": (3,),
-            "latent_shift": (0.5,),
-            "scaling_factor": (1.0,),
-            "shift_factor": (0.0, None),
-        }
-        return cls(**read_diffusers_config(config, "AutoencoderTiny", cls, fixed, ignored=("force_upcast",)))
-
-    def to_diffusers(self) -> dict:
-        """The diffusers AutoencoderTiny `config.json` dict of this config (its defaults plus latent_channels)."""
-        return {"_class_name": "AutoencoderTiny", "latent_channels": self.latent_channels}
 
 
 def conv(in_channels: int, out_channels: int, **kwargs) -> nn.Conv2d:

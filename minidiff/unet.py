@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidiff.attention import attention
-from minidiff.errors import CheckpointError, MinidiffError
+from minidiff.errors import MinidiffError
 
 
 @dataclass
@@ -86,105 +86,6 @@ class UNetConfig:
         """Every stage but the last halves H and W."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    # --- the diffusers unet/config.json ----------------------------------------------------------------
-
-    @classmethod
-    def from_diffusers(cls, config: dict) -> "UNetConfig":
-        """From a diffusers `unet/config.json` dict; CheckpointError names any option minidiff lacks."""
-        for key, value in config.items():
-            if key.startswith("_") or key in _READ or key in _NO_EFFECT:  # _class_name, _diffusers_version
-                continue
-            if key not in _OFF:
-                raise CheckpointError(f"unet config option {key!r} is unknown to minidiff: not an SD 1.x/2.x UNet?")
-            if not _is_off(value, _OFF[key]):
-                raise CheckpointError(
-                    f"unet config option {key}={value!r} is not supported by minidiff "
-                    f"(it implements SD 1.x/2.x UNets, where {key}={_OFF[key]!r})"
-                )
-        get = lambda key: config.get(key, _READ[key])
-        down, up = list(get("down_block_types")), list(get("up_block_types"))
-        if any(kind not in _DOWN_TYPES for kind in down) or up != [_DOWN_TYPES[kind] for kind in reversed(down)]:
-            raise CheckpointError(
-                f"unsupported unet blocks down={down} up={up}: minidiff builds CrossAttnDownBlock2D/DownBlock2D "
-                "stages with the mirrored CrossAttnUpBlock2D/UpBlock2D stages"
-            )
-        if get("mid_block_type") not in ("UNetMidBlock2DCrossAttn", None):
-            raise CheckpointError(f"unsupported mid_block_type {get('mid_block_type')!r}: use UNetMidBlock2DCrossAttn")
-        # diffusers calls the number of heads `attention_head_dim` (a historical misnomer it keeps for old configs)
-        heads = config.get("num_attention_heads") or get("attention_head_dim")
-        return cls(
-            in_channels=get("in_channels"),
-            out_channels=get("out_channels"),
-            block_out_channels=tuple(get("block_out_channels")),
-            cross_attention=tuple(kind == "CrossAttnDownBlock2D" for kind in down),
-            layers_per_block=_single(get("layers_per_block"), "layers_per_block"),
-            num_attention_heads=tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(down),
-            cross_attention_dim=_single(get("cross_attention_dim"), "cross_attention_dim"),
-            use_linear_projection=get("use_linear_projection"),
-            mid_block=get("mid_block_type") is not None,
-            norm_num_groups=get("norm_num_groups"),
-            norm_eps=get("norm_eps"),
-            flip_sin_to_cos=get("flip_sin_to_cos"),
-            freq_shift=get("freq_shift"),
-            sample_size=_single(get("sample_size") or cls.sample_size, "sample_size"),
-        )
-
-    def to_diffusers(self) -> dict:
-        """The diffusers `unet/config.json` dict of this network (UNet2DConditionModel.from_config takes it)."""
-        down = ["CrossAttnDownBlock2D" if attn else "DownBlock2D" for attn in self.cross_attention]
-        return {
-            "_class_name": "UNet2DConditionModel",
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": down,
-            "mid_block_type": "UNetMidBlock2DCrossAttn" if self.mid_block else None,
-            "up_block_types": [_DOWN_TYPES[kind] for kind in reversed(down)],
-            "block_out_channels": list(self.block_out_channels),
-            "layers_per_block": self.layers_per_block,
-            "attention_head_dim": list(self.num_attention_heads),  # diffusers' name for the number of heads
-            "cross_attention_dim": self.cross_attention_dim,
-            "use_linear_projection": self.use_linear_projection,
-            "norm_num_groups": self.norm_num_groups,
-            "norm_eps": self.norm_eps,
-            "flip_sin_to_cos": self.flip_sin_to_cos,
-            "freq_shift": self.freq_shift,
-            "sample_size": self.sample_size,
-        }
-
-
-_DOWN_TYPES = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
-# diffusers options read into UNetConfig, with diffusers' defaults (SD 1.x's but for cross_attention_dim) for configs
-# that leave them out
-_READ = {**UNetConfig().to_diffusers(), "cross_attention_dim": 1280, "num_attention_heads": None}
-# no effect on inference (dropout), or irrelevant to fp32 (upcast_attention), or unused unless another option is on
-_NO_EFFECT = {"dropout", "upcast_attention", "addition_embed_type_num_heads"}
-# options minidiff does not implement, with the value that switches them off (as in SD 1.x/2.x)
-_OFF = {
-    "center_input_sample": False, "only_cross_attention": False, "mid_block_only_cross_attention": None,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None, "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
-    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default", "cross_attention_norm": None,
-}
-
-
-def _is_off(value, off) -> bool:
-    if isinstance(value, (list, tuple)):  # per-block values: all must be off
-        return all(_is_off(item, off) for item in value)
-    return value == off or (off is None and value is False)
-
-
-def _single(value, key: str) -> int:
-    """One value for all stages (diffusers also accepts a per-stage list)."""
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"{key}={value}: minidiff supports one value for all stages, not a list")
-        value = value[0]
-    return value
 
 
 # --- the building blocks -----------------------------------------------------------------------------------

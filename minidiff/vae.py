@@ -13,7 +13,6 @@ The encoder halves H and W at every level but the last (three times for SD: 8x),
 diffusers keys, so a diffusers `vae/` folder loads with a strict `load_state_dict`.
 """
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidiff.attention import attention
-from minidiff.errors import CheckpointError, MinidiffError
+from minidiff.errors import MinidiffError
 
 
 @dataclass
@@ -60,54 +59,6 @@ class VAEConfig:
         """A few hundred thousand parameters, still 8x downsampling and 4 latent channels: for tests."""
         return cls(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
 
-    @classmethod
-    def from_diffusers(cls, config: dict) -> "VAEConfig":
-        """Read a diffusers `vae/config.json` dict; CheckpointError names any option this VAE does not have."""
-        levels = len(config.get("block_out_channels", cls.block_out_channels))
-        fixed = {  # options minidiff implements only one way: {key: allowed values}
-            "act_fn": ("silu", "swish"),
-            "down_block_types": (("DownEncoderBlock2D",) * levels,),
-            "up_block_types": (("UpDecoderBlock2D",) * levels,),
-            "shift_factor": (None, 0.0),
-            "latents_mean": (None,),
-            "latents_std": (None,),
-            "use_quant_conv": (True,),
-            "use_post_quant_conv": (True,),
-            "mid_block_add_attention": (True,),
-        }
-        return cls(**read_diffusers_config(config, "AutoencoderKL", cls, fixed, ignored=("sample_size",)))
-
-    def to_diffusers(self) -> dict:
-        """The diffusers `vae/config.json` dict of this config."""
-        levels = len(self.block_out_channels)
-        config = {"_class_name": "AutoencoderKL", "act_fn": "silu"}
-        config |= {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
-        config |= dataclasses.asdict(self) | {"block_out_channels": list(self.block_out_channels)}
-        return config
-
-
-def read_diffusers_config(config: dict, class_name: str, config_class, fixed: dict, ignored=()) -> dict:
-    """The keyword arguments of `config_class` in a diffusers config dict, refusing what it cannot express."""
-    found = config.get("_class_name", class_name)
-    if found != class_name:
-        hint = " (load it with minidiff.taesd.TAESD)" if found == "AutoencoderTiny" else ""
-        raise CheckpointError(f"this config describes a {found}, not an {class_name}{hint}")
-    fields = {field.name for field in dataclasses.fields(config_class)}
-    kwargs = {}
-    for key, value in config.items():
-        if key.startswith("_") or key in ignored:
-            continue
-        value = tuple(value) if isinstance(value, (list, tuple)) else value  # JSON arrays arrive as lists
-        if key in fields:
-            kwargs[key] = value
-        elif key not in fixed:
-            raise CheckpointError(f"unsupported {class_name} option {key!r}={value!r}: minidiff does not implement it")
-        elif value not in fixed[key]:
-            allowed = " or ".join(repr(v) for v in fixed[key])
-            raise CheckpointError(
-                f"unsupported {class_name} option {key}={value!r}: minidiff implements only {allowed}"
-            )
-    return kwargs
 
 
 def check_image(image: torch.Tensor, channels: int, downsample_factor: int) -> None:

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from minidiff.config import to_diffusers
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():
@@ -35,11 +37,11 @@ def tiny_sd(tmp_path_factory):
     write_vocab_files(folder / "tokenizer")
     tokenizer = transformers.CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"),
                                            str(folder / "tokenizer" / "merges.txt"), model_max_length=77)
-    unet_config = {**UNetConfig.tiny().to_diffusers(), "sample_size": 8}
+    unet_config = {**to_diffusers(UNetConfig.tiny()), "sample_size": 8}
     reference = StableDiffusionPipeline(
-        vae=_randomized(AutoencoderKL(**VAEConfig.tiny().to_diffusers()), 1),
+        vae=_randomized(AutoencoderKL(**to_diffusers(VAEConfig.tiny())), 1),
         text_encoder=_randomized(transformers.CLIPTextModel(
-            transformers.CLIPTextConfig(**CLIPTextConfig.tiny().to_transformers())), 2),
+            transformers.CLIPTextConfig(**to_diffusers(CLIPTextConfig.tiny()))), 2),
         tokenizer=tokenizer,
         unet=_randomized(UNet2DConditionModel(**unet_config), 3),
         scheduler=DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

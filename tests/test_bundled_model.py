@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff import shapes
 from minidiff.cli import main
-from minidiff.evaluate import evaluate
+from minidiff.course import shapes
+from minidiff.course.evaluate import evaluate
 from minidiff.hub import local_path
 from minidiff.pipeline import load_pipeline
 

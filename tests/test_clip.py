@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
+from minidiff.config import from_diffusers, to_diffusers
 from minidiff.errors import CheckpointError, MinidiffError
 
 # text_encoder/config.json of SD 1.5 and SD 2.1 as published (transformers 4.x era)
@@ -30,11 +31,11 @@ def tiny_model():
 
 
 def test_presets_read_from_published_configs():
-    assert CLIPTextConfig.from_diffusers(SD15_CONFIG) == CLIPTextConfig.sd15()
-    assert CLIPTextConfig.from_diffusers(SD21_CONFIG) == CLIPTextConfig.sd21()
-    assert CLIPTextConfig.from_diffusers({"text_config": SD15_CONFIG}) == CLIPTextConfig.sd15()
+    assert from_diffusers(CLIPTextConfig, SD15_CONFIG) == CLIPTextConfig.sd15()
+    assert from_diffusers(CLIPTextConfig, SD21_CONFIG) == CLIPTextConfig.sd21()
+    assert from_diffusers(CLIPTextConfig, {"text_config": SD15_CONFIG}) == CLIPTextConfig.sd15()
     for config in (CLIPTextConfig.sd15(), CLIPTextConfig.sd21(), CLIPTextConfig.tiny()):
-        assert CLIPTextConfig.from_diffusers(config.to_transformers()) == config
+        assert from_diffusers(CLIPTextConfig, to_diffusers(config)) == config
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,7 @@ def test_presets_read_from_published_configs():
 def test_unsupported_configs_are_named(change, message):
     config = {k: v for k, v in (SD15_CONFIG | change).items() if v is not None}
     with pytest.raises(CheckpointError, match=message):
-        CLIPTextConfig.from_diffusers(config)
+        from_diffusers(CLIPTextConfig, config)
 
 
 def test_config_errors():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minidiff.gaussian import GaussianEpsModel, convergence_order, convergence_study
+from minidiff.course.gaussian import GaussianEpsModel, convergence_order, convergence_study
 from minidiff.schedule import NoiseSchedule
 
 STEPS = (20, 40, 100, 200)  # divisors of 1000: every trailing grid lands on t = 199

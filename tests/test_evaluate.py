@@ -3,10 +3,10 @@
 import pytest
 from PIL import Image
 
-from minidiff import shapes
 from minidiff.cli import main
-from minidiff.evaluate import Row, format_table, held_out_prompts, pixel_difference, sampler_table, save_grid
-from minidiff.viz import tiny_pipeline
+from minidiff.course import shapes
+from minidiff.course.evaluate import Row, format_table, held_out_prompts, pixel_difference, sampler_table, save_grid
+from minidiff.course.viz import tiny_pipeline
 
 ROWS = (Row("DDIM 50", "ddim", 50), Row("DDIM 4", "ddim", 4), Row("DDIM 50, exit at 70% (pred_x0)", "ddim", 50,
                                                                    {"early_exit": 0.7}))

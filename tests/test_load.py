@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from minidiff import hub, keymap
 from minidiff.clip import CLIPTextConfig
+from minidiff.config import to_diffusers
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.load import load_components, load_taesd, load_text_encoder, load_tokenizer, load_unet, load_vae
 from minidiff.tokenizer import write_vocab_files
@@ -41,12 +42,12 @@ def randomized(model):
 
 
 def reference_unet(**changes):
-    return randomized(ReferenceUNet.from_config(UNetConfig.tiny().to_diffusers() | changes))
+    return randomized(ReferenceUNet.from_config(to_diffusers(UNetConfig.tiny()) | changes))
 
 
 def reference_text_encoder(config=None):
     config = config or CLIPTextConfig.tiny()
-    return randomized(transformers.CLIPTextModel(transformers.CLIPTextConfig(**config.to_transformers())))
+    return randomized(transformers.CLIPTextModel(transformers.CLIPTextConfig(**to_diffusers(config))))
 
 
 def unet_inputs(context_dim=32):
@@ -58,7 +59,7 @@ def sd_folder(tmp_path_factory):
     """A diffusers model folder as published: model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/."""
     root = tmp_path_factory.mktemp("models") / "tiny-sd"
     torch.manual_seed(0)
-    models = {"unet": reference_unet(), "vae": randomized(ReferenceVAE.from_config(VAEConfig.tiny().to_diffusers())),
+    models = {"unet": reference_unet(), "vae": randomized(ReferenceVAE.from_config(to_diffusers(VAEConfig.tiny()))),
               "text_encoder": reference_text_encoder()}
     for name, model in models.items():
         model.save_pretrained(root / name)
@@ -152,7 +153,7 @@ def test_an_original_checkpoint_in_a_diffusers_folder_is_recognised(tmp_path, sd
     root, ref = sd_folder
     folder = tmp_path / "unet"
     shutil.copytree(root / "unet", folder)
-    config = UNetConfig.tiny().to_diffusers()
+    config = to_diffusers(UNetConfig.tiny())
     original = {keymap.PREFIXES["unet"] + k: v for k, v in keymap.to_original(ref["unet"].state_dict(), "unet",
                                                                                  config).items()}
     save_file(original, folder / "diffusion_pytorch_model.safetensors")
@@ -176,7 +177,7 @@ def test_truncated_file_says_damaged_and_to_download_again(tmp_path, sd_folder):
 def test_pickle_files_are_refused_unless_allowed_and_then_read_weights_only(tmp_path, sd_folder):
     root, ref = sd_folder
     config = VAEConfig.tiny()
-    original = keymap.to_original(ref["vae"].state_dict(), "vae", config.to_diffusers())
+    original = keymap.to_original(ref["vae"].state_dict(), "vae", to_diffusers(config))
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {keymap.PREFIXES["vae"] + k: v for k, v in original.items()}, "global_step": 1}, path)
     with pytest.raises(CheckpointError, match="pickle file: unpickling can run arbitrary code.*allow_pickle=True"):

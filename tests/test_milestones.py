@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from minidiff.cli import main as cli_main
+from minidiff.course.gaussian import GaussianEpsModel
+from minidiff.course.milestones import MILESTONES, Tolerance, check, compare, load_candidate, run
+from minidiff.course.milestones.formulas import add_noise, ddim_step, pred_eps
+from minidiff.course.milestones.networks import _tokenizer, tokenize
 from minidiff.errors import MinidiffError
-from minidiff.gaussian import GaussianEpsModel
-from minidiff.milestones import MILESTONES, Tolerance, check, compare, load_candidate, run
-from minidiff.milestones_formulas import add_noise, ddim_step, pred_eps
-from minidiff.milestones_networks import _tokenizer, tokenize
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
 from minidiff.unet import UNet, timestep_embedding
@@ -155,7 +155,7 @@ def test_a_one_element_error_is_located_exactly():
 
 
 def test_resblock_without_silu_on_the_timestep():
-    from minidiff.milestones_formulas import resblock
+    from minidiff.course.milestones.formulas import resblock
 
     message = failure("resblock", lambda x, emb, params: resblock(x, emb, params, silu_emb=False))
     assert message.startswith("64 -> 96 channels (conv_shortcut)") and "SiLU before time_emb_proj" in message
@@ -276,7 +276,7 @@ def test_course_samplers_take_a_students_sampler():
 
 def test_dpmpp_20_on_a_shapes_folder(tiny_sd, monkeypatch):
     """With weights/shapes present the shapes model is compared too (here a random tiny model in its place)."""
-    from minidiff import milestones_course
+    from minidiff.course.milestones import checklist as milestones_course
 
     monkeypatch.setattr(milestones_course, "SHAPES_WEIGHTS", tiny_sd[0])
     result = check("dpmpp_20")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
+from minidiff.course.viz import DatasetEpsModel, StepRecorder, image_grid, show_trace, tiny_pipeline
 from minidiff.errors import MinidiffError
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
-from minidiff.viz import DatasetEpsModel, StepRecorder, image_grid, show_trace, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import ImageFilter
 
-from minidiff import shapes
+from minidiff.course import shapes
+from minidiff.course.shapes import ShapeSpec
 from minidiff.errors import MinidiffError
-from minidiff.shapes import ShapeSpec
 
 
 def test_same_seed_same_examples_other_seed_other_examples():

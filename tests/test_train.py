@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from minidiff import shapes, train
-from minidiff.evaluate import held_out_prompts
+from minidiff.course import shapes, train
+from minidiff.course.evaluate import held_out_prompts
 from minidiff.load import load_components
 from minidiff.pipeline import Pipeline
 

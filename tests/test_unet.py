@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minidiff.config import from_diffusers, to_diffusers
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.unet import Conv3x3, FeedForward, UNet, UNetConfig, count_parameters, timestep_embedding
 
@@ -185,13 +186,13 @@ BK_SDM_TINY_CONFIG = {
 @pytest.mark.parametrize("config, preset", [(SD15_CONFIG, "sd15"), (SD21_CONFIG, "sd21"),
                                             (BK_SDM_TINY_CONFIG, "bk_sdm_tiny")])
 def test_from_diffusers_reads_published_configs(config, preset):
-    assert UNetConfig.from_diffusers(config) == getattr(UNetConfig, preset)()
+    assert from_diffusers(UNetConfig, config) == getattr(UNetConfig, preset)()
 
 
 @pytest.mark.parametrize("name", list(PARAMETERS) + ["tiny"])
 def test_to_diffusers_round_trips(name):
     config = getattr(UNetConfig, name)()
-    assert UNetConfig.from_diffusers(config.to_diffusers()) == config
+    assert from_diffusers(UNetConfig, to_diffusers(config)) == config
 
 
 @pytest.mark.parametrize("option, value", [
@@ -203,9 +204,9 @@ def test_to_diffusers_round_trips(name):
 ])
 def test_from_diffusers_names_unsupported_options(option, value):
     with pytest.raises(CheckpointError, match=option):
-        UNetConfig.from_diffusers({**SD15_CONFIG, option: value})
+        from_diffusers(UNetConfig, {**SD15_CONFIG, option: value})
 
 
 def test_from_diffusers_rejects_other_block_types():
     with pytest.raises(CheckpointError, match="AttnDownBlock2D"):
-        UNetConfig.from_diffusers({**SD15_CONFIG, "down_block_types": ["AttnDownBlock2D"] * 4})
+        from_diffusers(UNetConfig, {**SD15_CONFIG, "down_block_types": ["AttnDownBlock2D"] * 4})

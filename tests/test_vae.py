@@ -4,6 +4,7 @@ and the errors a user sees for bad input. Parity with diffusers lives in tests/p
 import pytest
 import torch
 
+from minidiff.config import from_diffusers, to_diffusers
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.taesd import TAESD, TAESDConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
@@ -111,8 +112,8 @@ def test_vae_config_from_diffusers_sd15_json():
         "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
         "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
     }  # fmt: skip
-    assert VAEConfig.from_diffusers(sd15) == VAEConfig.sd()
-    assert VAEConfig.from_diffusers(VAEConfig.tiny().to_diffusers()) == VAEConfig.tiny()
+    assert from_diffusers(VAEConfig, sd15) == VAEConfig.sd()
+    assert from_diffusers(VAEConfig, to_diffusers(VAEConfig.tiny())) == VAEConfig.tiny()
 
 
 @pytest.mark.parametrize(
@@ -128,7 +129,7 @@ def test_vae_config_from_diffusers_sd15_json():
 )
 def test_vae_config_names_unsupported_options(option, message):
     with pytest.raises(CheckpointError, match=message):
-        VAEConfig.from_diffusers(VAEConfig.sd().to_diffusers() | option)
+        from_diffusers(VAEConfig, to_diffusers(VAEConfig.sd()) | option)
 
 
 def test_vae_config_bad_group_count():
@@ -138,7 +139,7 @@ def test_vae_config_bad_group_count():
 
 def test_taesd_config_from_diffusers():
     assert (
-        TAESDConfig.from_diffusers(
+        from_diffusers(TAESDConfig,
             {
                 "_class_name": "AutoencoderTiny",
                 "latent_channels": 4,
@@ -149,6 +150,6 @@ def test_taesd_config_from_diffusers():
         == TAESDConfig.sd()
     )
     with pytest.raises(CheckpointError, match="num_decoder_blocks"):
-        TAESDConfig.from_diffusers({"_class_name": "AutoencoderTiny", "num_decoder_blocks": [1, 1, 1, 1]})
+        from_diffusers(TAESDConfig, {"_class_name": "AutoencoderTiny", "num_decoder_blocks": [1, 1, 1, 1]})
     with pytest.raises(CheckpointError, match="not an AutoencoderTiny"):
-        TAESDConfig.from_diffusers(VAEConfig.sd().to_diffusers())
+        from_diffusers(TAESDConfig, to_diffusers(VAEConfig.sd()))

@@ -17,8 +17,8 @@ import torch
 
 import minidiff
 from minidiff.cli import main as minidiff_cli
-from minidiff.milestones import main as milestones
-from minidiff.viz import course_pipeline, image_grid, show_trace, trace_gif
+from minidiff.course.milestones import main as milestones
+from minidiff.course.viz import course_pipeline, image_grid, show_trace, trace_gif
 
 OUT = Path("out") / "00_tour"
 OUT.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,11 @@
 # %%
 import torch
 
-from minidiff import shapes
-from minidiff.milestones import check
+from minidiff.course import shapes
+from minidiff.course.milestones import check
+from minidiff.course.viz import plot_schedules, show_images, show_trace, to_pil
 from minidiff.pipeline import TraceStep
 from minidiff.schedule import NoiseSchedule
-from minidiff.viz import plot_schedules, show_images, show_trace, to_pil
 
 _ = torch.manual_seed(0)
 
@@ -76,7 +76,7 @@ print(check("add_noise", my_add_noise))
 # %% [markdown]
 # ## Compare: noising a picture
 #
-# One 64x64 picture from the shapes dataset (`minidiff.shapes`), noised at six timesteps, with our function
+# One 64x64 picture from the shapes dataset (`minidiff.course.shapes`), noised at six timesteps, with our function
 # and with the library's `NoiseSchedule.add_noise`. (SD noises its 64x64x4 *latents*, lesson 07; pixels are
 # easier to look at.)
 

@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from minidiff import shapes
+from minidiff.course import shapes
+from minidiff.course.viz import DatasetEpsModel, StepRecorder, course_pipeline, image_grid, show_trace, to_pil
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
-from minidiff.viz import DatasetEpsModel, StepRecorder, course_pipeline, image_grid, show_trace, to_pil
 
 # %% [markdown]
 # ## A perfect model to sample from
@@ -37,7 +37,7 @@ from minidiff.viz import DatasetEpsModel, StepRecorder, course_pipeline, image_g
 # form: Bayes' rule gives the probability that $x_t$ came from $y_i$,
 # $w_i \propto \exp(-\lVert x_t-\alpha_t y_i\rVert^2 / 2\sigma_t^2)$, and then
 # $\hat x_0 = \sum_i w_i y_i$, $\epsilon = (x_t - \alpha_t\hat x_0)/\sigma_t$. `DatasetEpsModel` is exactly
-# that, called like a UNet: `model(x_t, t) -> eps`. Our data: 12 pictures from `minidiff.shapes`.
+# that, called like a UNet: `model(x_t, t) -> eps`. Our data: 12 pictures from `minidiff.course.shapes`.
 
 # %%
 images, captions, _ = shapes.batch(12, seed=0)

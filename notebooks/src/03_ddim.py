@@ -24,11 +24,10 @@ import time
 import numpy as np
 import torch
 
-from minidiff import shapes
-from minidiff.gaussian import GaussianEpsModel
-from minidiff.milestones import check
-from minidiff.samplers import sample
-from minidiff.viz import (
+from minidiff.course import shapes
+from minidiff.course.gaussian import GaussianEpsModel
+from minidiff.course.milestones import check
+from minidiff.course.viz import (
     DatasetEpsModel,
     StepRecorder,
     course_pipeline,
@@ -38,6 +37,7 @@ from minidiff.viz import (
     show_trace,
     to_pil,
 )
+from minidiff.samplers import sample
 
 images, _, _ = shapes.batch(12, seed=0)
 model = DatasetEpsModel(images)  # the perfect denoiser of 12 pictures (lesson 02)

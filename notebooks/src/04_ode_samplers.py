@@ -25,11 +25,19 @@ import math
 import torch
 from IPython.display import display
 
-from minidiff import shapes
-from minidiff.gaussian import GaussianEpsModel, convergence_order, convergence_study, plot_convergence
-from minidiff.milestones import check
+from minidiff.course import shapes
+from minidiff.course.gaussian import GaussianEpsModel, convergence_order, convergence_study, plot_convergence
+from minidiff.course.milestones import check
+from minidiff.course.viz import (
+    DatasetEpsModel,
+    StepRecorder,
+    course_pipeline,
+    image_grid,
+    plot_curves,
+    show_trace,
+    to_pil,
+)
 from minidiff.samplers import sample
-from minidiff.viz import DatasetEpsModel, StepRecorder, course_pipeline, image_grid, plot_curves, show_trace, to_pil
 
 gaussian = GaussianEpsModel(mu=0.5, s=0.8)  # x0 ~ N(0.5, 0.8^2 I): the exact ODE solution is known
 x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from minidiff.attention import attention, naive_attention, set_attention_backend
-from minidiff.milestones import check
-from minidiff.viz import course_pipeline, plot_curves, quiet_stderr, show_trace
+from minidiff.course.milestones import check
+from minidiff.course.viz import course_pipeline, plot_curves, quiet_stderr, show_trace
 
 # %% [markdown]
 # ## Re-implement it, compare it

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from minidiff.milestones import check
+from minidiff.course.milestones import check
+from minidiff.course.viz import StepRecorder, course_pipeline, show_trace
 from minidiff.unet import UNet, UNetConfig, count_parameters, timestep_embedding
-from minidiff.viz import StepRecorder, course_pipeline, show_trace
 
 # %% [markdown]
 # ## Use it: the presets, on the meta device

@@ -23,12 +23,12 @@ import warnings
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from minidiff import shapes
-from minidiff.milestones import check
+from minidiff.course import shapes
+from minidiff.course.milestones import check
+from minidiff.course.viz import course_pipeline, image_grid, latents_to_pil, show_images, show_trace, to_pil
 from minidiff.taesd import TAESD
 from minidiff.unet import count_parameters
 from minidiff.vae import AutoencoderKL, VAEConfig
-from minidiff.viz import course_pipeline, image_grid, latents_to_pil, show_images, show_trace, to_pil
 
 pipe = course_pipeline()
 vae = pipe.vae

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from IPython.display import display
 
-from minidiff import shapes
-from minidiff.milestones import check
+from minidiff.course import shapes
+from minidiff.course.milestones import check
+from minidiff.course.viz import course_pipeline, plot_curves, show_images, show_trace
 from minidiff.tokenizer import CLIPTokenizer
-from minidiff.viz import course_pipeline, plot_curves, show_images, show_trace
 
 tokenizer = CLIPTokenizer.default()
 pipe = course_pipeline()
@@ -98,7 +98,7 @@ print(f"max |mine - pipeline| = {float((mine - library).abs().max()):.1e} (fp32;
 # %% [markdown]
 # ## A guidance-scale grid
 #
-# Same prompt, same seed, $w$ from 1 to 12. With the shapes model the checker of `minidiff.shapes` reads colour,
+# Same prompt, same seed, $w$ from 1 to 12. With the shapes model the checker of `minidiff.course.shapes` reads colour,
 # shape and position back from the pixels, so adherence can be *measured*: 8 prompts per scale.
 
 # %%

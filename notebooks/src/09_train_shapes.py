@@ -5,7 +5,7 @@
 # # Lesson 09: train your own small Stable Diffusion
 #
 # The bundled **shapes** model is latent diffusion at toy scale, trained from scratch on a CPU by
-# `python -m minidiff.train shapes`: a VAE for 64x64 pictures of coloured shapes, then a CLIP-style text encoder
+# `python -m minidiff.course.train shapes`: a VAE for 64x64 pictures of coloured shapes, then a CLIP-style text encoder
 # and a UNet together, on the $\epsilon$-prediction loss of Ho et al. 2020. Read beside
 # `course/09_train_shapes.md`, `minidiff/shapes.py` and `minidiff/train.py`.
 #
@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Image, display
 
-from minidiff import shapes, train
-from minidiff.evaluate import held_out_prompts
+from minidiff.course import shapes, train
+from minidiff.course.evaluate import held_out_prompts
+from minidiff.course.viz import SHAPES, course_pipeline, shapes_available, show_images, show_trace, to_pil
 from minidiff.pipeline import load_pipeline
 from minidiff.schedule import NoiseSchedule
-from minidiff.viz import SHAPES, course_pipeline, shapes_available, show_images, show_trace, to_pil
 
 OUT = Path("out") / "09_train_shapes"
 OUT.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ show_trace(result.trace, title="after a few training steps: still noise")
 # %% [markdown]
 # ## The bundled model
 #
-# `python -m minidiff.train shapes` is the same run at full size (about 45 minutes on 2 CPU cores; `--threads`
+# `python -m minidiff.course.train shapes` is the same run at full size (about 45 minutes on 2 CPU cores; `--threads`
 # for more): a 64-128-channel UNet on 8x8x4 latents, a 3-layer text encoder of width 128. It writes
 # `weights/shapes` with its loss curve and `train_log.json`, whose held-out adherence is measured by the checker
 # on pictures the model generated for combinations it never saw.
@@ -103,7 +103,7 @@ if shapes_available():
     if (SHAPES / "loss_curve.png").is_file():
         display(Image(filename=str(SHAPES / "loss_curve.png")))
 else:
-    print("weights/shapes is not there yet: `python -m minidiff.train shapes` trains it (about 45 minutes)")
+    print("weights/shapes is not there yet: `python -m minidiff.course.train shapes` trains it (about 45 minutes)")
 
 # %% [markdown]
 # Held-out prompts, generated and checked here (`course_pipeline()` is the bundled model when it is there; the

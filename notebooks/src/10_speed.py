@@ -28,10 +28,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minidiff import bench
-from minidiff.milestones import check
+from minidiff.course.milestones import check
+from minidiff.course.viz import course_pipeline, quiet_stderr, show_trace
 from minidiff.speed import optimize
 from minidiff.unet import UNet, UNetConfig, count_parameters
-from minidiff.viz import course_pipeline, quiet_stderr, show_trace
 
 OUT = Path("out") / "10_speed"
 OUT.mkdir(parents=True, exist_ok=True)

@@ -23,13 +23,14 @@ from safetensors.torch import load_file, save_file
 
 from minidiff import hub, keymap
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
+from minidiff.config import to_diffusers
+from minidiff.course.viz import show_images, show_trace
 from minidiff.errors import CheckpointError
 from minidiff.load import load_unet
 from minidiff.pipeline import load_pipeline
 from minidiff.tokenizer import write_vocab_files
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
-from minidiff.viz import show_images, show_trace
 
 OUT = Path("out") / "11_official_weights"
 OUT.mkdir(parents=True, exist_ok=True)
@@ -85,9 +86,9 @@ for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder
 # %%
 diffusers_folder = OUT / "mini-sd15"
 for name, module, config, weights in (
-    ("unet", unet, unet.config.to_diffusers(), "diffusion_pytorch_model.safetensors"),
-    ("vae", vae, vae.config.to_diffusers(), "diffusion_pytorch_model.safetensors"),
-    ("text_encoder", text_encoder, text_encoder.config.to_transformers(), "model.safetensors"),
+    ("unet", unet, to_diffusers(unet.config), "diffusion_pytorch_model.safetensors"),
+    ("vae", vae, to_diffusers(vae.config), "diffusion_pytorch_model.safetensors"),
+    ("text_encoder", text_encoder, to_diffusers(text_encoder.config), "model.safetensors"),
 ):
     (diffusers_folder / name).mkdir(parents=True, exist_ok=True)
     (diffusers_folder / name / "config.json").write_text(json.dumps(config, indent=2))
@@ -117,9 +118,9 @@ for path in sorted(diffusers_folder.rglob("*")):
 
 # %%
 single = {}
-for component, module, config in (("unet", unet, unet.config.to_diffusers()),
-                                  ("vae", vae, vae.config.to_diffusers()),
-                                  ("clip", text_encoder, text_encoder.config.to_transformers())):
+for component, module, config in (("unet", unet, to_diffusers(unet.config)),
+                                  ("vae", vae, to_diffusers(vae.config)),
+                                  ("clip", text_encoder, to_diffusers(text_encoder.config))):
     for key, tensor in keymap.to_original(module.state_dict(), component, config).items():
         single[keymap.PREFIXES[component] + key] = tensor.contiguous()
 single_file = OUT / "mini-sd15.safetensors"

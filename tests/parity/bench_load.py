@@ -41,10 +41,11 @@ def write_random_sd15_unet(folder: Path, fp16: bool) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from minidiff.config import to_diffusers
     from minidiff.unet import UNetConfig
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNetConfig.sd15().to_diffusers())
+        unet = UNet2DConditionModel.from_config(to_diffusers(UNetConfig.sd15()))
     unet = unet.to_empty(device="cpu")
     with torch.no_grad():
         for parameter in unet.parameters():

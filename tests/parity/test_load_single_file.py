@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from minidiff import keymap
 from minidiff.clip import CLIPTextConfig
+from minidiff.config import to_diffusers
 from minidiff.errors import CheckpointError
 from minidiff.load import load_components, load_text_encoder, load_unet, load_vae, read_safetensors
 from minidiff.unet import UNetConfig
@@ -69,7 +70,7 @@ def randomized(model):
 
 
 def reference_text_encoder(config):
-    kwargs = {k: v for k, v in config.to_transformers().items() if k != "architectures"}
+    kwargs = {k: v for k, v in to_diffusers(config).items() if k != "architectures"}
     return randomized(transformers.CLIPTextModel(transformers.CLIPTextConfig(**kwargs)))
 
 
@@ -92,7 +93,7 @@ def original_text_encoder(reference, open_clip: bool) -> dict:
 @pytest.mark.parametrize("name", list(UNETS))
 def test_unet_single_file_matches_diffusers_converter_and_outputs(name, tmp_path):
     config = UNETS[name]
-    diffusers_config = config.to_diffusers()
+    diffusers_config = to_diffusers(config)
     reference = randomized(ReferenceUNet.from_config(diffusers_config))
     original = keymap.to_original(reference.state_dict(), "unet", diffusers_config)
     checkpoint = {keymap.PREFIXES["unet"] + k: v for k, v in original.items()}
@@ -113,7 +114,7 @@ def test_unet_single_file_matches_diffusers_converter_and_outputs(name, tmp_path
 
 
 def test_vae_single_file_and_standalone_vae_file(tmp_path):
-    diffusers_config = VAE.to_diffusers()
+    diffusers_config = to_diffusers(VAE)
     reference = randomized(ReferenceVAE.from_config(diffusers_config))
     original = keymap.to_original(reference.state_dict(), "vae", diffusers_config)
     assert original["encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)  # a 1x1 conv in the original
@@ -179,12 +180,12 @@ def test_sd2_open_clip_single_file(tmp_path):
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_whole_single_file_loads_all_components(family, tmp_path):
     unet_config, text_config = UNETS[family], (CLIP if family == "sd1" else OPEN_CLIP)
-    unet = randomized(ReferenceUNet.from_config(unet_config.to_diffusers()))
-    vae = randomized(ReferenceVAE.from_config(VAE.to_diffusers()))
+    unet = randomized(ReferenceUNet.from_config(to_diffusers(unet_config)))
+    vae = randomized(ReferenceVAE.from_config(to_diffusers(VAE)))
     text = reference_text_encoder(text_config)
     checkpoint = original_text_encoder(text, open_clip=family == "sd2")
     for component, model, config in (("unet", unet, unet_config), ("vae", vae, VAE)):
-        original = keymap.to_original(model.state_dict(), component, config.to_diffusers())
+        original = keymap.to_original(model.state_dict(), component, to_diffusers(config))
         checkpoint |= {keymap.PREFIXES[component] + k: v for k, v in original.items()}
     checkpoint |= {"alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.9999)}  # other networks'
     path = tmp_path / f"tiny-{family}.safetensors"
@@ -212,7 +213,7 @@ def original_part(checkpoint: dict, component: str) -> dict:
 def test_full_size_sd15_unet_single_file(tmp_path):
     """The real SD 1.5 UNet shapes (3.4 GB in float32), at a small latent size: the layout and the inferred
     architecture at full scale. The reference is freed before loading, so only one copy lives in RAM."""
-    config = UNetConfig.sd15().to_diffusers()
+    config = to_diffusers(UNetConfig.sd15())
     with torch.device("meta"):
         reference = ReferenceUNet.from_config(config)
     reference = reference.to_empty(device="cpu").eval()

@@ -1,10 +1,10 @@
-"""The folder `python -m minidiff.train` writes is a diffusers StableDiffusionPipeline folder: diffusers and
+"""The folder `python -m minidiff.course.train` writes is a diffusers StableDiffusionPipeline folder: diffusers and
 transformers load it, and compute what minidiff computes on the same weights (float32, atol 1e-5)."""
 
 import diffusers
 import torch
 
-from minidiff import train
+from minidiff.course import train
 from minidiff.load import load_components
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel  # the oracle
 
+from minidiff.config import to_diffusers
 from minidiff.unet import UNet, UNetConfig
 
 PRESETS = ["sd15", "sd21", "sd21_base", "bk_sdm_base", "bk_sdm_small", "bk_sdm_tiny", "tiny"]
@@ -36,7 +37,7 @@ def reference_and_ours(config: UNetConfig):
     assign=True makes both models share the same tensors: one copy of the weights in memory (3.4 GB for SD 1.5).
     """
     with torch.device("meta"):
-        reference = UNet2DConditionModel.from_config(config.to_diffusers())
+        reference = UNet2DConditionModel.from_config(to_diffusers(config))
         ours = UNet(config)
     reference = randomize_(reference.to_empty(device="cpu")).eval()
     ours.load_state_dict(reference.state_dict(), strict=True, assign=True)
@@ -64,7 +65,7 @@ def inputs(config: UNetConfig, height: int, width: int, batch: int = 2, tokens: 
 def test_state_dict_keys_and_shapes_equal_diffusers(name):
     config = getattr(UNetConfig, name)()
     with torch.device("meta"):
-        reference = UNet2DConditionModel.from_config(config.to_diffusers())
+        reference = UNet2DConditionModel.from_config(to_diffusers(config))
         ours = UNet(config)
     expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
     actual = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
@@ -86,7 +87,7 @@ TINY_VARIANTS = {
 @pytest.mark.parametrize("height, width", [(16, 16), (24, 40)])
 def test_tiny_matches_diffusers(variant, height, width):
     config = TINY_VARIANTS[variant]
-    reference = randomize_(UNet2DConditionModel.from_config(config.to_diffusers())).eval()
+    reference = randomize_(UNet2DConditionModel.from_config(to_diffusers(config))).eval()
     ours = UNet(config).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)  # a copy this time (the loader path uses assign)
     x, context = inputs(config, height, width, tokens=7)

@@ -6,6 +6,7 @@ import torch
 from diffusers import AutoencoderKL as ReferenceKL
 from diffusers import AutoencoderTiny as ReferenceTiny
 
+from minidiff.config import from_diffusers, to_diffusers
 from minidiff.taesd import TAESD, TAESDConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
 
@@ -47,7 +48,7 @@ def diffusers_kwargs(config_dict):
     ids=["tiny", "sd-full"],
 )
 def test_autoencoder_kl_matches_diffusers(config, batch):
-    reference = ReferenceKL(**diffusers_kwargs(config.to_diffusers())).eval()
+    reference = ReferenceKL(**diffusers_kwargs(to_diffusers(config))).eval()
     perturb_vectors(reference)
     ours = load_into_ours(reference, AutoencoderKL, config)
     assert ours.scaling_factor == reference.config.scaling_factor
@@ -66,7 +67,7 @@ def test_autoencoder_kl_matches_diffusers(config, batch):
 def test_taesd_matches_diffusers_autoencoder_tiny():
     reference = ReferenceTiny().eval()  # the default config is the SD one (taesd)
     perturb_vectors(reference)
-    ours = load_into_ours(reference, TAESD, TAESDConfig.from_diffusers(dict(reference.config)))
+    ours = load_into_ours(reference, TAESD, from_diffusers(TAESDConfig, dict(reference.config)))
     assert ours.scaling_factor == reference.config.scaling_factor == 1.0
     image = torch.rand(2, 3, 64, 64) * 2 - 1
     latent = torch.randn(2, 4, 8, 8) * 2  # wide enough that the tanh clamp matters
@@ -76,5 +77,5 @@ def test_taesd_matches_diffusers_autoencoder_tiny():
 
 
 def test_vae_config_round_trips_through_a_diffusers_config():
-    reference = ReferenceKL(**diffusers_kwargs(VAEConfig.tiny().to_diffusers()))
-    assert VAEConfig.from_diffusers(dict(reference.config)) == VAEConfig.tiny()
+    reference = ReferenceKL(**diffusers_kwargs(to_diffusers(VAEConfig.tiny())))
+    assert from_diffusers(VAEConfig, dict(reference.config)) == VAEConfig.tiny()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from minidiff.milestones import (
+from minidiff.config import to_diffusers
+from minidiff.course.milestones.core import (
     Mismatch,
     Tolerance,
     call_candidate,
@@ -295,7 +296,7 @@ def check_load_unet(candidate=None):
     reference, call = reference_network("unet"), signature(check_load_unet)
     state = {key: value.contiguous() for key, value in reference.state_dict().items()}
     with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "config.json").write_text(json.dumps(reference.config.to_diffusers()))
+        (Path(folder) / "config.json").write_text(json.dumps(to_diffusers(reference.config)))
         save_file(state, str(Path(folder) / "diffusion_pytorch_model.safetensors"))
         loaded = call_candidate(candidate or load_unet, call, folder)
         yours = loaded.state_dict() if isinstance(loaded, torch.nn.Module) else loaded

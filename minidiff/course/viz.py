@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 
 from minidiff.errors import MinidiffError
+from minidiff.hub import bundled_path
 from minidiff.schedule import NoiseSchedule
 
-SHAPES = Path(__file__).resolve().parent.parent / "weights" / "shapes"
+SHAPES = bundled_path("shapes")
 
 
 # --- pictures ----------------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def course_pipeline(dtype=torch.float32, device: str = "cpu"):
         print("course pipeline: the bundled shapes model (weights/shapes)")
         return load_pipeline("shapes", dtype=dtype, device=device)
     print("course pipeline: weights/shapes is not there, so this is a tiny RANDOM-weight pipeline. Its pictures "
-          "are noise: read them for the mechanics only (train the shapes model: python -m minidiff.train shapes)")
+          "are noise: read them for the mechanics only (train it: python -m minidiff.course.train shapes)")
     pipe = tiny_pipeline()
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.to(device=device, dtype=dtype)

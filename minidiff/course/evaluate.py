@@ -2,7 +2,7 @@
 
     minidiff sampler-table [--model shapes] [--prompts 200] [--guidance 5] [--grid samplers.png]
 
-Every picture is judged by minidiff.shapes.check (plain geometry, no network) against the prompt it was drawn
+Every picture is judged by minidiff.course.shapes.check (plain geometry, no network) against the prompt it was drawn
 for. The prompts are compositions held out of training (shapes.HELD_OUT): colour x shape x position triples the
 model never saw together. The sampler table runs every sampler from the same initial noise (one seed per batch),
 so that "mean |diff| to DDIM 50" measures what the sampler changes, not what the seed does.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from minidiff import shapes
+from minidiff.course import shapes
 
 
 def held_out_prompts(n: int, seed: int = 0) -> list:

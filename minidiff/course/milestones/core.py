@@ -3,7 +3,7 @@
     minidiff milestones                                         the checklist: ✓ passed, ✗ failed, - skipped
     minidiff milestones --ddim-step my_code.py:my_ddim_step     your function against the reference
     minidiff milestones --list                                  every milestone and the signature it expects
-    >>> from minidiff.milestones import check
+    >>> from minidiff.course.milestones import check
     >>> check("ddim_step", my_ddim_step)                        the same from Python or a notebook
 
 A module milestone calls the candidate (yours, or minidiff's own when none is given) on fixed inputs and
@@ -13,8 +13,8 @@ known mistakes (a missing sqrt, sin and cos swapped, softmax over the wrong axis
 can name the one it made. Each milestone's docstring gives the signature your function must have.
 
 This file is the machinery (comparing, running, the command line); the milestones themselves are in
-milestones_course.py (the checklist), milestones_formulas.py (schedule, DDIM, attention, ResnetBlock) and
-milestones_networks.py (UNet, VAE, tokenizer, text encoder, loading).
+checklist.py (the course checklist), formulas.py (schedule, DDIM, attention, ResnetBlock) and networks.py
+(UNet, VAE, tokenizer, text encoder, loading), registered when the package is imported.
 
 Notation (shared with schedule.py and samplers.py):
     alpha_bar_t, alpha_bar_prev -> alphas_cumprod at timestep t and at the timestep the step lands on
@@ -190,7 +190,7 @@ def load_candidate(spec: str):
     path = Path(path_text)
     if path.suffix == ".ipynb":
         raise MinidiffError(f"{path} is a notebook: export it with `jupyter nbconvert --to script {path}` and point at "
-                            "the .py, or call minidiff.milestones.check(name, your_function) inside the notebook")
+                            "the .py, or call minidiff.course.milestones.check(name, your_function) in the notebook")
     if not path.is_file():
         raise MinidiffError(f"cannot find {path}: give the path of a .py file, e.g. my_code.py:{function_name}")
     # a module name of its own per file (dataclasses and pickle look their module up in sys.modules)
@@ -307,7 +307,3 @@ def main(argv=None) -> int:
     print(f"minidiff milestones on {device} (✓ passed, ✗ failed, - skipped)", flush=True)
     results = run(names, candidates, report=lambda line: print(line, flush=True))
     return 1 if any(result.status == "fail" for result in results) else 0
-
-
-# the milestones register themselves on import, checklist first (the order `minidiff milestones` prints)
-from minidiff import milestones_course, milestones_formulas, milestones_networks  # noqa: E402, F401

@@ -1,8 +1,8 @@
 """Train the bundled shapes model from scratch: the VAE first, then the text encoder and the UNet together.
 
-    python -m minidiff.train shapes [--steps N] [--vae-steps N] [--out weights/shapes] [--quick] [--seed 0]
+    python -m minidiff.course.train shapes [--steps N] [--vae-steps N] [--out weights/shapes] [--quick] [--seed 0]
 
-Latent diffusion (Rombach et al. 2022) at toy scale, on minidiff.shapes: 64x64 pictures <-> 8x8x4 latents.
+Latent diffusion (Rombach et al. 2022) at toy scale, on minidiff.course.shapes: 64x64 pictures <-> 8x8x4 latents.
     phase 1  the VAE: L1 + MSE reconstruction (shape pixels weighted up) + kl_weight * KL(q(z|x) || N(0, I)),
              on 32x32 windows and, for the last vae_full_steps, whole pictures; then frozen, and
              scaling_factor = 1 / std(z) over the training pictures, as SD's 0.18215 was found
@@ -33,15 +33,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from minidiff import shapes
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
-from minidiff.evaluate import evaluate
+from minidiff.config import to_diffusers
+from minidiff.course import shapes
+from minidiff.course.evaluate import evaluate
+from minidiff.hub import bundled_path
 from minidiff.schedule import NoiseSchedule
 from minidiff.tokenizer import CLIPTokenizer, write_vocab_files
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "weights" / "shapes"
+DEFAULT_OUT = bundled_path("shapes")
 SCHEDULER_CONFIG = {  # SD's training schedule, sampled as SD's pipelines do by default
     "_class_name": "DPMSolverMultistepScheduler",
     "num_train_timesteps": 1000,
@@ -268,11 +270,11 @@ def save_folder(out, vae: AutoencoderKL, unet: UNet, text_encoder: CLIPTextModel
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (out / name).mkdir(parents=True, exist_ok=True)
     torch_dtype = str(dtype).removeprefix("torch.")
-    write_json(out / "unet" / "config.json", unet.config.to_diffusers())
+    write_json(out / "unet" / "config.json", to_diffusers(unet.config))
     save_weights(unet, out / "unet" / "diffusion_pytorch_model.safetensors", dtype)
-    write_json(out / "vae" / "config.json", vae.config.to_diffusers() | {"sample_size": 64})
+    write_json(out / "vae" / "config.json", to_diffusers(vae.config) | {"sample_size": 64})
     save_weights(vae, out / "vae" / "diffusion_pytorch_model.safetensors", dtype)
-    text_config = text_encoder.config.to_transformers() | {
+    text_config = to_diffusers(text_encoder.config) | {
         "model_type": "clip_text_model", "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
         "torch_dtype": torch_dtype,
     }
@@ -384,7 +386,7 @@ def train(config: TrainConfig, out=DEFAULT_OUT, progress: bool = True, threads: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minidiff.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m minidiff.course.train", description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=["shapes"], help="what to train (the bundled shapes model)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: weights/shapes)")
     parser.add_argument("--steps", type=int, help="phase 2 (UNet + text encoder) steps")

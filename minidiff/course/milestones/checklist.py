@@ -3,20 +3,18 @@ attention, benchmarking and the real-time demo.
 
 The two sampler milestones take a student's sampler too, sampler(model, x_T, alphas_cumprod, steps) -> x_0; the
 others check minidiff itself. Those that need a GPU say so and are skipped on a CPU. The sampler milestones run
-on the exact Gaussian model of minidiff.gaussian, whose ODE solution is known in closed form, and, when the
+on the exact Gaussian model of minidiff.course.gaussian, whose ODE solution is known in closed form, and, when the
 bundled shapes model is present, on it too. See milestones.py for the machinery.
 """
 
 import copy
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from minidiff.errors import MinidiffError
-from minidiff.milestones import (
+from minidiff.course.milestones.core import (
     Mismatch,
     Skipped,
     Tolerance,
@@ -27,9 +25,11 @@ from minidiff.milestones import (
     randomized,
     signature,
 )
+from minidiff.errors import MinidiffError
+from minidiff.hub import bundled_path
 from minidiff.schedule import NoiseSchedule
 
-SHAPES_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "shapes"
+SHAPES_WEIGHTS = bundled_path("shapes")
 DDIM_50_MAX_ERROR = 0.03  # mean |x0 - exact| on the Gaussian model (DDIM 50 gives ~0.020, DDIM 20 ~0.047)
 DPMPP_20_MAX_DIFF = 0.015  # mean |DPM++ 20 - DDIM 50| on the same noise (measured ~0.007; DDIM 20 is ~0.027 away)
 
@@ -50,7 +50,7 @@ def _library_sampler(name: str, schedule: NoiseSchedule | None = None, **options
 
 
 def _gaussian_problem():
-    from minidiff.gaussian import GaussianEpsModel
+    from minidiff.course.gaussian import GaussianEpsModel
 
     model = GaussianEpsModel()
     noise = fixed_randn(1, 4, 16, 16, seed=30)
@@ -61,7 +61,7 @@ def _gaussian_problem():
 def check_ddim_50(candidate=None):
     """ddim_sample(model, x_T, alphas_cumprod, steps) -> x_0; model(x_t, t) -> eps at integer timesteps t
 
-    Run with 50 steps from x_T ~ N(0, I) (1, 4, 16, 16) on the exact eps-model of Gaussian data (minidiff.gaussian,
+    Run with 50 steps from x_T ~ N(0, I) (1, 4, 16, 16) on the exact eps-model of Gaussian data (course.gaussian,
     SD's schedule); passes when the mean |x_0 - the exact ODE solution| is under DDIM_50_MAX_ERROR.
     """
     model, noise, exact = _gaussian_problem()
@@ -109,9 +109,9 @@ def _shapes_dpmpp_20(candidate, call: str) -> str:
     stops at t = 0, sigma ~0.03, not at sigma = 0 as DPM++ does, so the DDIMs agree with each other more closely
     than any sampler that finishes the job (measured: DDIM 20 0.024 from DDIM 500, DPM++ 2M 20 0.042).
     """
-    from minidiff.evaluate import held_out_prompts
+    from minidiff.course.evaluate import held_out_prompts
+    from minidiff.course.shapes import adherence
     from minidiff.pipeline import load_pipeline
-    from minidiff.shapes import adherence
 
     pipe = load_pipeline(str(SHAPES_WEIGHTS), dtype=torch.float32, device="cpu")
     if pipe.prediction_type != "epsilon":
@@ -162,7 +162,7 @@ def check_half_precision(candidate=None):
 
     On a CPU this checks the numerics only; the speed-up needs a GPU (see `minidiff bench`).
     """
-    from minidiff.milestones_networks import reference_network, unet_inputs
+    from minidiff.course.milestones.networks import reference_network, unet_inputs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reference = copy.deepcopy(reference_network("unet")).to(device)
@@ -220,7 +220,7 @@ def check_realtime(candidate=None):
     if not torch.cuda.is_available():
         raise Skipped("needs a GPU (none found): the real-time demo is timed on CUDA")
     if not (SHAPES_WEIGHTS / "model_index.json").is_file():
-        raise Skipped(f"needs the shapes weights in {SHAPES_WEIGHTS} (python -m minidiff.train shapes)")
+        raise Skipped(f"needs the shapes weights in {SHAPES_WEIGHTS} (python -m minidiff.course.train shapes)")
     from minidiff.pipeline import load_pipeline
 
     pipe = load_pipeline(str(SHAPES_WEIGHTS), dtype=torch.float16, device="cuda")

@@ -16,7 +16,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minidiff.milestones import Tolerance, call_candidate, compare, fixed_randn, milestone, randomized, signature
+from minidiff.course.milestones.core import (
+    Tolerance,
+    call_candidate,
+    compare,
+    fixed_randn,
+    milestone,
+    randomized,
+    signature,
+)
 from minidiff.schedule import NoiseSchedule, to_x0_eps
 
 # --- the schedule ----------------------------------------------------------------------------------------
@@ -158,7 +166,7 @@ def check_ddim_step(candidate=None):
     Checked along SD's 50-step DDIM trajectory (leading spacing, steps_offset 1; the last step lands on
     alpha_bar_0) of the exact Gaussian model, each step from the reference's x_t, then three steps with eta = 1.
     """
-    from minidiff.gaussian import GaussianEpsModel
+    from minidiff.course.gaussian import GaussianEpsModel
 
     candidate, call = candidate or ddim_step, signature(check_ddim_step)
     tol, model = Tolerance(1e-5, 1e-5), GaussianEpsModel()
