@@ -196,7 +196,7 @@ class Pipeline:
 
         final = sample(model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
                        schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
-                       early_exit=early_exit, progress=progress, **sampler_options)
+                       early_exit=early_exit, progress=progress, noise_is_x_t=image is not None, **sampler_options)
         return self.finish(final, recorded, preview)
 
     def finish(self, latents, recorded, preview) -> GenerationResult:

@@ -25,8 +25,8 @@ Notation shared by all samplers (Ho et al. 2020; Karras et al. 2022):
                          eq. 4); taken as pred_eps, which avoids cancelling x - x0 at small sigma
 
 `sample(model, noise, sampler, steps, ...)` at the bottom is the front end: it wraps the model, builds the
-grid, turns the noise into the sampler's first latent, and adds early exit, a progress bar and the NaN check,
-so that the samplers stay a loop.
+grid, scales the noise to the sampler's first latent as diffusers does (so that the same noise gives the same
+picture), and adds early exit, a progress bar and the NaN check, so that the samplers stay a loop.
 """
 
 import inspect
@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minidiff.errors import SamplerError
-from minidiff.schedule import Denoiser, NoiseSchedule, randn_like
+from minidiff.schedule import Denoiser, NoiseSchedule, init_noise_sigma, randn_like
 from minidiff.solvers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc  # the multistep solvers
 
 
@@ -263,14 +263,16 @@ def _early_exit_steps(early_exit, n_steps: int):
 @torch.no_grad()
 def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsilon", schedule=None,
            spacing="leading", steps_offset=1, timesteps=None, karras=False, eta=None, generator=None,
-           callback=None, early_exit=None, progress=False, **options):
+           callback=None, early_exit=None, progress=False, noise_is_x_t=False, **options):
     """Denoise `noise` (from N(0, I)) with `model(x_t, t) -> eps | v | x0` and the sampler named `sampler`.
 
     The grid comes from `steps`, `spacing` and `steps_offset`, or from a custom `timesteps` list; `karras=True`
-    respaces the noise levels of the samplers in KARRAS_SAMPLERS. The noise is x_T, the VP latent at the first
-    timestep. `early_exit` (a fraction of the steps, or a number of steps) stops after that step and returns its
-    pred_x0; `progress=True` shows a bar; other keyword options go to the sampler (e.g. ddim's eta, lcm's
-    original_inference_steps).
+    respaces the noise levels of the samplers in KARRAS_SAMPLERS. The noise becomes the first latent as in
+    diffusers (`schedule.init_noise_sigma`; the spacing decides it even with custom timesteps, as there);
+    `noise_is_x_t=True` takes it instead as the VP latent x_t at the first timestep (img2img: an image noised
+    by `schedule.add_noise`). `early_exit` (a fraction of the steps, or a number of steps) stops after that
+    step and returns its pred_x0; `progress=True` shows a bar; other keyword options go to the sampler (e.g.
+    ddim's eta, lcm's original_inference_steps).
     """
     if sampler not in SAMPLERS:
         raise SamplerError(f"unknown sampler {sampler!r}. Valid names: {', '.join(sorted(SAMPLERS))}")
@@ -298,8 +300,9 @@ def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsil
     stop_after = _early_exit_steps(early_exit, n_steps)
 
     x = noise
-    if sampler in K_DIFFUSION_SPACE:  # x = x_T / alpha_T = x0 + sigma_0 eps
-        x = noise * math.sqrt(1 + float(grid[1][0]) ** 2)
+    if sampler in K_DIFFUSION_SPACE:  # x = x0 + sigma_0 eps
+        sigma_max = float(grid[1][0])
+        x = noise * (math.sqrt(1 + sigma_max**2) if noise_is_x_t else init_noise_sigma(sigma_max, spacing))
 
     denoiser = Denoiser(model, schedule, prediction_type)
     denoiser.step = 0

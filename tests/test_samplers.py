@@ -245,18 +245,35 @@ def test_ddim_with_eta_zero_draws_no_noise():
     assert torch.equal(generator.get_state(), state)
 
 
-def test_sigma_space_samplers_start_from_x_T_over_alpha_T():
-    """With a model that predicts x0 = 0, one Euler step from sigma_max to 0 must land on 0, and the
-    first model input must be the noise itself (x / sqrt(1 + sigma_max^2) = x_T)."""
+@pytest.mark.parametrize("name", ["euler", "euler_a", "heun"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_k_diffusion_samplers_start_where_diffusers_does(name, spacing):
+    """The UNet's first input is the noise itself for leading spacing (x = x_T / alpha_T) and alpha_T sigma_max
+    times the noise = sqrt(1 - alpha_bar_T) noise for linspace and trailing (x = sigma_max noise, diffusers'
+    init_noise_sigma); with a model that predicts x0 = 0, one Euler step from sigma_max to 0 lands on 0."""
     inputs = []
 
     def model(x_t, t):
         inputs.append(x_t)
         return torch.zeros_like(x_t)
 
-    out = sample(model, noise(), "euler", 1, spacing="trailing", prediction_type="sample")
-    torch.testing.assert_close(inputs[0], noise())
-    torch.testing.assert_close(out, torch.zeros_like(out), rtol=0, atol=1e-5)  # 14.6 x - 14.6 x in fp32
+    schedule = NoiseSchedule.sd()
+    first_t = float(schedule.sigma_grid(1, spacing)[0][0])
+    out = sample(model, noise(torch.float64), name, 1, spacing=spacing, prediction_type="sample")
+    abar = float(schedule.alphas_cumprod[int(first_t)])
+    expected = 1.0 if spacing == "leading" else math.sqrt(1 - abar)
+    torch.testing.assert_close(inputs[0], expected * noise(torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out, torch.zeros_like(out), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_noise_is_x_t_takes_the_latent_as_it_is(name):
+    """img2img hands sample() an image noised to the first timestep: the UNet must first see exactly that."""
+    inputs = []
+    model = lambda x_t, t: inputs.append(x_t) or torch.tanh(x_t)
+    x_t = noise(torch.float64) * 0.7 + 0.2
+    sample(model, x_t, name, 3, spacing="trailing", timesteps=[600, 300, 100], noise_is_x_t=True)
+    torch.testing.assert_close(inputs[0], x_t, rtol=1e-12, atol=0)
 
 
 def test_ddpm_follows_the_closed_form_posterior_for_an_exact_model():
