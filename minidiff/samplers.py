@@ -12,7 +12,13 @@ samplers take `sigmas`, and returns the final latent x_0:
 `denoiser` is a `minidiff.schedule.Denoiser`. `x` is the first latent: x_T in VP space for the samplers that
 step there (ddpm, ddim, lcm and the multistep solvers), x = x0 + sigma_0 eps in k-diffusion space for euler,
 euler_a and heun. `sampler_grid(schedule, name, steps, ...)` gives the grid of each as the diffusers scheduler
-it mirrors lays it out. After step i a sampler calls
+it mirrors lays it out; by hand, what `sample(model, noise, "euler", 20, spacing="trailing")` does is
+
+    timesteps, sigmas = schedule.sigma_grid(20, spacing="trailing")
+    x = noise * init_noise_sigma(float(sigmas[0]), "trailing")  # diffusers' start for Euler, trailing
+    x0 = sample_euler(Denoiser(model, schedule), x, timesteps, sigmas)
+
+After step i a sampler calls
     callback(step=i, timestep=t, sigma=s, x=x_inter, pred_x0=pred_x0)
 with t and s = sqrt((1 - alpha_bar_t) / alpha_bar_t) where the model was evaluated, x_inter the new
 latent in VP space (what the UNet sees) and pred_x0 the model's guess of the clean latent.
@@ -145,6 +151,7 @@ def sample_euler(denoiser, x, timesteps, sigmas, *, generator=None, callback=Non
     """Euler's method on the probability-flow ODE (Karras et al. 2022, "Elucidating the Design Space...", alg. 1).
 
     Notation (N timesteps, N + 1 sigmas ending with 0; deterministic, generator unused):
+        x -> x0 + sigma eps = x_t / alpha_t, the latent in k-diffusion space
         d -> dx/dsigma = (x - D(x; sigma)) / sigma = pred_eps, with D = pred_x0 the denoiser of Karras eq. 3
     """
     ts, sigmas = torch.as_tensor(timesteps).tolist(), torch.as_tensor(sigmas).tolist()
@@ -161,7 +168,7 @@ def sample_euler_a(denoiser, x, timesteps, sigmas, *, generator=None, callback=N
     """Euler ancestral sampling (k-diffusion's; Song et al. 2021, "Score-Based Generative Modeling through SDEs").
 
     An Euler step down to sigma_down, then fresh noise from `generator` up to sigma_next.
-    Notation:
+    Notation (x, d as in sample_euler):
         sigma_up   -> the std of the fresh noise: sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)
         sigma_down -> sqrt(sigma_next^2 - sigma_up^2), where the deterministic step lands
     """
@@ -180,10 +187,10 @@ def sample_euler_a(denoiser, x, timesteps, sigmas, *, generator=None, callback=N
 
 
 def sample_heun(denoiser, x, timesteps, sigmas, *, generator=None, callback=None):
-    """Heun's method, 2nd order, on the probability-flow ODE (Karras et al. 2022, "Elucidating...", alg. 1).
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, "Elucidating the Design...", alg. 1).
 
     Two model calls per step (one on the last step, an Euler step down to sigma = 0); deterministic.
-    Notation:
+    Notation (x as in sample_euler):
         d, d_next -> dx/dsigma at (x, sigma) and at the Euler estimate (x_euler, sigma_next);
                      the step follows their mean (the trapezoidal rule). pred_x0 reported is D(x; sigma).
     """

@@ -89,10 +89,12 @@ def _dpmpp_2m(denoiser, x, timesteps, sigmas, eta, generator, callback):
 
 
 def sample_dpmpp_2m(denoiser, x, timesteps, sigmas, *, generator=None, callback=None) -> torch.Tensor:
-    """DPM-Solver++(2M), the multistep second-order data-prediction ODE solver (Lu et al. 2022, alg. 2).
+    """DPM-Solver++(2M), multistep 2nd-order ODE solver (Lu et al. 2022, "DPM-Solver++: Fast Solver...", alg. 2).
 
-    Step i (from sigma_i to sigma_{i+1}; the first and the last are first order):
-        x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) (D0 + D1 / 2)
+    Step i, from sigma_i to sigma_{i+1} (the first and the last are first order, D1 = 0):
+        x_{i+1} = (sigma_vp_{i+1} / sigma_vp_i) x_i - alpha_{i+1} (e^{-h} - 1) (D0 + D1 / 2)
+    Notation (module docstring): x_i -> the VP latent x_t at sigma_i; alpha, sigma_vp -> alpha_t, sigma_t there;
+    h -> lambda_{i+1} - lambda_i; D0 -> x_theta(x_i); D1 -> (D0 - x_theta(x_{i-1})) / r, r = h_{i-1} / h.
     Matches diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
     solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero"). Deterministic: generator unused.
     """
@@ -100,13 +102,14 @@ def sample_dpmpp_2m(denoiser, x, timesteps, sigmas, *, generator=None, callback=
 
 
 def sample_dpmpp_2m_sde(denoiser, x, timesteps, sigmas, *, generator=None, callback=None, eta=1.0) -> torch.Tensor:
-    """SDE-DPM-Solver++(2M), the multistep second-order data-prediction SDE solver (Lu et al. 2022, app. B).
+    """SDE-DPM-Solver++(2M), multistep 2nd-order SDE solver (Lu et al. 2022, "DPM-Solver++: Fast Solver...", app. B).
 
     Step i, with z ~ N(0, I) drawn from `generator` (eta = 1: the paper and diffusers; eta = 0: the ODE solver):
-        x_{i+1} = (sigma_{i+1} / sigma_i) e^{-eta h} x_i + alpha_{i+1} (1 - e^{-(1+eta) h}) (D0 + D1 / 2)
-                  + sigma_{i+1} sqrt(1 - e^{-2 eta h}) z
-    Matches diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", ...) noise for noise when
-    both get a generator with the same seed; eta is k-diffusion's (sample_dpmpp_2m_sde).
+        x_{i+1} = (sigma_vp_{i+1} / sigma_vp_i) e^{-eta h} x_i + alpha_{i+1} (1 - e^{-(1+eta) h}) (D0 + D1 / 2)
+                  + sigma_vp_{i+1} sqrt(1 - e^{-2 eta h}) z
+    Notation: as sample_dpmpp_2m; z -> fresh noise, drawn in float32 at every step (the last one too, where its
+    coefficient is 0) after the model call, as diffusers' DPMSolverMultistepScheduler(algorithm_type=
+    "sde-dpmsolver++", ...) draws it, so that both give the same picture for the same seed; eta is k-diffusion's.
     """
     if not (isinstance(eta, (int, float)) and eta >= 0):
         raise SamplerError(f"eta must be a number >= 0 (1 = the SDE solver, 0 = the ODE solver), got {eta!r}")
@@ -133,14 +136,17 @@ def _unic_weights(h: float, r: float):
 
 
 def sample_unipc(denoiser, x, timesteps, sigmas, *, generator=None, callback=None) -> torch.Tensor:
-    """UniPC-2, a unified predictor-corrector multistep solver with B(h) = e^{-h} - 1 (Zhao et al. 2023).
+    """UniPC-2 with B(h) = e^{-h} - 1 (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework...").
 
     At step i the model's prediction m_i at x_i first corrects x_i (UniC, no extra model call), then the
-    predictor (UniP) moves the corrected x_i to x_{i+1}. With p the order of the previous predictor step:
-        UniP-2:  x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} B(h) (m_i + D1 / 2)      (= DPM-Solver++ 2M)
-        UniC-1:  x_i <- (sigma_i/sigma_{i-1}) x_{i-1} - alpha_i B(h) (m_{i-1} + (m_i - m_{i-1}) / 2)
-        UniC-2:  x_i <- (sigma_i/sigma_{i-1}) x_{i-1} - alpha_i B(h) (m_{i-1} + rho_1 D1 + rho_2 (m_i - m_{i-1}))
-    where x_{i-1} is the corrected sample the last predictor started from and D1 the difference at i - 1.
+    predictor (UniP) moves the corrected x_i to x_{i+1}, by the order of the previous predictor step:
+        UniP-2: x_{i+1} = (sigma_vp_{i+1}/sigma_vp_i) x_i - alpha_{i+1} B(h) (m_i + D1 / 2)    (= DPM-Solver++ 2M)
+        UniC-1: x_i <- (sigma_vp_i/sigma_vp_{i-1}) x_{i-1} - alpha_i B(h) (m_{i-1} + (m_i - m_{i-1}) / 2)
+        UniC-2: x_i <- (sigma_vp_i/sigma_vp_{i-1}) x_{i-1} - alpha_i B(h) (m_{i-1} + rho_1 D1 + rho_2 (m_i - m_{i-1}))
+    Notation (module docstring): x_i -> the VP latent at sigma_i (x_{i-1} in UniC: the corrected sample the last
+    predictor started from); m_i -> x_theta(x_i); h -> lambda_i - lambda_{i-1} (UniC) or lambda_{i+1} - lambda_i
+    (UniP); D1 -> (m_j - m_{j-1}) / r at the step's start j (i in UniP, i - 1 in UniC), r = h_{j-1} / h;
+    rho_1, rho_2 -> `_unic_weights(h, r)`.
     The first and last predictor steps are first order. Matches diffusers' UniPCMultistepScheduler(
     solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True), corrector on.
     Deterministic: generator unused.
