@@ -9,7 +9,8 @@ relative: max|ours - ref| / max|ref| over the whole tensor.
 
 Covered: all nine samplers x the three spacings (leading, trailing, linspace) x epsilon and v_prediction x
 1, 2, 7, 20 and 50 steps; Karras sigmas for the six samplers that step through noise levels; custom timestep
-lists; LCM has one grid (its distillation grid) whatever the spacing.
+lists; the img2img start (sample(noise_is_x_t=True) against scheduler.add_noise). LCM has one grid, its
+distillation grid, whatever the spacing.
 
 Nothing is rescaled by hand: both sides start from the same unit noise, and minidiff's sample() scales it as
 diffusers' init_noise_sigma does (sqrt(1 + sigma_max^2) for leading, sigma_max for linspace and trailing, in
@@ -20,10 +21,12 @@ euler_a: every step, the reference also on the last one, where sigma_up = 0 and 
 diffusers' EulerAncestralDiscreteScheduler has no Karras option: for euler_a with karras=True the reference
 steps over the sigmas and timesteps of EulerDiscreteScheduler(use_karras_sigmas=True).
 
-The tightest cases: heun, linspace, 2 steps (~9e-6): its corrector is evaluated at sigma = 0.029 after a step of
-14.6, and diffusers' (x - x0) / sigma loses digits there (minidiff takes dx/dsigma as pred_eps, closer to an
-fp64 run); dpmpp_2m_sde with v_prediction and Karras sigmas (~7e-6): diffusers computes h = lambda_t - lambda_s
-in float32, and its error scales the noise term. `python tests/parity/test_samplers.py` prints the table.
+The tightest cases (`python tests/parity/test_samplers.py` prints the table), each against an fp64 run of
+minidiff: heun, epsilon, linspace, 2 steps, 7.6e-6 (diffusers 7.6e-6 from fp64, minidiff 2.8e-7: its corrector
+is evaluated at sigma = 0.029 after a step of 14.6, where diffusers' (x - x0) / sigma loses digits and minidiff
+takes dx/dsigma as pred_eps); euler with v_prediction, linspace or trailing, 1-2 steps, 7.5e-6 (both sides
+about 5e-6 from fp64: the fp32 rounding of one long step from sigma_max); dpmpp_2m_sde, v_prediction, Karras,
+6.3e-6 (diffusers computes h = lambda_t - lambda_s in float32, and its error scales the noise term).
 """
 
 import math
