@@ -45,12 +45,11 @@ from diffusers import (
 )
 
 from minidiff.samplers import sample
-from minidiff.schedule import NoiseSchedule
+from minidiff.schedule import SPACINGS, NoiseSchedule
 
 RTOL = 1e-5  # max|a - b| / max|b|, fp32
 SEED = 1234
 STEPS = (1, 2, 7, 20, 50)
-SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # SD's scheduler_config.json (SD 2.1-768 ships the same with prediction_type "v_prediction")
