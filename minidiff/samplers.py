@@ -275,7 +275,7 @@ def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsil
 
     The grid comes from `steps`, `spacing` and `steps_offset`, or from a custom `timesteps` list; `karras=True`
     respaces the noise levels of the samplers in KARRAS_SAMPLERS. The noise becomes the first latent as in
-    diffusers (`schedule.init_noise_sigma`; the spacing decides it even with custom timesteps, as there);
+    diffusers (`minidiff.schedule.init_noise_sigma`; the spacing decides it even with custom timesteps, as there);
     `noise_is_x_t=True` takes it instead as the VP latent x_t at the first timestep (img2img: an image noised
     by `schedule.add_noise`). `early_exit` (a fraction of the steps, or a number of steps) stops after that
     step and returns its pred_x0; `progress=True` shows a bar; other keyword options go to the sampler (e.g.
