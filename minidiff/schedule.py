@@ -36,6 +36,15 @@ class NoiseSchedule:
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
 
     def __post_init__(self):
+        T = self.num_train_timesteps
+        if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+            raise SamplerError(f"num_train_timesteps must be an integer of at least 2 (SD: 1000), got {T!r}: "
+                               "check scheduler/scheduler_config.json")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise SamplerError(f"{name} must be a number between 0 and 1 (SD: 0.00085 and 0.012), got {value!r}: "
+                                   "check scheduler/scheduler_config.json")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise SamplerError(
                 f"unknown beta_schedule {self.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}"
@@ -116,8 +125,8 @@ class NoiseSchedule:
         if ts.max() > T - 1:
             raise SamplerError(
                 f"leading spacing with steps_offset={steps_offset} and {steps} steps reaches timestep "
-                f"{int(ts.max())}, past the last one ({T - 1}): use fewer steps, a smaller steps_offset "
-                "or spacing='trailing'"
+                f"{int(ts.max())}, past the last one ({T - 1}): use fewer steps (or, from Python, a smaller "
+                "steps_offset or spacing='trailing')"
             )
         ts = np.sort(ts)[::-1].copy()
         return torch.from_numpy(ts.astype(np.int64)) if rounded else torch.from_numpy(ts.astype(np.float64))

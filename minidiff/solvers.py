@@ -71,7 +71,7 @@ def _multistep_grid(schedule, steps, spacing="leading", steps_offset=1, timestep
     if len(sigmas) > 1 and (sigmas[1:] >= sigmas[:-1]).any():
         raise SamplerError(
             f"spacing={spacing!r} with {steps} steps repeats timesteps ({ts.tolist()[-5:]} at the end): "
-            "use fewer steps or spacing='trailing'"
+            "use fewer steps (or, from Python, spacing='trailing')"
         )
     return ts.tolist(), sigmas.tolist() + [0.0]
 
