@@ -29,6 +29,11 @@ def shown(value, limit: int = 120) -> str:
     return "".join(out) + ("..." if len(text) > limit else "")
 
 
+def literal(value) -> str:
+    """A value as it would be typed: a string in quotes, escaped by `shown`; anything else by its repr."""
+    return f"'{shown(value)}'" if isinstance(value, str) else shown(repr(value))
+
+
 def _is_int(value) -> bool:
     import numpy as np
 
@@ -42,7 +47,7 @@ def check_int(name: str, value, low=None, high=None, fix: str = "", optional: bo
     allowed = (f"an integer from {low} to {high}" if low is not None and high is not None else
                f"an integer of at least {low}" if low is not None else "an integer")
     if not _is_int(value):
-        raise InputError(f"{name} must be {allowed}, got {shown(repr(value))} ({type(value).__name__})"
+        raise InputError(f"{name} must be {allowed}, got {literal(value)} ({type(value).__name__})"
                          + (f": {fix}" if fix else ""))
     if (low is not None and value < low) or (high is not None and value > high):
         raise InputError(f"{name} must be {allowed}, got {value}" + (f": {fix}" if fix else ""))
@@ -56,7 +61,7 @@ def check_float(name: str, value, low=None, high=None, fix: str = "", optional: 
     allowed = (f"a number from {low} to {high}" if low is not None and high is not None else
                f"a number of at least {low}" if low is not None else "a finite number")
     if isinstance(value, bool) or not (_is_int(value) or isinstance(value, float) or _is_numpy_float(value)):
-        raise InputError(f"{name} must be {allowed}, got {shown(repr(value))} ({type(value).__name__})"
+        raise InputError(f"{name} must be {allowed}, got {literal(value)} ({type(value).__name__})"
                          + (f": {fix}" if fix else ""))
     value = float(value)
     if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
@@ -72,7 +77,7 @@ def _is_numpy_float(value) -> bool:
 
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise InputError(f"{name} must be True or False, got {shown(repr(value))} ({type(value).__name__})")
+        raise InputError(f"{name} must be True or False, got {literal(value)} ({type(value).__name__})")
     return value
 
 
@@ -81,7 +86,7 @@ def check_choice(name: str, value, choices, optional: bool = False):
     if value is None and optional:
         return None
     if not isinstance(value, str) or value not in choices:
-        raise InputError(f"unknown {name} {shown(repr(value))}: use one of {', '.join(map(str, choices))}")
+        raise InputError(f"unknown {name} {literal(value)}: use one of {', '.join(map(str, choices))}")
     return value
 
 
@@ -90,11 +95,11 @@ def check_text(name: str, value, optional: bool = False) -> str:
     if value is None and optional:
         return None
     if not isinstance(value, str):
-        raise InputError(f"{name} must be a string, got {shown(repr(value))} ({type(value).__name__})")
+        raise InputError(f"{name} must be a string, got {literal(value)} ({type(value).__name__})")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InputError(f"{name} {shown(repr(value))} is not valid UTF-8 text: retype it, or save it as UTF-8"
+        raise InputError(f"{name} {literal(value)} is not valid UTF-8 text: retype it, or save it as UTF-8"
                          ) from None
     return value
 
@@ -105,7 +110,7 @@ def check_seed(value, name: str = "seed"):
 
 def check_path_like(name: str, value) -> Path:
     if not isinstance(value, (str, os.PathLike)) or (isinstance(value, str) and not value):
-        raise InputError(f"{name} must be a path (str or pathlib.Path), got {shown(repr(value))}")
+        raise InputError(f"{name} must be a path (str or pathlib.Path), got {literal(value)}")
     check_text(name, str(value))
     return Path(value)
 
@@ -174,19 +179,19 @@ def check_device(device):
     if device is None:
         return None
     if not isinstance(device, (str, torch.device)):
-        raise InputError(f"device must be a string such as 'cpu' or 'cuda', got {shown(repr(device))}")
+        raise InputError(f"device must be a string such as 'cpu' or 'cuda', got {literal(device)}")
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise InputError(f"unknown device {shown(repr(device))}: use cpu, cuda, cuda:N or mps") from None
+        raise InputError(f"unknown device {literal(device)}: use cpu, cuda, cuda:N or mps") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {shown(repr(str(device)))}: no CUDA GPU is available here; use cpu")
+            raise InputError(f"device {literal(str(device))}: no CUDA GPU is available here; use cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise InputError(f"device {shown(repr(str(device)))}: there are only {torch.cuda.device_count()} "
+            raise InputError(f"device {literal(str(device))}: there are only {torch.cuda.device_count()} "
                              f"CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device {shown(repr(str(device)))}: MPS is not available here; use cpu")
+        raise InputError(f"device {literal(str(device))}: MPS is not available here; use cpu")
     elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"device {shown(repr(str(device)))} is not supported: use cpu, cuda, cuda:N or mps")
+        raise InputError(f"device {literal(str(device))} is not supported: use cpu, cuda, cuda:N or mps")
     return device

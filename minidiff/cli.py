@@ -18,14 +18,22 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from minidiff.checks import (check_choice, check_device, check_float, check_input_file, check_int, check_seed,
-                             check_text, shown)
+from minidiff.checks import (
+    check_choice,
+    check_device,
+    check_float,
+    check_input_file,
+    check_int,
+    check_seed,
+    check_text,
+    literal,
+    shown,
+)
 from minidiff.errors import InputError, MinidiffError, OutputError
 from minidiff.files import atomic_save, check_writable
 
-
-IMAGE_FORMATS = {".png": "PNG", ".gif": "GIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-                 ".tiff": "TIFF"}  # --out and --grid: the extension decides the format
+IMAGE_FORMATS = {".png": "PNG", ".gif": "GIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}  # --out and --grid: the extension decides the format
 ANIMATION_FORMATS = {".gif": "GIF", ".png": "PNG", ".webp": "WEBP"}  # --trace: GIF, animated PNG, animated WebP
 MAX_SIDE = 16384  # px: far past what any SD model was trained for; the memory estimate decides below this
 
@@ -39,7 +47,7 @@ def parse_size(text: str, option: str = "--size"):
         else:
             width = height = int(text)
     except ValueError:
-        raise InputError(f"{option} must be N or WIDTHxHEIGHT, e.g. 512 or 640x384; got {shown(repr(text))}") from None
+        raise InputError(f"{option} must be N or WIDTHxHEIGHT, e.g. 512 or 640x384; got {literal(text)}") from None
     for side in (width, height):
         if side < 8 or side % 8 or side > MAX_SIDE:
             fix = min(max(8, 8 * round(side / 8)), MAX_SIDE)
@@ -50,6 +58,7 @@ def parse_size(text: str, option: str = "--size"):
 
 def output_format(option: str, path, formats: dict) -> str:
     """The file format an output's extension asks for; unknown or missing extensions are refused up front."""
+    check_text(option, str(path))
     if Path(path).is_dir():
         raise OutputError(f"{option} {shown(path)} is a folder: give a file name such as "
                           f"{shown(Path(path) / ('out' + next(iter(formats))))}")

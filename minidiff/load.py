@@ -78,7 +78,7 @@ def read_pickle(path, allow_pickle: bool) -> dict:
         except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused an object that is not a tensor
-        raise refused("it holds Python objects besides tensors") from None
+        raise refused("it holds something other than tensors (Python objects, or damaged data)") from None
     except Exception:  # truncated, or not a torch file at all
         raise refused("it is damaged or not a PyTorch checkpoint") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -232,7 +232,7 @@ def check_state(model, state: dict, source) -> None:
                   for k in wrong]
         lines.append(f"  {len(wrong)} wrong shape(s): " + "; ".join(shapes[:4]) + (" ..." if len(wrong) > 4 else ""))
     lines += [f"  -> {hint}" for hint in hints(expected, state, missing, unexpected, wrong)]
-    raise CheckpointError("\n".join(lines))
+    raise CheckpointError(lines[0] + " " + "; ".join(line.strip() for line in lines[1:]))  # one line
 
 
 def hints(expected: dict, state: dict, missing: list, unexpected: list, wrong: list) -> list:
@@ -308,8 +308,8 @@ def inferred(infer, source, *args) -> dict:
         return infer(*args)
     except (KeyError, StopIteration, ValueError, IndexError) as error:
         raise CheckpointError(f"cannot read the architecture from the tensors of {shown(source)} "
-                              f"({type(error).__name__}: {shown(error)}): not an SD 1.x/2.x checkpoint? Pass config=... "
-                              "to say what it is") from None
+                              f"({type(error).__name__}: {shown(error)}): not an SD 1.x/2.x checkpoint? "
+                              "Pass config=... to say what it is") from None
 
 
 def converted(state: dict, component: str, config: dict, prefix: str) -> dict:

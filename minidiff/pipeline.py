@@ -18,8 +18,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minidiff.checks import (check_bool, check_choice, check_device, check_float, check_input_file, check_int,
-                             check_memory, check_path_like, check_seed, check_text, shown)
+from minidiff.checks import (
+    check_bool,
+    check_choice,
+    check_device,
+    check_float,
+    check_input_file,
+    check_int,
+    check_memory,
+    check_path_like,
+    check_seed,
+    check_text,
+    literal,
+    shown,
+)
 from minidiff.errors import InputError, MinidiffError
 from minidiff.samplers import SAMPLERS, sample
 
@@ -61,7 +73,10 @@ def from_pil(image, height=None, width=None) -> torch.Tensor:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image.load()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own, larger limit
+            raise InputError(f"the input image {shown(path)} claims more than {MAX_IMAGE_PIXELS // 2**20} megapixels "
+                             "in its header: resize it first") from None
+        except (OSError, ValueError, SyntaxError) as e:
             raise InputError(f"cannot read the input image {shown(path)}: {shown(e)}. Give a complete PNG or JPEG "
                              "file") from None
     image = image.convert("RGB")
@@ -75,7 +90,7 @@ def prompt_list(name: str, prompt) -> list:
     """A prompt or a non-empty list of prompts, as a list of strings."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise InputError(f"{name} must be a string or a non-empty list of strings, got {shown(repr(prompt))} "
+        raise InputError(f"{name} must be a string or a non-empty list of strings, got {literal(prompt)} "
                          f"({type(prompt).__name__})")
     return [check_text(name, p) for p in prompts]
 
@@ -329,12 +344,12 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     speed_names = [name for name in inspect.signature(optimize).parameters if name != "target"]
     unknown = [name for name in speed_options if name not in speed_names]
     if unknown:
-        raise InputError(f"load_pipeline() has no option {shown(repr(unknown[0]))}: its own are dtype, device, taesd, "
+        raise InputError(f"load_pipeline() has no option {literal(unknown[0])}: its own are dtype, device, taesd, "
                          f"variant, prediction_type, allow_pickle, and the speed options {', '.join(speed_names)}")
     if isinstance(dtype, str) or dtype is None:
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else None
     if isinstance(dtype, str) or not (dtype is None or dtype in DTYPES.values()):
-        raise InputError(f"unknown dtype {shown(repr(dtype))}: use one of {', '.join(DTYPES)} (or torch.float32, "
+        raise InputError(f"unknown dtype {literal(dtype)}: use one of {', '.join(DTYPES)} (or torch.float32, "
                          "torch.float16, torch.bfloat16)")
     check_device(device)
     if taesd is not None:
