@@ -22,7 +22,6 @@ from minidiff.checks import (
     check_choice,
     check_device,
     check_float,
-    check_input_file,
     check_int,
     check_seed,
     check_text,
@@ -105,7 +104,10 @@ def check_generate_args(args) -> dict:
     strength = check_float("--strength", 0.8 if args.strength is None else args.strength, 0.0, 1.0,
                            "the fraction of the steps run from the noised image")
     if args.image is not None:
-        check_input_file(args.image, "--image", max_bytes=256 * 2**20)
+        from minidiff.pipeline import from_pil
+
+        check_text("--image", args.image)
+        from_pil(args.image)  # a complete picture, within the size limits: read now, before the model loads
         if (args.trace or args.grid) and int(steps * strength) == 0:
             raise InputError(f"--strength {strength} runs {int(steps * strength)} of the {steps} steps, so there is "
                              "nothing to trace: raise --strength (or --steps), or drop --trace/--grid")

@@ -241,6 +241,8 @@ CLI_ROWS = [
     ("prompt-not-utf8", ["generate", "a red \udcff circle", "--steps", "1"], "is not valid UTF-8 text"),
     ("negative-not-utf8", [*GENERATE, "--negative", "\udcfe"], "--negative '\\udcfe' is not valid UTF-8"),
     ("model-not-utf8", [*GENERATE, "--model", "mod\udce9l"], "--model"),
+    ("out-not-utf8", [*GENERATE, "--out", "@\udcffa.png"], "--out"),
+    ("trace-not-utf8", [*GENERATE, "--trace", "@\udcfft.gif"], "is not valid UTF-8"),
     # outputs: extension, folder, collisions, existing files
     ("out-is-folder", [*GENERATE, "--out", "@"], "is a folder: give a file name"),
     ("out-no-extension", [*GENERATE, "--out", "@picture"], "has no extension: name it e.g."),
@@ -394,9 +396,7 @@ def nan_vae(monkeypatch):
 
 NUMBER_ROWS = [
     ("unet-nan", nan_unet, [], "the model returned NaN or inf at step 0"),
-    ("vae-nan", nan_vae, [], "the VAE decoder returned NaN or inf"),
-    ("vae-nan-with-trace", nan_vae, ["--trace", "t.gif"], "the VAE decoder returned NaN or inf"),
-    ("vae-nan-fp16", nan_vae, ["--dtype", "float16"], "also after its float32 redo"),
+    ("vae-nan-fp16-with-trace", nan_vae, ["--dtype", "float16", "--trace", "t.gif"], "also after its float32 redo"),
 ]
 
 
@@ -432,7 +432,7 @@ def run(args, cwd, timeout=60):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, timeout=timeout)
 
 
-SUBPROCESS_ROWS = ["sigterm-while-writing", "fifo-weights", "fifo-as-model", "prompt-bytes", "out-bytes"]
+SUBPROCESS_ROWS = ["sigterm-while-writing", "fifo-weights", "prompt-bytes"]
 
 
 def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
@@ -441,22 +441,19 @@ def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("model", ["fifo_weights", "fifo.safetensors"])
-def test_fifo_as_weights_is_refused_without_hanging(files, tmp_path, model):
-    result = run([sys.executable, "-m", "minidiff", *GENERATE, "--model", str(files[model]), "--out", "a.png"],
+def test_fifo_as_weights_is_refused_without_hanging(files, tmp_path):
+    result = run([sys.executable, "-m", "minidiff", *GENERATE, "--model", str(files["fifo_weights"]), "--out", "a.png"],
                  tmp_path, timeout=ROW_SECONDS)
     err = result.stderr.decode()
     assert result.returncode == 2 and "is a FIFO, not a regular file" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("position", "fragment"), [(1, "the prompt"), (-1, "--out")])
-def test_arguments_that_are_not_utf8(tmp_path, position, fragment):
-    argv = [b"generate", b"a red circle", b"--steps", b"1", b"--out", b"a.png"]
-    argv[position] = argv[position].replace(b"a", b"\xff", 1)
+def test_a_prompt_that_is_not_utf8(tmp_path):
+    argv = [b"generate", b"a red \xff circle", b"--steps", b"1", b"--out", b"a.png"]
     result = run([sys.executable.encode(), b"-m", b"minidiff", *argv], tmp_path)
     err = result.stderr.decode(errors="replace")
-    assert result.returncode == 2 and f"minidiff: error: {fragment}" in err and "not valid UTF-8" in err, err
+    assert result.returncode == 2 and "minidiff: error: the prompt" in err and "not valid UTF-8" in err, err
     assert "Traceback" not in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
 
