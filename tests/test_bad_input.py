@@ -315,7 +315,7 @@ CLI_ROWS = [
     ("sampler-table-grid-exists", ["sampler-table", "--grid", "@old.png"], "already exists"),
     ("sampler-table-device", ["sampler-table", "--device", "tpu"], "unknown device"),
     ("bench-size-zero", ["bench", "--size", "0"], "--size must be an integer from 8"),
-    ("bench-size-odd", ["bench", "--size", "100"], "multiple of 8 px"),
+    ("bench-size-odd", ["bench", "--config", "tiny", "--size", "100"], "multiple of 64"),
     ("bench-images-zero", ["bench", "--images", "0"], "--images must be"),
     ("bench-threads-zero", ["bench", "--threads", "0"], "--threads must be"),
     ("bench-steps-zero", ["bench", "--steps", "0"], "--steps must be"),
