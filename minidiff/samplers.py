@@ -267,6 +267,20 @@ def _early_exit_steps(early_exit, n_steps: int):
     )
 
 
+def _shape_checked(model):
+    """model, with an output that is not shaped like its input x_t refused (it would broadcast silently)."""
+
+    def checked(x, t):
+        out = model(x, t)
+        if not torch.is_tensor(out) or out.shape != x.shape:
+            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise SamplerError(f"the model returned {got} for x_t of shape {tuple(x.shape)}: it must return eps "
+                               "(or v, or x0) shaped like x_t; check its output channels (out_channels)")
+        return out
+
+    return checked
+
+
 @torch.no_grad()
 def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsilon", schedule=None,
            spacing="leading", steps_offset=1, timesteps=None, karras=False, eta=None, generator=None,
@@ -297,6 +311,23 @@ def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsil
     if not torch.is_tensor(noise) or not noise.is_floating_point():
         got = noise.dtype if torch.is_tensor(noise) else type(noise).__name__
         raise SamplerError(f"noise must be a floating-point tensor such as torch.randn(1, 4, 64, 64), got {got}")
+    if noise.ndim < 2 or noise.numel() == 0:
+        raise SamplerError(f"noise must be a batch of latents such as torch.randn(1, 4, 64, 64), got shape "
+                           f"{tuple(noise.shape)}")
+    if not torch.isfinite(noise).all():
+        raise SamplerError("noise holds NaN or inf: start from finite noise such as torch.randn(1, 4, 64, 64)")
+    if not callable(model):
+        raise SamplerError(f"model must be a function (x_t, t) -> eps (or v, or x0), got {type(model).__name__}")
+    if callback is not None and not callable(callback):
+        raise SamplerError(f"callback must be a function (step, timestep, sigma, x, pred_x0), got "
+                           f"{type(callback).__name__}")
+    for name, flag in (("karras", karras), ("progress", progress), ("noise_is_x_t", noise_is_x_t)):
+        if not isinstance(flag, bool):
+            raise SamplerError(f"{name} must be True or False, got {flag!r}")
+    if schedule is not None and not isinstance(schedule, NoiseSchedule):
+        raise SamplerError(f"schedule must be a minidiff NoiseSchedule (e.g. NoiseSchedule.sd()), got "
+                           f"{type(schedule).__name__}")
+    model = _shape_checked(model)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise SamplerError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: "
                            "pass torch.Generator().manual_seed(seed)")

@@ -41,6 +41,15 @@ class NoiseSchedule:
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
 
     def __post_init__(self):
+        T = self.num_train_timesteps
+        if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+            raise SamplerError(f"num_train_timesteps must be an integer of at least 2 (SD: 1000), got {T!r}: "
+                               "check scheduler/scheduler_config.json")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise SamplerError(f"{name} must be a number between 0 and 1 (SD: 0.00085 and 0.012), got {value!r}: "
+                                   "check scheduler/scheduler_config.json")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise SamplerError(
                 f"unknown beta_schedule {self.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}"
@@ -108,8 +117,8 @@ class NoiseSchedule:
         if ts.max() > T - 1:
             raise SamplerError(
                 f"{spacing} spacing with steps_offset={steps_offset} and {steps} steps reaches timestep "
-                f"{int(ts.max())}, past the last one ({T - 1}): use fewer steps, a smaller steps_offset "
-                "or spacing='trailing'"
+                f"{int(ts.max())}, past the last one ({T - 1}): use fewer steps (or, from Python, a smaller "
+                "steps_offset or spacing='trailing')"
             )
 
     def timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 1, rounded: bool = True):
@@ -241,7 +250,7 @@ class NoiseSchedule:
         if (sigmas[1:] >= sigmas[:-1]).any():
             raise SamplerError(
                 f"spacing={spacing!r} with {steps} steps repeats timesteps ({ts.tolist()[-5:]} at the end): "
-                "use fewer steps or spacing='trailing'"
+                "use fewer steps (or, from Python, spacing='trailing')"
             )
         return ts, torch.cat([sigmas, sigmas.new_zeros(1)])
 

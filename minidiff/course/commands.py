@@ -4,17 +4,24 @@
     minidiff sampler-table [--model shapes] [--prompts 200] [--grid samplers.png]
 """
 
-from minidiff.cli import atomic_save, check_writable
-from minidiff.errors import MinidiffError
+from minidiff.checks import check_device, check_float, check_int, check_seed, check_text
+from minidiff.cli import output_format
+from minidiff.files import atomic_save, check_writable
 
 
 def cmd_sampler_table(args):
     from minidiff.course.evaluate import format_table, held_out_prompts, sampler_table, save_grid
     from minidiff.pipeline import load_pipeline
 
-    check_writable(args.grid)
-    if args.prompts < 1:
-        raise MinidiffError(f"--prompts must be a positive integer, got {args.prompts}")
+    check_text("--model", args.model)
+    check_device(args.device)
+    check_int("--prompts", args.prompts, 1, 100000)
+    check_int("--batch", args.batch, 1, 1000, "the prompts per batch, e.g. 50")
+    check_float("--guidance", args.guidance)
+    check_seed(args.seed, "--seed")
+    if args.grid:
+        output_format("--grid", args.grid, {".png": "PNG", ".pdf": "PDF", ".svg": "SVG"})  # what matplotlib writes
+        check_writable(args.grid, overwrite=args.overwrite)
     pipe = load_pipeline(args.model, device=args.device)
     results, images = sampler_table(pipe, args.prompts, args.guidance, args.seed, args.batch)
     print(f"{pipe.source}: {args.prompts} held-out prompts, guidance {args.guidance}, seed {args.seed}")
@@ -40,6 +47,7 @@ def add_commands(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch", type=int, default=50, help="prompts per batch")
     t.add_argument("--grid", help="also write a PNG: a row of pictures per sampler")
+    t.add_argument("--overwrite", action="store_true", help="replace the --grid file if it exists")
     t.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     t.set_defaults(run=cmd_sampler_table)
 
