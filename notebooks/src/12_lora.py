@@ -133,7 +133,8 @@ pipe.unfuse_lora()
 pipe.unload_lora()
 after = pipe.unet.state_dict()
 print(f"ms per UNet call: plain {1000 * plain:.1f}, LoRA unfused {1000 * unfused:.1f}, fused {1000 * fused:.1f}")
-print("weights after fuse, unfuse, unload equal the originals:", all(torch.equal(after[k], v) for k, v in before.items()))
+restored = all(torch.equal(after[k], v) for k, v in before.items())
+print("weights after fuse, unfuse, unload equal the originals:", restored)
 
 # %% [markdown]
 # ## Textual inversion: a new row of the embedding table
