@@ -14,7 +14,8 @@ For a convolution, down is a conv with the layer's kernel, stride and padding an
 
 Two file layouts are read (safetensors only), for the UNet and the text encoder(s):
     kohya / A1111   lora_unet_<module path with _>.lora_down.weight, .lora_up.weight, .alpha;
-                    lora_te_ (lora_te1_, lora_te2_) for the text encoder(s)
+                    lora_te_ (lora_te1_, lora_te2_) for the text encoder(s); the UNet's original (ldm) names too
+                    (lora_unet_input_blocks_1_1_proj_in), through minidiff.keymap
     diffusers/PEFT  unet.<module path>.lora_A.weight, .lora_B.weight (text_encoder.<...> likewise); alpha from the
                     "lora_adapter_metadata" header (lora_alpha, alpha_pattern, r, rank_pattern); the older
                     attention-processor names (attn1.processor.to_q_lora.down.weight, lora_linear_layer) too
@@ -29,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minidiff import keymap
+from minidiff.config import to_diffusers
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.load import PICKLE_SUFFIXES, read_safetensors
 
@@ -224,10 +227,21 @@ def lora_targets(model: nn.Module, prefix: str = "") -> dict:
     return found
 
 
-def _find(targets: dict, key: str, layout: str):
+def _ldm_paths(model, targets: dict) -> dict:
+    """{original (ldm) module path: minidiff path} of a UNet's layers: some kohya files use the original names
+    (input_blocks_1_1_proj_in = down_blocks.0.attentions.0.proj_in), mapped by minidiff.keymap's rules."""
+    if not hasattr(model.config, "block_out_channels"):
+        return {}
+    rules = keymap.invert(keymap.unet_rules(to_diffusers(model.config)))
+    original, _ = keymap.rename({path: path for path in targets}, rules)
+    return {ldm: path for ldm, path in original.items()}
+
+
+def _find(targets: dict, key: str, layout: str, ldm: dict):
     """The module path that a file's name stands for, or None (kohya: dots written as underscores)."""
     if layout == "kohya":
         underscored = {path.replace(".", "_"): path for path in targets}
+        underscored |= {path.replace(".", "_"): target for path, target in ldm.items()}
         return underscored.get(key)
     for path in (key, "text_model." + key):  # transformers >= 5 saves text encoders without "text_model."
         if path in targets:
@@ -295,12 +309,14 @@ def load_lora(pipe, path, scale: float = 1.0, name: str | None = None) -> str:
     groups, layout = read_lora(path)
     models = _models(pipe)
     targets = {component: lora_targets(model) for component, model in models.items()}
+    ldm = {component: _ldm_paths(model, targets[component]) if layout == "kohya" else {}
+           for component, model in models.items()}
     plan, unmatched = [], []
     for (component, key), parts in groups.items():
         if component not in models:
             raise CheckpointError(f"{path} has layers for {component}, which this pipeline does not have: it was "
                                   "made for another base model (lora_te2_ / text_encoder_2: SDXL)")
-        module = _find(targets[component], key, layout)
+        module = _find(targets[component], key, layout, ldm[component])
         if module is None:
             unmatched.append(f"{component}: {key}")
             continue

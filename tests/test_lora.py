@@ -129,3 +129,29 @@ def test_generate_with_lora_and_embedding(shapes, tmp_path, capsys):
     status, printed = run_cli(["generate", "x", "--steps", "1", "--device", "cpu", "--out", str(out), "--lora",
                                str(bad)], capsys)
     assert status == 2 and "another base model" in printed.err and printed.err.count("\n") == 1
+
+
+def test_kohya_files_with_the_original_ldm_names_load_the_same(shapes, tmp_path):
+    """lora_unet_input_blocks_1_1_proj_in names the layer diffusers calls down_blocks.0.attentions.0.proj_in."""
+    from safetensors.torch import load_file
+
+    from minidiff.lora import _ldm_paths
+
+    random_kohya_file(shapes, tmp_path / "diffusers_names.safetensors")
+    to_ldm = {path.replace(".", "_"): ldm.replace(".", "_")
+              for ldm, path in _ldm_paths(shapes.unet, lora_targets(shapes.unet)).items()}
+    renamed = {}
+    for key, value in load_file(tmp_path / "diffusers_names.safetensors").items():
+        name, _, part = key.partition(".")
+        if name.startswith("lora_unet_"):
+            name = "lora_unet_" + to_ldm[name.removeprefix("lora_unet_")]
+        renamed[f"{name}.{part}"] = value
+    assert "lora_unet_input_blocks_1_1_proj_in.alpha" in renamed
+    save_file(renamed, tmp_path / "ldm_names.safetensors")
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, 96)
+    with torch.no_grad():
+        shapes.load_lora(tmp_path / "diffusers_names.safetensors")
+        expected = shapes.unet(x, t, context)
+        shapes.unload_lora()
+        shapes.load_lora(tmp_path / "ldm_names.safetensors")
+        assert torch.equal(shapes.unet(x, t, context), expected)
