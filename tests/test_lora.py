@@ -126,7 +126,8 @@ def test_generate_with_lora_and_embedding(shapes, tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     save_file({"lora_unet_nowhere.lora_down.weight": torch.zeros(2, 3),
                "lora_unet_nowhere.lora_up.weight": torch.zeros(3, 2)}, bad)
-    status, printed = run_cli(["generate", "x", "--steps", "1", "--device", "cpu", "--out", str(out), "--lora",
+    status, printed = run_cli(["generate", "x", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "o2.png"),
+                               "--lora",
                                str(bad)], capsys)
     assert status == 2 and "another base model" in printed.err and printed.err.count("\n") == 1
 
