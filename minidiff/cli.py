@@ -1,6 +1,7 @@
 """The `minidiff` command: generate images, list samplers and models, download weights.
 
     minidiff generate "a red circle" [--model shapes] [--sampler dpmpp_2m] [--steps 20] [--trace t.gif]
+                      [--lora style.safetensors:0.8 ...] [--embedding my-word.safetensors:<my-word> ...]
     minidiff samplers | models | info MODEL | download NAME
     minidiff bench [--config sd15] [--size 256] | profile [--trace t.json] | export-onnx OUT_DIR [--model shapes]
 
@@ -136,14 +137,50 @@ def check_generate_args(args) -> dict:
                 trace=bool(args.trace or args.grid), karras=args.karras)
 
 
+def parse_adapter(flag: str, text: str, parse_tail):
+    """'FILE' or 'FILE:TAIL' -> (FILE, parse_tail(TAIL) or None); a path that exists is taken whole."""
+    path, tail = text, None
+    if not Path(text).is_file() and ":" in text:
+        path, _, tail = text.rpartition(":")
+        tail = parse_tail(tail)
+    if not Path(path).is_file():
+        raise InputError(f"{flag} {text!r}: no such file {path}")
+    return path, tail
+
+
+def lora_scale(text: str) -> float:
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = float("nan")
+    if not math.isfinite(scale):
+        raise InputError(f"--lora: the scale after ':' must be a number, got {text!r} (e.g. style.safetensors:0.8)")
+    return scale
+
+
+def embedding_token(text: str) -> str:
+    if not text.strip() or text != text.strip():
+        raise InputError(f"--embedding: the token after ':' must be a word without spaces around it, got {text!r} "
+                            "(e.g. my-word.safetensors:<my-word>)")
+    return text
+
+
 def cmd_generate(args):
     from minidiff.pipeline import evenly_spaced_steps, load_pipeline, trace_frames, trace_grid
     from minidiff.samplers import SAMPLERS
 
     options = check_generate_args(args)
     check_choice("sampler", args.sampler, sorted(SAMPLERS))
+    loras = [parse_adapter("--lora", spec, lora_scale) for spec in args.lora]
+    words = [parse_adapter("--embedding", spec, embedding_token) for spec in args.embedding]
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype,
                          taesd=args.taesd if args.preview == "taesd" else None)
+    for path, scale in loras:
+        pipe.load_lora(path, 1.0 if scale is None else scale)
+    if loras:
+        pipe.fuse_lora()  # one matmul per layer again: sampling as fast as without LoRAs
+    for path, token in words:
+        pipe.load_textual_inversion(path, token)
     result = pipe(args.prompt, **options)
     outputs = []
     kind = output_format("--out", args.out, IMAGE_FORMATS)
@@ -302,6 +339,10 @@ def build_parser():
     g.add_argument("--grid", help="write a PNG: x_inter and pred_x0 rows at 8 steps")
     g.add_argument("--preview", choices=["vae", "taesd"], default="vae", help="decoder for --trace/--grid")
     g.add_argument("--taesd", default="taesd", help="TAESD weights for --preview taesd")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA, kohya/A1111 or "
+                   "diffusers safetensors, at SCALE (default 1.0); repeatable")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="a textual-inversion "
+                   "embedding (A1111 or diffusers safetensors) whose word is TOKEN (default: the file's); repeatable")
     g.add_argument("--out", default="image.png", help="the image; its extension decides the format (.png, .jpg, "
                    ".webp, ...); several images: NAME_0.png, NAME_1.png, ...")
     g.add_argument("--overwrite", action="store_true", help="replace output files that exist already "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minidiff import embeddings, lora
 from minidiff.checks import (
     check_bool,
     check_choice,
@@ -147,6 +148,27 @@ class Pipeline:
 
     def latent_channels(self) -> int:
         return self.unet.config.in_channels
+
+    # --- adapters: LoRA (minidiff.lora) and textual inversion (minidiff.embeddings) ---------------------
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Attach a LoRA file (kohya/A1111 or diffusers/PEFT safetensors) at `scale`; returns its name."""
+        return lora.load_lora(self, path, scale, name)
+
+    def fuse_lora(self):
+        """Merge the loaded LoRAs into the weights (as fast as no LoRA); unfuse_lora() restores them exactly."""
+        lora.fuse_lora(self)
+
+    def unfuse_lora(self):
+        lora.unfuse_lora(self)
+
+    def unload_lora(self, name: str | None = None):
+        """Remove one LoRA by name, or all of them."""
+        lora.unload_lora(self, name)
+
+    def load_textual_inversion(self, path, token: str | None = None) -> str:
+        """Add the word of an embedding file (A1111 or diffusers safetensors); returns the token to write."""
+        return embeddings.load_textual_inversion(self, path, token)
 
     # --- the three stages ----------------------------------------------------------------------
 

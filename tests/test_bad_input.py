@@ -169,6 +169,17 @@ def files(tmp_path_factory):
     torch.save({"model": torch.nn.Linear(1, 1)}, root / "object.ckpt")
     torch.save([1, 2, 3], root / "list.ckpt")
     (root / "garbage.ckpt").write_bytes(b"\x80\x04garbage")
+    # adapters (minidiff.lora, minidiff.embeddings): a LoRA and an embedding that fit the shapes model, and bad ones
+    to_k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{to_k}.lora_down.weight": torch.zeros(2, 96), f"{to_k}.lora_up.weight": torch.zeros(48, 2)},
+              root / "lora.safetensors")
+    save_file({f"{to_k}.lora_down.weight": torch.zeros(2, 768), f"{to_k}.lora_up.weight": torch.zeros(48, 2)},
+              root / "lora_sd15.safetensors")  # made for SD 1.5's 768-wide text
+    save_file({f"{to_k}.lora_down.weight": torch.zeros(2, 96), f"{to_k}.lora_up.weight": torch.zeros(48, 4)},
+              root / "lora_ranks.safetensors")
+    torch.save({f"{to_k}.lora_down.weight": torch.zeros(2, 96)}, root / "lora.pt")
+    save_file({"<w>": torch.zeros(96)}, root / "embedding.safetensors")
+    save_file({"emb_params": torch.zeros(1, 768)}, root / "embedding_sd15.safetensors")
     return {"root": root, **{name: root / name for name in os.listdir(root)}, **models}
 
 
@@ -198,6 +209,17 @@ CLI_ROWS = [
     ("seed-word", [*GENERATE, "--seed", "lucky"], "invalid int value"),
     ("size-zero", [*GENERATE, "--size", "0"], "--size 0: each side must be a multiple of 8"),
     ("size-negative", [*GENERATE, "--size", "-64"], "multiple of 8"),
+    # adapters: --lora FILE[:SCALE], --embedding FILE[:TOKEN]
+    ("lora-missing", [*GENERATE, "--lora", "nowhere.safetensors"], "--lora 'nowhere.safetensors': no such file"),
+    ("lora-scale-word", [*GENERATE, "--lora", "{lora.safetensors}:abc"], "the scale after ':' must be a number"),
+    ("lora-scale-nan", [*GENERATE, "--lora", "{lora.safetensors}:nan"], "must be a number, got 'nan'"),
+    ("lora-pickle", [*GENERATE, "--lora", "{lora.pt}"], "is a pickle file"),
+    ("lora-wrong-base", [*GENERATE, "--lora", "{lora_sd15.safetensors}"], "made for another base model"),
+    ("lora-wrong-rank", [*GENERATE, "--lora", "{lora_ranks.safetensors}"], "rank 2 but lora_up rank 4"),
+    ("lora-not-a-lora", [*GENERATE, "--lora", "{embedding.safetensors}"], "is not a LoRA"),
+    ("embedding-missing", [*GENERATE, "--embedding", "gone.safetensors:<w>"], "no such file"),
+    ("embedding-empty-token", [*GENERATE, "--embedding", "{embedding.safetensors}:"], "the token after ':'"),
+    ("embedding-wrong-base", [*GENERATE, "--embedding", "{embedding_sd15.safetensors}:<w>"], "768 wide"),
     ("size-not-multiple", [*GENERATE, "--size", "63"], "try 64"),
     ("size-huge", [*GENERATE, "--size", "100000"], "from 8 to 16384"),
     ("size-word", [*GENERATE, "--size", "big"], "--size must be N or WIDTHxHEIGHT"),
@@ -336,6 +358,9 @@ def expand(argv, files, out: Path):
     for arg in argv:
         if arg.startswith("{") and arg.endswith("}"):
             arg = str(files[arg[1:-1]])
+        elif arg.startswith("{") and "}:" in arg:  # an adapter spec, {file}:tail
+            name, _, tail = arg[1:].partition("}:")
+            arg = f"{files[name]}:{tail}"
         elif arg.startswith("@"):
             arg = str(out / arg[1:]) if arg != "@" else str(out)
         expanded.append(arg)
