@@ -502,7 +502,7 @@ def write_results(path, results: list) -> None:
     import csv
     import json
 
-    from minidiff.cli import atomic_save
+    from minidiff.files import atomic_save
 
     rows = [dataclasses.asdict(r) for r in results]
     if str(path).endswith(".json"):
