@@ -9,38 +9,50 @@ From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a C
 else fp32) and keep the options of the rung before. The rungs up to +compile (and +CUDA graphs, torch.compile's
 "reduce-overhead" mode) use only options diffusers itself offers; +freeze and +reuse memory are minidiff's.
 
+Peers: other engines timed on the same weights and inputs (benchmarks/vs_diffusers.py: diffusers; the library
+imports none). A peer is a factory (config, state: fp32 tensors it must not change, dtype, device, rung: Rung) ->
+a callable (x, t, context). A torch module it returns runs behind the rung's options (FastUNet), as minidiff's
+UNet does; any other callable (an engine with its own compiler) is called as it is, with `t` an int.
+
 Columns:
     ms/step, it/s -> one UNet call on the classifier-free-guidance batch (2 per image), median over steps x repeats
-                     calls, taken in turns with diffusers' (A B B A ...)
+                     calls, taken in turns with the peers' (A B B A ...)
     e2e s         -> `steps` Euler steps with guidance plus the decode to pixels, median over the repeats
     peak MB       -> CUDA max allocated, or the process's peak resident memory (VmHWM) on a CPU
     max dev       -> max |out - out_fp32_eager| / max |out_fp32_eager| on one UNet call; PASS if <= tol
-    diffusers     -> diffusers' UNet2DConditionModel with the same weights (the keys are the same), options and
-                     inputs, called alternately with minidiff's; ratio = minidiff ms / diffusers ms
-The summary under the table compares minidiff's fastest rung of the full network with diffusers' fastest rung
-among those with diffusers' own options (torch.compile with default options, as diffusers documents it), and
-with diffusers' UNet run behind minidiff's options too (the diffusers column of the +freeze and later rungs).
+    NAME ms       -> per peer: its median ms/step; ratio = minidiff ms / NAME ms; vs NAME = max |out_NAME - out| /
+                     max |out| on the same call
+The summary compares minidiff's fastest rung of the full network with each peer's fastest among the rungs with
+options the peer offers itself (diffusers: up to torch.compile with default options, as it documents), and with
+the peer's fastest behind minidiff's options too (+freeze and later).
 The weights are random: the timings are those of the real network, the images are noise.
 """
 
+import csv
 import dataclasses
-import platform
+import importlib.metadata
+import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from minidiff.config import to_diffusers
+from minidiff import measure
 from minidiff.errors import MinidiffError
+from minidiff.files import atomic_save
+from minidiff.load import build, meta_model
+from minidiff.pipeline import guided
+from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
 from minidiff.speed import FastUNet, reuse_freed_memory, reuse_memory_available, timestep_tensor
 from minidiff.taesd import TAESD
+from minidiff.tokenizer import MAX_LENGTH
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
 
-TEXT_LENGTH = 77  # CLIP's context length
+GUIDANCE_SCALE = 7.5  # of the end-to-end runs
 # max |out - out_fp32_eager| / max |out_fp32_eager| that a rung in this dtype must meet
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -55,7 +67,7 @@ class Rung:
     compile: bool = False
     freeze: bool = False  # with compile: Inductor freezing (minidiff.speed.FastUNet)
     cuda_graphs: bool = False
-    reuse_memory: bool = False  # minidiff.speed.reuse_freed_memory (process-wide: diffusers' calls reuse it too)
+    reuse_memory: bool = False  # minidiff.speed.reuse_freed_memory (process-wide: the peers' calls reuse it too)
     decoder: str = "vae"  # "vae" (AutoencoderKL) or "taesd"
     distilled: str | None = None  # None, "small" or "tiny": the BK-SDM version of the configuration
     tolerance: float | None = None  # bound on max dev; None: another network, nothing to compare with
@@ -64,6 +76,13 @@ class Rung:
     def minidiff_options(self) -> bool:
         """Options diffusers does not offer itself (its UNet runs behind minidiff's FastUNet for the comparison)."""
         return self.freeze or self.reuse_memory
+
+
+@dataclass
+class PeerResult:
+    ms_per_step: float
+    ratio: float  # minidiff's ms / the peer's ms
+    max_dev: float | None  # max |out_peer - out| / max |out|, against minidiff's output on the same rung
 
 
 @dataclass
@@ -78,12 +97,10 @@ class Result:
     max_dev: float | None
     tolerance: float | None
     passed: bool
-    diffusers_ms: float | None = None
-    ratio: float | None = None
-    dev_vs_diffusers: float | None = None
     syncs: int | None = None  # host-device synchronisations while sampling (GPU only)
     distilled: str | None = None  # the BK-SDM rungs run another (smaller) network
     minidiff_options: bool = False  # the rung uses options diffusers does not offer (freeze, reuse memory)
+    peers: dict = field(default_factory=dict)  # name -> PeerResult
 
 
 def fast_dtype(device) -> torch.dtype:
@@ -141,125 +158,17 @@ def random_weights(module: nn.Module, generator: torch.Generator) -> dict:
     return state
 
 
-def build(model_class, config, state: dict, dtype, device) -> nn.Module:
-    """`model_class(config)` on meta, then given `state` in `dtype` (the same tensors when nothing changes)."""
-    with torch.device("meta"):
-        model = model_class(config)
-    model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True, assign=True)
-    return model.eval()
+def with_weights(model_class, config, state: dict, dtype, device) -> nn.Module:
+    """model_class(config) built on meta and given `state` in `dtype` (load.build, on a copy: `state` is kept)."""
+    return build(meta_model(model_class, config), dict(state), "random weights", dtype, device)
 
 
-class DiffusersUNet(nn.Module):
-    """diffusers' UNet2DConditionModel, called like minidiff's UNet: (x, t, context) -> tensor."""
-
-    def __init__(self, config: UNetConfig, state: dict, dtype, device):
-        super().__init__()
-        from diffusers import UNet2DConditionModel
-
-        with torch.device("meta"):
-            self.model = UNet2DConditionModel.from_config(to_diffusers(config))
-        self.model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True, assign=True)
-        self.model.eval()
-        self.config = config
-
-    def forward(self, x, t, context):
-        return self.model(x, t, context, return_dict=False)[0]
-
-
-def diffusers_available() -> bool:
+def engine_version(name: str) -> str:
+    """'diffusers 0.32.1' when a package of that name is installed, else the name alone."""
     try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# --- measuring -----------------------------------------------------------------------------------------
-
-
-def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class CallTimer:
-    """Wraps a function and records how long each call takes: CUDA events on a GPU (no sync inside the loop, the
-    times are read after it), the wall clock on a CPU (where every operator runs synchronously)."""
-
-    def __init__(self, function, device):
-        self.function, self.cuda = function, torch.device(device).type == "cuda"
-        self.records = []
-
-    def __call__(self, *args):
-        if not self.cuda:
-            start = time.perf_counter()
-            out = self.function(*args)
-            self.records.append(1000 * (time.perf_counter() - start))
-            return out
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = self.function(*args)
-        end.record()
-        self.records.append((start, end))
-        return out
-
-    def milliseconds(self) -> list:
-        if not self.cuda:
-            return list(self.records)
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in self.records]
-
-
-def reset_peak_memory(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then the peak is the process's peak so far
-
-
-def peak_memory_mb(device) -> float:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def guided(unet_call, context, guidance_scale: float = 7.5):
-    """(x_t, t) -> eps with classifier-free guidance, one batched call on [uncond, cond] (context holds both)."""
-
-    def model(x, t):
-        pred_uncond, pred_cond = unet_call(torch.cat([x, x]), t, context).chunk(2)
-        return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-
-    return model
-
-
-def relative_error(out, reference) -> float:
-    """max |out - reference| / max |reference|, in float32."""
-    return ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
-
-
-def count_syncs(function) -> int:
-    """How many host-device synchronisations `function()` makes on a GPU (torch.cuda.set_sync_debug_mode)."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            function()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+        return f"{name} {importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        return name
 
 
 # --- the ladder ----------------------------------------------------------------------------------------
@@ -269,7 +178,7 @@ def resolve_config(config) -> UNetConfig:
     if isinstance(config, UNetConfig):
         return config
     presets = [name for name, value in vars(UNetConfig).items() if isinstance(value, classmethod)
-               and name not in ("from_diffusers",)]
+               ]
     if config not in presets:
         raise MinidiffError(f"unknown UNet config {config!r}: use one of {', '.join(presets)}")
     return getattr(UNetConfig, config)()
@@ -302,13 +211,11 @@ def make_setup(config, size: int, images: int, steps: int, repeats: int, device,
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MinidiffError("device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu")
     generator = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        skeleton = UNet(config)
-    state = {k: v.to(device) for k, v in random_weights(skeleton, generator).items()}
+    state = {k: v.to(device) for k, v in random_weights(meta_model(UNet, config), generator).items()}
     h = size // 8
     randn = lambda *shape: torch.randn(shape, generator=generator).to(device)
     return Setup(config, device, h, images, steps, repeats, state, randn(2 * images, config.in_channels, h, h),
-                 randn(2 * images, TEXT_LENGTH, config.cross_attention_dim), randn(images, config.in_channels, h, h))
+                 randn(2 * images, MAX_LENGTH, config.cross_attention_dim), randn(images, config.in_channels, h, h))
 
 
 def build_decoders(setup: Setup, dtype, rung: Rung, compile_options):
@@ -319,9 +226,8 @@ def build_decoders(setup: Setup, dtype, rung: Rung, compile_options):
     else:
         config = VAEConfig.tiny() if setup.config.block_out_channels[0] < 320 else VAEConfig.sd()
         model_class = AutoencoderKL
-    with torch.device("meta"):
-        skeleton = model_class(config)
-    decoder = build(model_class, config, random_weights(skeleton, generator), dtype, setup.device)
+    state = random_weights(meta_model(model_class, config), generator)
+    decoder = with_weights(model_class, config, state, dtype, setup.device)
     if rung.channels_last:
         decoder.to(memory_format=torch.channels_last)
     if rung.compile:
@@ -329,18 +235,20 @@ def build_decoders(setup: Setup, dtype, rung: Rung, compile_options):
     return decoder
 
 
-def unets(setup: Setup, rung: Rung, with_diffusers: bool, compile_options: dict):
-    """(minidiff's, diffusers' or None) UNets for the rung, behind its speed options."""
+def unets(setup: Setup, rung: Rung, peers: dict, compile_options: dict):
+    """(minidiff's UNet, {name: the peer's}) for the rung; minidiff's and the peers' modules behind its options."""
     config = setup.config if rung.distilled is None else distilled_config(setup.config, rung.distilled)
     state = setup.state
     if rung.distilled is not None:
-        with torch.device("meta"):
-            skeleton = UNet(config)
+        skeleton = meta_model(UNet, config)
         state = {k: v.to(setup.device) for k, v in random_weights(skeleton, torch.Generator().manual_seed(2)).items()}
     options = dict(channels_last=rung.channels_last, compile=rung.compile, freeze=rung.freeze,
                    cuda_graphs=rung.cuda_graphs, compile_options=compile_options)
-    ours = FastUNet(build(UNet, config, state, rung.dtype, setup.device), **options)
-    theirs = FastUNet(DiffusersUNet(config, state, rung.dtype, setup.device), **options) if with_diffusers else None
+    ours = FastUNet(with_weights(UNet, config, state, rung.dtype, setup.device), **options)
+    theirs = {}
+    for name, factory in peers.items():
+        peer = factory(config, state, rung.dtype, setup.device, rung)
+        theirs[name] = FastUNet(peer, **options) if isinstance(peer, nn.Module) else peer
     return ours, theirs
 
 
@@ -352,88 +260,76 @@ def cached(cache: dict, key, make):
     return cache[key]
 
 
-def run_rung(setup: Setup, rung: Rung, reference_out, with_diffusers: bool, compile_options: dict, log,
+def run_rung(setup: Setup, rung: Rung, reference_out, peers: dict, compile_options: dict, log,
              caches=None) -> Result:
-    """Measure one rung; `caches` (two dicts) let consecutive rungs with the same options share models."""
+    """Measure one rung, with the peers ({name: factory}); `caches` (two dicts) let consecutive rungs with the
+    same options share models."""
     unet_cache, decoder_cache = caches or ({}, {})
     if reuse_memory_available():
         reuse_freed_memory(rung.reuse_memory)
     options = (rung.dtype, rung.channels_last, rung.compile)
     ours, theirs = cached(unet_cache, (rung.distilled, rung.freeze, rung.cuda_graphs, *options),
-                          lambda: unets(setup, rung, with_diffusers, compile_options))
+                          lambda: unets(setup, rung, peers, compile_options))
     decoder = cached(decoder_cache, (rung.decoder, *options),
                      lambda: build_decoders(setup, rung.dtype, rung, compile_options))
     x, context, t = setup.x.to(rung.dtype), setup.context.to(rung.dtype), 500
 
     with torch.no_grad():
         out = ours(x, t, context)  # the first call also compiles / captures
-        dev = None if rung.tolerance is None else relative_error(out, reference_out)
-        dev_theirs = relative_error(theirs(x, t, context), out) if theirs is not None else None
+        dev = None if rung.tolerance is None else measure.relative_error(out, reference_out)
+        peer_devs = {name: measure.relative_error(peer(x, t, context), out) for name, peer in theirs.items()}
         if rung.cuda_graphs:
             out = ours(x, t, context)  # a replay of the captured graph
-            dev = None if rung.tolerance is None else relative_error(out, reference_out)
+            dev = None if rung.tolerance is None else measure.relative_error(out, reference_out)
         ours(x, t, context)  # warm-up: the first calls after compiling are slow
-        if theirs is not None:
-            theirs(x, t, context)
+        for peer in theirs.values():
+            peer(x, t, context)
         decoder.decode(setup.noise[:1].to(rung.dtype) / decoder.scaling_factor)  # warm-up (and compile)
 
-    # UNet ms/step: single calls on the same inputs, minidiff and diffusers taking turns and turns going first
-    # (A B B A ...), so that each sees the machine, its caches and the allocator's state as the other does
-    timers = [CallTimer(ours, setup.device)] + ([CallTimer(theirs, setup.device)] if theirs is not None else [])
+    # UNet ms/step: single calls on the same inputs, minidiff and the peers taking turns and turns going first
+    # (A B B A ...), so that each sees the machine, its caches and the allocator's state as the others do
+    timers = [measure.CallTimer(call, setup.device) for call in (ours, *theirs.values())]
     with torch.no_grad():
         for call in range(setup.steps * setup.repeats):
             for timer in timers if call % 2 == 0 else timers[::-1]:
                 timer(x, t, context)
-    medians = [statistics.median(timer.milliseconds()) for timer in timers]
-    log(f"  {rung.name}: {setup.steps * setup.repeats} UNet calls timed, median ms minidiff {medians[0]:.1f}"
-        + (f", diffusers {medians[1]:.1f}" if theirs is not None else ""))
+    ms, *peer_ms = [statistics.median(timer.milliseconds()) for timer in timers]
+    log(f"  {rung.name}: {setup.steps * setup.repeats} UNet calls timed, median ms minidiff {ms:.1f}"
+        + "".join(f", {name} {value:.1f}" for name, value in zip(theirs, peer_ms)))
 
     # end to end: minidiff's sampling loop with guidance, then the decode
-    noise = setup.noise.to(rung.dtype)
-    schedule = NoiseSchedule.sd()
+    noise, schedule = setup.noise.to(rung.dtype), NoiseSchedule.sd()
+    sampling = lambda: sample(guided(ours, context, GUIDANCE_SCALE), noise, "euler", setup.steps, schedule=schedule)
     e2e, decode_ms, peaks = [], [], []
-    from minidiff.samplers import sample
-
     for repeat in range(setup.repeats):
-        reset_peak_memory(setup.device)
-        synchronize(setup.device)
+        measure.reset_peak_memory(setup.device)
+        measure.synchronize(setup.device)
         start = time.perf_counter()
-        latents = sample(guided(ours, context), noise, "euler", setup.steps, schedule=schedule)
+        latents = sampling()
         decode_start = time.perf_counter()
         with torch.no_grad():
             decoder.decode(latents / decoder.scaling_factor)
-        synchronize(setup.device)
+        measure.synchronize(setup.device)
         end = time.perf_counter()
         e2e.append(end - start)
         decode_ms.append(1000 * (end - decode_start))
-        peaks.append(peak_memory_mb(setup.device))
+        peaks.append(measure.peak_memory_mb(setup.device))
         log(f"  {rung.name}: end-to-end run {repeat + 1}/{setup.repeats} done")
 
     syncs = None
     if setup.device.type == "cuda":  # the one expected: the NaN check after the loop (Denoiser.check_finite)
-        syncs = count_syncs(lambda: sample(guided(ours, context), noise, "euler", setup.steps, schedule=schedule))
-    ms, theirs_ms = medians[0], medians[1] if theirs is not None else None
+        syncs = measure.count_syncs(sampling)
     passed = bool(torch.isfinite(out).all()) and (dev is None or dev <= rung.tolerance)
+    peer_results = {name: PeerResult(value, ms / value, peer_devs[name]) for name, value in zip(theirs, peer_ms)}
     return Result(rung.name, DTYPE_NAMES[rung.dtype], ms, 1000 / ms, statistics.median(e2e),
-                  statistics.median(decode_ms), max(peaks), dev, rung.tolerance, passed, theirs_ms,
-                  ms / theirs_ms if theirs_ms else None, dev_theirs, syncs, rung.distilled, rung.minidiff_options)
-
-
-def describe_device(device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {name}, {torch.get_num_threads()} threads"
+                  statistics.median(decode_ms), max(peaks), dev, rung.tolerance, passed, syncs, rung.distilled,
+                  rung.minidiff_options, peer_results)
 
 
 def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repeats: int = 3, device=None,
-          rungs=None, diffusers: bool = True, compile_options: dict | None = None, seed: int = 0, log=print):
-    """Run the ladder; returns (a header describing the run, [Result per rung])."""
+          rungs=None, peers: dict | None = None, compile_options: dict | None = None, seed: int = 0, log=print):
+    """Run the ladder, with the peers ({name: factory}, see above) timed in turns on every rung; returns
+    (a header describing the run, [Result per rung])."""
     all_rungs = ladder(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if rungs is not None:
         unknown = [key for key in rungs if key not in {r.key for r in all_rungs}]
@@ -441,71 +337,84 @@ def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repea
             raise MinidiffError(f"unknown rung(s) {', '.join(unknown)}: choose from "
                                 f"{', '.join(r.key for r in all_rungs)}")
         all_rungs = [r for r in all_rungs if r.key in rungs]
-    with_diffusers = diffusers and diffusers_available()
+    peers = peers or {}
     setup = make_setup(config, size, images, steps, repeats, device, seed)
     compile_options = compile_options or {}
     with torch.no_grad():
-        reference_out = build(UNet, setup.config, setup.state, torch.float32, setup.device)(
+        reference_out = with_weights(UNet, setup.config, setup.state, torch.float32, setup.device)(
             setup.x, timestep_tensor(500, setup.x), setup.context)
     header = (f"minidiff bench: UNet {config if isinstance(config, str) else 'custom'} with RANDOM weights (the "
               f"timings are real, the images noise); {size}x{size} px = {setup.latent_size}x{setup.latent_size} "
               f"latent, CFG batch {2 * images}, {steps} Euler steps + decode, {repeats} repeat(s), medians\n"
-              f"device: {describe_device(setup.device)}; torch {torch.__version__}"
+              f"device: {measure.describe_device(setup.device)}; torch {torch.__version__}"
               + (f"; compile {compile_options}" if compile_options else "")
-              + ("; diffusers " + __import__("diffusers").__version__ + " interleaved" if with_diffusers
-                 else "; diffusers: not compared"))
+              + (f"; interleaved with {', '.join(engine_version(name) for name in peers)}" if peers
+                 else "; minidiff alone (python benchmarks/vs_diffusers.py: the same ladder against diffusers)"))
     results, caches = [], ({}, {})
     try:
         for rung in all_rungs:
             log(f"rung {rung.name} ...")
-            results.append(run_rung(setup, rung, reference_out, with_diffusers, compile_options, log, caches))
+            results.append(run_rung(setup, rung, reference_out, peers, compile_options, log, caches))
     finally:
         if reuse_memory_available():
             reuse_freed_memory(False)  # the process's allocator as it was
     return header, results
 
 
+def peer_names(results: list) -> list:
+    """The peers of the results, in the order they ran."""
+    return list(dict.fromkeys(name for r in results for name in r.peers))
+
+
 def format_table(results: list) -> str:
-    """The results as a fixed-width table."""
+    """The results as a fixed-width table: three columns per peer (its ms, the ratio, the deviation from it)."""
     number = lambda value, spec: "-" if value is None else format(value, spec)
+    names = peer_names(results)
+    width = lambda name: max(12, len(name) + 3)
     lines = [f"{'rung':18s} {'dtype':5s} {'ms/step':>9s} {'it/s':>7s} {'e2e s':>8s} {'decode ms':>9s} "
-             f"{'peak MB':>8s} {'max dev':>8s} {'tol':>7s} {'ok':4s} {'diffusers ms':>12s} {'ratio':>6s} "
-             f"{'vs diffusers':>12s} {'syncs':>5s}"]
+             f"{'peak MB':>8s} {'max dev':>8s} {'tol':>7s} {'ok':4s} "
+             + "".join(f"{name + ' ms':>{width(name)}s} {'ratio':>6s} {'vs ' + name:>{width(name)}s} "
+                       for name in names) + f"{'syncs':>5s}"]
     for r in results:
+        peers = {name: r.peers.get(name) for name in names}
         lines.append(f"{r.rung:18s} {r.dtype:5s} {r.ms_per_step:9.1f} {r.it_per_s:7.2f} {r.e2e_s:8.2f} "
                      f"{r.decode_ms:9.1f} {r.peak_mb:8.0f} {number(r.max_dev, '8.1e')} "
                      f"{number(r.tolerance, '7.0e')} {'PASS' if r.passed else 'FAIL'} "
-                     f"{number(r.diffusers_ms, '12.1f')} {number(r.ratio, '6.2f')} "
-                     f"{number(r.dev_vs_diffusers, '12.1e')} {number(r.syncs, '5d')}")
+                     + "".join(f"{number(p and p.ms_per_step, f'{width(name)}.1f')} {number(p and p.ratio, '6.2f')} "
+                               f"{number(p and p.max_dev, f'{width(name)}.1e')} " for name, p in peers.items())
+                     + number(r.syncs, "5d"))
     return "\n".join(lines)
 
 
 def summary(results: list) -> str:
-    """minidiff's fastest rung of the full network against diffusers' fastest with its own options, and against
-    diffusers' fastest behind minidiff's options too."""
+    """minidiff's fastest rung of the full network against each peer's fastest with its own options, and against
+    the peer's fastest behind minidiff's options too."""
     full = [r for r in results if r.distilled is None]
-    theirs = [r for r in full if r.diffusers_ms is not None]
-    if not theirs:
-        return ""
-    ours = min(full, key=lambda r: r.ms_per_step)
-    lines = [f"fastest (full network, UNet ms/step): minidiff {ours.rung} {ours.ms_per_step:.1f}"]
-    for label, rows in (("diffusers with its own options", [r for r in theirs if not r.minidiff_options]),
-                        ("diffusers behind minidiff's options too", [r for r in theirs if r.minidiff_options])):
-        if rows:
-            best = min(rows, key=lambda r: r.diffusers_ms)
-            lines.append(f"  {label}: {best.rung} {best.diffusers_ms:.1f}; ratio "
-                         f"{ours.ms_per_step / best.diffusers_ms:.2f}")
-    return "\n".join(lines)
+    ours, lines = min(full, key=lambda r: r.ms_per_step, default=None), []
+    for name in peer_names(full):
+        theirs = [r for r in full if name in r.peers]
+        for label, rows in ((f"{name} with its own options", [r for r in theirs if not r.minidiff_options]),
+                            (f"{name} behind minidiff's options too", [r for r in theirs if r.minidiff_options])):
+            if rows:
+                best = min(rows, key=lambda r: r.peers[name].ms_per_step)
+                lines.append(f"  {label}: {best.rung} {best.peers[name].ms_per_step:.1f}; ratio "
+                             f"{ours.ms_per_step / best.peers[name].ms_per_step:.2f}")
+    if not lines:
+        return ""  # no peer: nothing to compare
+    return "\n".join([f"fastest (full network, UNet ms/step): minidiff {ours.rung} {ours.ms_per_step:.1f}", *lines])
+
+
+def flat_row(result: Result) -> dict:
+    """The result as one flat row: its fields, then NAME_ms, NAME_ratio and NAME_max_dev per peer."""
+    row = dataclasses.asdict(result)
+    for name, peer in row.pop("peers").items():
+        row |= {f"{name}_ms": peer["ms_per_step"], f"{name}_ratio": peer["ratio"], f"{name}_max_dev": peer["max_dev"]}
+    return row
 
 
 def write_results(path, results: list) -> None:
     """Write the results as JSON or CSV (by the file's extension), atomically."""
-    import csv
-    import json
-
-    from minidiff.cli import atomic_save
-
-    rows = [dataclasses.asdict(r) for r in results]
+    rows = [flat_row(r) for r in results]
     if str(path).endswith(".json"):
         atomic_save(path, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))
     elif str(path).endswith(".csv"):
@@ -526,17 +435,7 @@ def profile_unet(config="sd15", size: int = 256, images: int = 1, device=None, d
                  channels_last: bool = False, rows: int = 25, seed: int = 0):
     """torch.profiler on one UNet step (after a warm-up call): (the table of the top operators, the profiler)."""
     setup = make_setup(config, size, images, 1, 1, device, seed)
-    unet = FastUNet(build(UNet, setup.config, setup.state, dtype, setup.device), channels_last=channels_last)
+    unet = FastUNet(with_weights(UNet, setup.config, setup.state, dtype, setup.device), channels_last=channels_last)
     x, context = setup.x.to(dtype), setup.context.to(dtype)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if setup.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.no_grad():
-        unet(x, 500, context)
-        synchronize(setup.device)
-        with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
-            with torch.profiler.record_function("unet step"):
-                unet(x, 500, context)
-                synchronize(setup.device)
-    sort = "self_device_time_total" if setup.device.type == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort, row_limit=rows), profiler
+        return measure.profile(lambda: unet(x, 500, context), setup.device, "unet step", rows)

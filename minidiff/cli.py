@@ -235,7 +235,8 @@ def cmd_download(args):
     print(download(args.name))
 
 
-def cmd_bench(args):
+def cmd_bench(args, peers=None):
+    """The ladder, with the peers ({name: factory}, minidiff.bench) in turns: benchmarks/ passes them."""
     import torch
 
     from minidiff.bench import bench, format_table, summary, write_results
@@ -252,7 +253,7 @@ def cmd_bench(args):
         torch.set_num_threads(args.threads)
     rungs = args.rungs.split(",") if args.rungs else None
     header, results = bench(args.config, args.size, args.images, args.steps, args.repeats, args.device, rungs,
-                            diffusers=not args.no_diffusers, compile_options={"backend": args.compile_backend},
+                            peers=peers, compile_options={"backend": args.compile_backend},
                             log=lambda line: print(line, file=sys.stderr))
     print(header)
     print(format_table(results))
@@ -367,26 +368,12 @@ def build_parser():
 
 def add_speed_commands(sub):
     """bench, profile, export-onnx (minidiff.bench, minidiff.export)."""
-    b = sub.add_parser("bench", help="the speed ladder: ms per UNet step for each speed option, accuracy, "
-                       "and the ratio to diffusers on the same weights")
-    p = sub.add_parser("profile", help="the top operators of one UNet step, and a chrome://tracing trace")
-    for parser in (b, p):
-        parser.add_argument("--config", default="sd15", help="UNetConfig preset (random weights): sd15, sd21, "
-                            "bk_sdm_small, tiny, ...")
-        parser.add_argument("--size", type=int, default=256, help="image size in px (latent = size / 8)")
-        parser.add_argument("--images", type=int, default=1, help="images per batch (the UNet sees 2x: CFG)")
-        parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    b.add_argument("--steps", type=int, default=4, help="Euler steps of the end-to-end run")
-    b.add_argument("--repeats", type=int, default=3, help="end-to-end runs per rung (medians are reported)")
-    b.add_argument("--rungs", help="comma-separated subset: fp32,half,channels_last,compile,freeze,cuda_graphs,"
-                   "reuse_memory,taesd,bk_small,bk_tiny")
-    b.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' only traces: "
-                   "a quick check of the compile path)")
-    b.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers' UNet")
-    b.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    b.add_argument("--json", help="also write the results as JSON")
-    b.add_argument("--csv", help="also write the results as CSV")
+    b = sub.add_parser("bench", help="the speed ladder: ms per UNet step for each speed option and its accuracy "
+                       "(python benchmarks/vs_diffusers.py: the same against diffusers)")
+    add_bench_arguments(b)
     b.set_defaults(run=cmd_bench)
+    p = sub.add_parser("profile", help="the top operators of one UNet step, and a chrome://tracing trace")
+    add_unet_arguments(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--rows", type=int, default=25, help="operators in the table")
@@ -400,6 +387,29 @@ def add_speed_commands(sub):
     e.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     e.add_argument("--overwrite", action="store_true", help="replace unet.onnx / vae_decoder.onnx if they exist")
     e.set_defaults(run=cmd_export_onnx)
+
+
+def add_unet_arguments(parser):
+    """The UNet and its inputs, for bench and profile."""
+    parser.add_argument("--config", default="sd15", help="UNetConfig preset (random weights): sd15, sd21, "
+                        "bk_sdm_small, tiny, ...")
+    parser.add_argument("--size", type=int, default=256, help="image size in px (latent = size / 8)")
+    parser.add_argument("--images", type=int, default=1, help="images per batch (the UNet sees 2x: CFG)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+
+
+def add_bench_arguments(parser):
+    """The flags of `minidiff bench` (benchmarks/ takes the same)."""
+    add_unet_arguments(parser)
+    parser.add_argument("--steps", type=int, default=4, help="Euler steps of the end-to-end run")
+    parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per rung (medians are reported)")
+    parser.add_argument("--rungs", help="comma-separated subset: fp32,half,channels_last,compile,freeze,cuda_graphs,"
+                        "reuse_memory,taesd,bk_small,bk_tiny")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' only traces: "
+                        "a quick check of the compile path)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--json", help="also write the results as JSON")
+    parser.add_argument("--csv", help="also write the results as CSV")
 
 
 def main(argv=None):

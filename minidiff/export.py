@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from minidiff.errors import MinidiffError
-
-TEXT_LENGTH = 77  # CLIP's context length, for the example input
+from minidiff.tokenizer import MAX_LENGTH
 
 
 class VAEDecode(nn.Module):
@@ -67,7 +66,7 @@ def export_module(module: nn.Module, inputs: dict, path, dynamic: dict) -> Path:
     return path
 
 
-def unet_inputs(unet, batch: int = 2, latent_size: tuple = (64, 64), text_length: int = TEXT_LENGTH,
+def unet_inputs(unet, batch: int = 2, latent_size: tuple = (64, 64), text_length: int = MAX_LENGTH,
                 generator=None) -> dict:
     """Example UNet inputs: x (B, C, h, w), t (B,) float32, context (B, L, D), in the UNet's dtype and device."""
     parameter = next(unet.parameters())

@@ -39,6 +39,22 @@ from minidiff.samplers import SAMPLERS, sample
 MAX_IMAGE_PIXELS = 64 * 2**20  # an input image larger than this (8192 x 8192) is refused before it is decoded
 
 
+def guided(model_call, context, guidance_scale: float, guidance_rescale: float = 0.0):
+    """(x_t, t) -> prediction with classifier-free guidance, from one call model_call(x, t, context) on the batch
+    [x, x]: `context` holds the uncond and the cond states, in that order (see the notation above)."""
+
+    def model(x, t):
+        pred_uncond, pred_cond = model_call(torch.cat([x, x]), t, context).chunk(2)
+        pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        if guidance_rescale > 0:
+            dims = list(range(1, pred.ndim))
+            rescaled = pred * (pred_cond.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))
+            pred = guidance_rescale * rescaled + (1 - guidance_rescale) * pred
+        return pred
+
+    return model
+
+
 @dataclass
 class TraceStep:
     """One sampler step, decoded: the latent x_t (x_inter) and the model's clean prediction pred_x0."""
@@ -205,18 +221,7 @@ class Pipeline:
         """The function (x_t, t) -> prediction the samplers call: one batched UNet call for CFG."""
         if guidance_scale <= 1.0:  # no guidance: the conditional prediction alone
             return lambda x, t: self.unet(x, t, context)
-        both = torch.cat([uncond, context])
-
-        def model(x, t):
-            pred_uncond, pred_cond = self.unet(torch.cat([x, x]), t, both).chunk(2)
-            guided = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-            if guidance_rescale > 0:
-                dims = list(range(1, guided.ndim))
-                rescaled = guided * (pred_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-                guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
-            return guided
-
-        return model
+        return guided(self.unet, torch.cat([uncond, context]), guidance_scale, guidance_rescale)
 
     # --- the call ------------------------------------------------------------------------------
 

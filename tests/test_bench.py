@@ -1,6 +1,7 @@
 """`minidiff bench` and `minidiff profile` on the tiny config: every rung runs and is checked against its tolerance,
-the interleaved diffusers comparison runs on the same weights, the profile writes a trace. No timing assertions:
-speed is measured by the benchmark itself, not by tests."""
+a peer engine plugs in and is timed in turns on the same weights, the profile writes a trace. No timing assertions:
+speed is measured by the benchmark itself, not by tests. The comparison with diffusers (benchmarks/vs_diffusers.py)
+is tested in tests/parity/test_bench_vs_diffusers.py."""
 
 import dataclasses
 import json
@@ -8,7 +9,21 @@ import json
 import pytest
 import torch
 
-from minidiff.bench import TOLERANCE, Result, Rung, bench, distilled_config, ladder, make_setup, run_rung, summary
+from minidiff.bench import (
+    TOLERANCE,
+    PeerResult,
+    Result,
+    Rung,
+    bench,
+    distilled_config,
+    format_table,
+    ladder,
+    make_setup,
+    run_rung,
+    summary,
+    with_weights,
+    write_results,
+)
 from minidiff.cli import main
 from minidiff.speed import reuse_memory_available
 from minidiff.unet import UNet, UNetConfig
@@ -19,11 +34,12 @@ QUICK = ["--config", "tiny", "--size", "64", "--steps", "1", "--repeats", "1", "
 @pytest.mark.slow  # ~20 s of CPU, mostly TorchDynamo tracing three UNets and two decoders
 def test_the_bench_prints_every_rung_and_passes_on_the_tiny_config(capsys, tmp_path):
     # "eager" compile backend: TorchDynamo traces (the compile path runs) without minutes of Inductor codegen
-    status = main(["bench", *QUICK, "--no-diffusers", "--json", str(tmp_path / "r.json"),
+    status = main(["bench", *QUICK, "--json", str(tmp_path / "r.json"),
                    "--csv", str(tmp_path / "r.csv")])
     out = capsys.readouterr().out
     assert status == 0, out
     assert "RANDOM weights" in out
+    assert "minidiff alone" in out and "diffusers ms" not in out  # `minidiff bench` compares with no other engine
     rungs = ladder("cpu")
     expected = ["fp32", "half", "channels_last", "compile", "freeze", "reuse_memory", "taesd", "bk_small", "bk_tiny"]
     if not reuse_memory_available():  # glibc's allocator only
@@ -51,28 +67,51 @@ def test_a_rung_outside_its_tolerance_fails():
         reference.load_state_dict(setup.state)
         reference_out = reference.eval()(setup.x, 500, setup.context)
     strict = Rung("strict", "strict bf16", torch.bfloat16, tolerance=1e-6)  # bf16 rounding alone is ~1e-2
-    result = run_rung(setup, strict, reference_out, False, {}, log=lambda line: None)
+    result = run_rung(setup, strict, reference_out, {}, {}, log=lambda line: None)
     assert result.max_dev > 1e-6 and not result.passed
     loose = dataclasses.replace(strict, tolerance=TOLERANCE[torch.bfloat16])
-    assert run_rung(setup, loose, reference_out, False, {}, log=lambda line: None).passed
+    assert run_rung(setup, loose, reference_out, {}, {}, log=lambda line: None).passed
 
 
-def test_diffusers_runs_interleaved_on_the_same_weights(capsys):
-    pytest.importorskip("diffusers", reason="the comparison needs diffusers (the parity extra)")
-    header, results = bench("tiny", 64, 1, 1, 2, "cpu", rungs=["fp32", "channels_last"], log=lambda line: None)
-    assert "diffusers" in header and "interleaved" in header
+def test_peers_run_in_turns_on_the_same_weights_and_get_their_columns(tmp_path):
+    """A peer factory plugs in: a torch module runs behind the rung's options like minidiff's UNet, any other callable
+    is called as it is. Both peers here are minidiff's UNet on the weights they are handed: the same numbers."""
+    built, timesteps = [], []
+
+    def twin(config, state, dtype, device, rung):  # a module: FastUNet puts it behind the rung's options
+        assert all(v.dtype == torch.float32 for v in state.values())  # the bench's fp32 weights, unchanged
+        built.append(rung.key)
+        return with_weights(UNet, config, state, dtype, device)
+
+    def engine(config, state, dtype, device, rung):  # a plain callable, as an engine with its own compiler gives
+        unet = with_weights(UNet, config, state, dtype, device)
+        if rung.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        return lambda x, t, context: timesteps.append(t) or unet(x, t, context)
+
+    header, results = bench("tiny", 64, 1, 1, 2, "cpu", rungs=["fp32", "channels_last"],
+                            peers={"twin": twin, "engine": engine}, log=lambda line: None)
+    assert "interleaved with twin, engine" in header
+    assert built == ["fp32", "channels_last"]
+    assert timesteps and all(t == 500 and isinstance(t, int) for t in timesteps)
     for r in results:
-        assert r.diffusers_ms > 0 and r.ratio == pytest.approx(r.ms_per_step / r.diffusers_ms)
-        # the same network on the same weights: float32 agrees to rounding, within the UNet's parity tolerance
-        # (minidiff sums the small maps' convolutions in another order: 1.6e-5 here, 1e-6 for SD 1.5); in bf16 (the
-        # fast dtype of a CPU with bf16 instructions) the two round differently (blockwise bf16 attention)
-        assert r.dev_vs_diffusers <= TOLERANCE[torch.float32 if r.dtype == "fp32" else torch.bfloat16]
+        assert list(r.peers) == ["twin", "engine"]
+        for peer in r.peers.values():
+            assert peer.ms_per_step > 0 and peer.ratio == pytest.approx(r.ms_per_step / peer.ms_per_step)
+            assert peer.max_dev == 0.0  # the same network, weights and inputs
+    header_row = format_table(results).splitlines()[0].split()
+    assert header_row[-11:] == ["twin", "ms", "ratio", "vs", "twin", "engine", "ms", "ratio", "vs", "engine", "syncs"]
+    write_results(tmp_path / "r.json", results)
+    row = json.loads((tmp_path / "r.json").read_text())[0]
+    assert row["twin_ms"] == results[0].peers["twin"].ms_per_step and row["engine_max_dev"] == 0.0
+    assert row["twin_ratio"] == pytest.approx(row["ms_per_step"] / row["twin_ms"])
 
 
 def test_the_summary_compares_the_fastest_full_network_rungs():
     def row(rung, ms, theirs, distilled=None, minidiff_options=False):
-        return Result(rung, "fp32", ms, 1000 / ms, 1.0, 1.0, 1.0, None, None, True, theirs,
-                      None if theirs is None else ms / theirs, None, None, distilled, minidiff_options)
+        peers = {} if theirs is None else {"diffusers": PeerResult(theirs, ms / theirs, None)}
+        return Result(rung, "fp32", ms, 1000 / ms, 1.0, 1.0, 1.0, None, None, True, None, distilled,
+                      minidiff_options, peers)
 
     results = [row("fp32 eager", 100, 100), row("+channels_last", 95, 70), row("+compile", 90, 80),
                row("+freeze", 50, 45, minidiff_options=True), row("+TAESD (decode)", 49, 46, minidiff_options=True),
@@ -81,7 +120,7 @@ def test_the_summary_compares_the_fastest_full_network_rungs():
         "fastest (full network, UNet ms/step): minidiff +TAESD (decode) 49.0",
         "  diffusers with its own options: +channels_last 70.0; ratio 0.70",
         "  diffusers behind minidiff's options too: +freeze 45.0; ratio 1.09"]
-    assert summary([row("fp32 eager", 100, None)]) == ""  # no diffusers: nothing to compare
+    assert summary([row("fp32 eager", 100, None)]) == ""  # no peer: nothing to compare
 
 
 def test_only_freeze_and_reuse_memory_are_minidiffs_own_options():

@@ -1,6 +1,8 @@
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +88,23 @@ def test_blockwise_attention_is_naive_attention(mask_kind):
             "one row": torch.randn(2, 1, 1, 33)}[mask_kind]
     torch.testing.assert_close(blockwise_attention(q, k, v, mask, block=5), naive_attention(q, k, v, mask),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_the_library_never_imports_a_reference_library():
+    """minidiff/ imports no oracle or peer engine, not even inside a function: tests/ and benchmarks/ do."""
+    forbidden = {"diffusers", "transformers", "peft", "openvino"}
+    found = []
+    for path in Path(minidiff.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                    "__import__", "import_module", "find_spec") and node.args:
+                names = [getattr(node.args[0], "value", "")]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {name}" for name in names
+                      if isinstance(name, str) and name.split(".")[0] in forbidden]
+    assert not found, found

@@ -39,7 +39,7 @@ from minidiff.course import shapes
 from minidiff.course.evaluate import evaluate
 from minidiff.hub import bundled_path
 from minidiff.schedule import NoiseSchedule
-from minidiff.tokenizer import CLIPTokenizer, write_vocab_files
+from minidiff.tokenizer import MAX_LENGTH, CLIPTokenizer, write_vocab_files
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
 
@@ -285,7 +285,7 @@ def save_folder(out, vae: AutoencoderKL, unet: UNet, text_encoder: CLIPTextModel
                "pad_token": "<|endoftext|>"}
     write_json(out / "tokenizer" / "special_tokens_map.json", special)
     write_json(out / "tokenizer" / "tokenizer_config.json",
-               special | {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True})
+               special | {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "do_lower_case": True})
     write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     write_json(out / "model_index.json", {
         "_class_name": "StableDiffusionPipeline",

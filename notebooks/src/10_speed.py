@@ -66,7 +66,7 @@ for name in ("sd15", "bk_sdm_base", "bk_sdm_small", "bk_sdm_tiny"):
 # the graph without Inductor's C++ code generation, which takes minutes on a CPU (`minidiff bench` runs Inductor).
 
 # %%
-header, results = bench.bench("tiny", size=64, steps=2, repeats=1, diffusers=False, log=lambda *_: None,
+header, results = bench.bench("tiny", size=64, steps=2, repeats=1, log=lambda *_: None,
                               rungs=["fp32", "half", "channels_last", "taesd", "bk_small", "bk_tiny"],
                               compile_options={"backend": "eager"})
 print(header)

@@ -201,8 +201,7 @@ def check_bench(candidate=None):
         from minidiff import bench
     except ImportError as error:
         raise Skipped(f"minidiff.bench cannot be imported ({error})") from None
-    _, results = bench.bench("tiny", size=64, steps=2, repeats=1, rungs=["fp32", "half"], diffusers=False,
-                             log=lambda *_: None)
+    _, results = bench.bench("tiny", size=64, steps=2, repeats=1, rungs=["fp32", "half"], log=lambda *_: None)
     table = bench.format_table(results)
     failed = [result.rung for result in results if not result.passed]
     if failed or not results:
