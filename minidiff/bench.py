@@ -177,8 +177,7 @@ def engine_version(name: str) -> str:
 def resolve_config(config) -> UNetConfig:
     if isinstance(config, UNetConfig):
         return config
-    presets = [name for name, value in vars(UNetConfig).items() if isinstance(value, classmethod)
-               ]
+    presets = [name for name, value in vars(UNetConfig).items() if isinstance(value, classmethod)]
     if config not in presets:
         raise MinidiffError(f"unknown UNet config {config!r}: use one of {', '.join(presets)}")
     return getattr(UNetConfig, config)()

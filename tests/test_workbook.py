@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minidiff.cli import main as cli_main
-from minidiff.course import workbook
+from minidiff.course import notebook, workbook
 from minidiff.course.milestones import MILESTONES, check, checklist
 from minidiff.course.milestones.core import in_lesson_order
 from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
@@ -134,16 +134,16 @@ def test_use_falls_back_to_the_reference_and_says_so(tmp_path, monkeypatch):
     lines = []
     monkeypatch.setenv(workbook.ENVIRONMENT_VARIABLE, str(tmp_path))
     workbook.init(tmp_path)
-    mine = workbook.use(3, report=lines.append)
+    mine = notebook.use(3, report=lines.append)
     assert mine.ddim_step is lesson_03.ddim_step and "the reference runs for: ddim_step" in lines[0]
     path = tmp_path / "lesson_03.py"
     path.write_text(path.read_text().replace('raise NotImplementedError("lesson 03: write timesteps in lesson_03.py")',
                                              "return [981]"))
-    mine = workbook.use(3, report=lines.append)
+    mine = notebook.use(3, report=lines.append)
     assert mine.timesteps(1) == [981] and "yours: timesteps" in lines[1]
     monkeypatch.delenv(workbook.ENVIRONMENT_VARIABLE)
     monkeypatch.chdir(tmp_path / "..")
-    mine = workbook.use(1, report=lines.append)
+    mine = notebook.use(1, report=lines.append)
     assert mine.add_noise is __import__("minidiff.course.solutions.lesson_01", fromlist=["x"]).add_noise
     assert "no workbook found" in lines[-1] and "minidiff course init workbook" in lines[-1]
 

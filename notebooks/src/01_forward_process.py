@@ -19,8 +19,8 @@
 import torch
 
 from minidiff.course import shapes
+from minidiff.course.notebook import use
 from minidiff.course.viz import plot_schedules, show_images, show_trace, to_pil
-from minidiff.course.workbook import use
 from minidiff.pipeline import TraceStep
 from minidiff.schedule import NoiseSchedule
 

@@ -26,6 +26,7 @@ import torch
 
 from minidiff.course import shapes
 from minidiff.course.gaussian import GaussianEpsModel
+from minidiff.course.notebook import use
 from minidiff.course.viz import (
     DatasetEpsModel,
     StepRecorder,
@@ -36,7 +37,6 @@ from minidiff.course.viz import (
     show_trace,
     to_pil,
 )
-from minidiff.course.workbook import use
 from minidiff.samplers import sample
 
 images, _, _ = shapes.batch(12, seed=0)

@@ -26,8 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from minidiff.attention import attention, naive_attention, set_attention_backend
 from minidiff.course.milestones import check
+from minidiff.course.notebook import use
 from minidiff.course.viz import course_pipeline, plot_curves, quiet_stderr, show_trace
-from minidiff.course.workbook import use
 
 # %% [markdown]
 # ## Re-implement it, compare it

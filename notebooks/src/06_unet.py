@@ -22,8 +22,8 @@ import math
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from minidiff.course.notebook import use
 from minidiff.course.viz import StepRecorder, course_pipeline, show_trace
-from minidiff.course.workbook import use
 from minidiff.unet import UNet, UNetConfig, count_parameters, timestep_embedding
 
 # %% [markdown]

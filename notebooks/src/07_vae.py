@@ -24,8 +24,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minidiff.course import shapes
+from minidiff.course.notebook import use
 from minidiff.course.viz import course_pipeline, image_grid, latents_to_pil, show_images, show_trace, to_pil
-from minidiff.course.workbook import use
 from minidiff.taesd import TAESD
 from minidiff.unet import count_parameters
 from minidiff.vae import AutoencoderKL, VAEConfig
