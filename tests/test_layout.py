@@ -136,3 +136,18 @@ def test_a_wheel_installed_outside_the_checkout_generates_offline(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0] == str(target / "minidiff" / "weights")
     assert (work / "image.png").stat().st_size > 0
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's layout table is the tree: every module and package of minidiff/ is named there."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Layout"):readme.index("## Status")]
+    named = set()
+    for cell in re.findall(r"^\| (.*?) \|", section, re.M):
+        folder = ""
+        for name in re.findall(r"`([\w./]+)`", cell):
+            folder = name.rsplit("/", 1)[0] + "/" if "/" in name else folder  # `minidiff/unet.py`, `vae.py`
+            named.add(name if "/" in name else folder + name)
+    top = {f"minidiff/{p.name}" for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    top |= {f"minidiff/{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert not top - named, f"modules missing from the README's layout table: {sorted(top - named)}"
