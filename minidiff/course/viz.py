@@ -143,8 +143,8 @@ def show_trace(trace: list, steps=None, index: int = 0, size: float = 1.5, title
         axes[0, column].imshow(s.x_inter[index], interpolation="nearest")
         axes[1, column].imshow(s.pred_x0[index], interpolation="nearest")
         axes[0, column].set_title(step_label(s.step, s.timestep, schedule), fontsize=7)
-    axes[0, 0].set_ylabel("x_inter\n(after the step)", fontsize=8)
-    axes[1, 0].set_ylabel("pred_x0\n(guess of x_0 at t)", fontsize=8)
+    axes[0, 0].set_ylabel("x_inter\n(after step)", fontsize=8)
+    axes[1, 0].set_ylabel("pred_x0\n(at t)", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
