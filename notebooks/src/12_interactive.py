@@ -56,7 +56,7 @@ def trace_frame(trace, step: int):
     """x_inter beside pred_x0 at one step of a decoded trace, labelled."""
     s = trace[step]
     return image_grid([s.x_inter[0], s.pred_x0[0]], labels=["x_inter (after the step)", "pred_x0 (at t)"],
-                      title=f"{step_label(s.step, s.timestep, pipe.schedule, sep=', ')} of 0..{len(trace) - 1}",
+                      title=f"{step_label(s.step, s.timestep, pipe.schedule, sep=', ')}  (steps 0..{len(trace) - 1})",
                       scale=3)
 
 
