@@ -12,7 +12,14 @@ import torch
 from nbclient import NotebookClient
 
 from minidiff.course import workbook
-from minidiff.course.viz import DatasetEpsModel, StepRecorder, image_grid, show_trace, tiny_pipeline
+from minidiff.course.viz import (
+    DatasetEpsModel,
+    StepRecorder,
+    image_grid,
+    show_trace,
+    step_label,
+    tiny_pipeline,
+)
 from minidiff.errors import MinidiffError
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
@@ -103,6 +110,24 @@ def test_recorder_trace_and_grid():
         show_trace(trace, steps=[7])
     with pytest.raises(MinidiffError, match="empty"):
         show_trace([])
+
+
+def test_trace_columns_and_grids_are_labelled():
+    """Every trace column names its step, t and sigma; a labelled grid grows by its labels and checks their count."""
+    schedule = NoiseSchedule.sd()
+    assert step_label(3, 801, schedule) == f"step 3\nt = 801\nsigma = {float(schedule.sigmas[801]):.3g}"
+    assert step_label(0, 832.5, sep=", ").startswith("step 0, t = 832.5, sigma = ")
+    recorder = StepRecorder()
+    sample(DatasetEpsModel(torch.zeros(1, 3, 8, 8)), torch.randn(1, 3, 8, 8), sampler="euler", steps=3,
+           callback=recorder)
+    figure = show_trace(recorder.trace())
+    assert figure.axes[0].get_ylabel().startswith("x_inter") and figure.axes[3].get_ylabel().startswith("pred_x0")
+    assert "sigma = " in figure.axes[0].get_title()
+    pictures = recorder.trace()[0].x_inter * 2
+    plain, labelled = image_grid(pictures), image_grid(pictures, labels=["a", "b\nc"], title="two", scale=2)
+    assert labelled.width > plain.width and labelled.height > 2 * plain.height
+    with pytest.raises(MinidiffError, match="2 images but 1 labels"):
+        image_grid(pictures, labels=["a"])
 
 
 def test_tiny_pipeline_is_seeded_and_leaves_the_global_generator_alone():

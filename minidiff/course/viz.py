@@ -5,10 +5,12 @@ sampler steps, the latent x_t the sampler holds (top row, x_inter) above the mod
 (bottom row, pred_x0), both decoded to pixels. `Pipeline(..., trace=True)` records it for text-to-image;
 `StepRecorder` records it for `minidiff.sample` called directly (pixel-space toy models, the Gaussian reference).
 
-Notation (Ho et al. 2020; Song et al. 2021):
+Notation (Ho et al. 2020; Song et al. 2021; Lu et al. 2022):
     x_inter      -> x_t, what the sampler holds after a step (VP space: alpha_t x0 + sigma_t eps)
     pred_x0      -> x0_theta(x_t, t) = E[x0 | x_t] for a perfect model
     alpha_t, sigma_t -> sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)
+    sigma        -> sigma_t / alpha_t, k-diffusion's noise level (`NoiseSchedule.sigmas`), shown under each column
+    lambda_t     -> log(alpha_t / sigma_t) = -log(sigma), the half log-SNR (the `log_snr` attribute is 2 lambda_t)
 
 Plotting functions return a matplotlib Figure that is already closed: a notebook shows it once when it is the
 cell's last expression (or through `display(fig)`), and `fig.savefig(path)` writes it.
@@ -23,7 +25,7 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.errors import MinidiffError
@@ -55,16 +57,39 @@ def latents_to_pil(latents: torch.Tensor, channels=(0, 1, 2)) -> list:
     return to_pil((picked - low) / (high - low).clamp_min(1e-8) * 2 - 1)
 
 
-def image_grid(images: list, columns: int | None = None, pad: int = 2) -> Image.Image:
-    """PIL images of one size side by side, `columns` per row, on a white background."""
+def image_grid(images: list, columns: int | None = None, pad: int = 2, labels: list | None = None,
+               title: str | None = None, scale: int = 1) -> Image.Image:
+    """PIL images of one size in a grid, `columns` per row, on a white background: one PIL image.
+
+    With `labels`, each picture's label (one or more lines) is written above it; with `title`, a line on top;
+    `scale` enlarges every picture (nearest neighbour). Cheaper to redraw than a matplotlib figure (a widget).
+    """
     if not images:
         raise MinidiffError("image_grid got no images")
+    if labels is not None and len(labels) != len(images):
+        raise MinidiffError(f"image_grid got {len(images)} images but {len(labels)} labels: give one label each")
     columns = columns or len(images)
     rows = math.ceil(len(images) / columns)
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * (w + pad) - pad, rows * (h + pad) - pad), "white")
+    w, h = images[0].width * scale, images[0].height * scale
+    font, line = (ImageFont.load_default(size=11), 13) if labels is not None or title else (None, 0)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = lambda text: measure.multiline_textbbox((0, 0), str(text), font=font, spacing=2)[2]  # noqa: E731
+    lines = max((str(label).count("\n") + 1 for label in labels), default=0) if labels is not None else 0
+    label_h = line * lines + (2 if lines else 0)
+    title_h = line + 4 if title else 0
+    cell_w = max([w] + ([text_width(label) for label in labels] if labels is not None else []))
+    margin = 3 if font else 0  # white space around a labelled grid, so that no text touches the edge
+    width = max(columns * (cell_w + pad) - pad, text_width(title) if title else 0) + 2 * margin
+    grid = Image.new("RGB", (width, title_h + rows * (label_h + h + pad) - pad + 2 * margin), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((margin, margin), title, fill="black", font=font)
     for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * (w + pad), (i // columns) * (h + pad)))
+        x = margin + (i % columns) * (cell_w + pad)
+        y = margin + title_h + (i // columns) * (label_h + h + pad)
+        if labels is not None:
+            draw.multiline_text((x, y), str(labels[i]), fill="black", font=font, spacing=2)
+        grid.paste(image if scale == 1 else image.resize((w, h), Image.NEAREST), (x, y + label_h))
     return grid
 
 
@@ -95,8 +120,21 @@ def show_images(images: list, titles=None, columns: int | None = None, size: flo
     return fig
 
 
-def show_trace(trace: list, steps=None, index: int = 0, size: float = 1.5, title: str | None = None):
-    """The signature picture: x_inter (top) above pred_x0 (bottom) at the chosen steps (default: 8 spread out)."""
+def step_label(step: int, timestep: float, schedule: NoiseSchedule | None = None, sep: str = "\n") -> str:
+    """"step 3, t = 801, sigma = 5.14": which step a trace column is, its timestep and k-diffusion noise level."""
+    sigma = float((schedule or NoiseSchedule.sd()).sigma_at(float(timestep)))
+    t = f"{timestep:.0f}" if float(timestep) == round(float(timestep)) else f"{timestep:.1f}"
+    return sep.join((f"step {step}", f"t = {t}", f"sigma = {sigma:.3g}"))
+
+
+def show_trace(trace: list, steps=None, index: int = 0, size: float = 1.5, title: str | None = None,
+               schedule: NoiseSchedule | None = None):
+    """The signature picture: x_inter (top) above pred_x0 (bottom) at the chosen steps (default: 8 spread out).
+
+    Each column is labelled with its sampler step, the timestep t the model saw in it and sigma = sigma_t / alpha_t
+    there (from `schedule`, default SD's, the schedule of every model in the course): pred_x0 is the guess made at
+    t, x_inter the latent the step then moved to (one grid point further).
+    """
 
     if not trace:
         raise MinidiffError("the trace is empty: generate with trace=True, or record with StepRecorder")
@@ -108,9 +146,9 @@ def show_trace(trace: list, steps=None, index: int = 0, size: float = 1.5, title
     for column, s in enumerate(chosen):
         axes[0, column].imshow(s.x_inter[index], interpolation="nearest")
         axes[1, column].imshow(s.pred_x0[index], interpolation="nearest")
-        axes[0, column].set_title(f"step {s.step}\nt = {s.timestep:.0f}", fontsize=8)
-    axes[0, 0].set_ylabel("x_inter", fontsize=9)
-    axes[1, 0].set_ylabel("pred_x0", fontsize=9)
+        axes[0, column].set_title(step_label(s.step, s.timestep, schedule), fontsize=7)
+    axes[0, 0].set_ylabel("x_inter\n(after step)", fontsize=8)
+    axes[1, 0].set_ylabel("pred_x0\n(at t)", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -118,13 +156,15 @@ def show_trace(trace: list, steps=None, index: int = 0, size: float = 1.5, title
     return fig
 
 
-def trace_gif(trace: list, path=None, index: int = 0, ms_per_frame: int = 150, scale: int = 2):
-    """The trace as an animated GIF (x_inter above pred_x0, one frame per step, the last held longer).
+def trace_gif(trace: list, path=None, index: int = 0, ms_per_frame: int = 150, scale: int = 2,
+              schedule: NoiseSchedule | None = None):
+    """The trace as an animated GIF (x_inter beside pred_x0, labelled, one frame per step, the last held longer).
 
     Written to `path` if given; returns an IPython Image to show in a notebook (or the GIF's bytes without IPython).
     """
-
-    frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in trace_frames(trace, index)]
+    frames = [image_grid([s.x_inter[index], s.pred_x0[index]], labels=["x_inter (after the step)", "pred_x0 (at t)"],
+                         title=step_label(s.step, s.timestep, schedule, sep=", "), scale=scale, pad=4)
+              for s in trace]
     durations = [ms_per_frame] * (len(frames) - 1) + [4 * ms_per_frame]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
@@ -161,16 +201,17 @@ class StepRecorder:
 
 
 def plot_schedules(schedules: dict):
-    """alpha_bar_t (signal kept) and log SNR = log(alpha_bar / (1 - alpha_bar)) against t, one line per schedule."""
+    """alpha_bar_t (signal kept) and lambda_t = log(alpha_t / sigma_t), the half log-SNR, against t, one line per
+    schedule."""
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     for name, schedule in schedules.items():
         t = range(schedule.num_train_timesteps)
         left.plot(t, schedule.alphas_cumprod.numpy(), label=name)
-        right.plot(t, schedule.log_snr.numpy(), label=name)
+        right.plot(t, -schedule.sigmas.log().numpy(), label=name)  # lambda_t = -log(sigma_t / alpha_t)
     left.set(xlabel="timestep t", ylabel="alphas_cumprod  (alpha_bar_t)", title="signal kept")
-    right.set(xlabel="timestep t", ylabel="log_snr  (log alpha_bar / (1 - alpha_bar))", title="signal-to-noise")
+    right.set(xlabel="timestep t", ylabel="lambda_t = log(alpha_t / sigma_t)", title="half log-SNR (0: SNR = 1)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -35,15 +35,17 @@ pipe = course_pipeline()
 prompt = "a big red circle at the top left"
 result = pipe(prompt, steps=20, seed=0, trace=True, progress=False)
 print(pipe.describe())
-result.images[0].resize((192, 192))
+image_grid(result.images, labels=[prompt], title=f"DPM++ 2M, 20 steps, seed 0: {pipe.source}", scale=3)
 
 # %% [markdown]
 # ## How it formed: the trace
 #
 # The course's signature picture. `trace=True` keeps every sampler step: the latent the sampler holds, $x_t$
 # (**x_inter**, top row), and the model's guess of the finished picture, $\hat x_0$ (**pred_x0**, bottom row), both
-# decoded by the VAE. x_inter goes from noise to the picture at the pace of the noise schedule; pred_x0 is a clean
-# guess from the start and sharpens. Every lesson shows this view for what it changes.
+# decoded by the VAE. x_inter goes from noise to the picture at the pace of the noise schedule (decoded, it stays
+# dark and flat for most of the run: the VAE sees the picture's latent shrunk by $\alpha_t$ under noise, lesson 03);
+# pred_x0 is a clean guess from the start and sharpens. Every lesson shows this view for what it changes. Each
+# column is one sampler step: the timestep $t$ the model saw and the noise level $\sigma=\sigma_t/\alpha_t$ there.
 
 # %%
 show_trace(result.trace, title=f"{prompt!r}, DPM++ 2M, 20 steps: {pipe.source}")
@@ -58,10 +60,13 @@ trace_gif(result.trace, OUT / "trace.gif")
 
 # %%
 samplers = ("ddim", "euler_a", "dpmpp_2m", "unipc")
-image_grid([pipe(prompt, sampler=s, steps=20, seed=0, progress=False).images[0] for s in samplers])
+image_grid([pipe(prompt, sampler=s, steps=20, seed=0, progress=False).images[0] for s in samplers],
+           labels=[f"{s}, 20 steps" for s in samplers], title=f"{prompt!r}, seed 0", scale=2)
 
 # %%
-image_grid([pipe(prompt, guidance_scale=w, steps=20, seed=0, progress=False).images[0] for w in (1, 3, 7.5, 12)])
+scales = (1, 3, 7.5, 12)
+image_grid([pipe(prompt, guidance_scale=w, steps=20, seed=0, progress=False).images[0] for w in scales],
+           labels=[f"guidance {w}" for w in scales], title=f"{prompt!r}, DPM++ 2M, 20 steps, seed 0", scale=2)
 
 # %% [markdown]
 # ## The package: the folder listing is the architecture

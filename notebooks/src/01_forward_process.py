@@ -13,7 +13,8 @@
 # | `betas[t]` | $\beta_t$ | variance added at training step $t$ |
 # | `alphas_cumprod[t]` | $\bar\alpha_t=\prod_{s\le t}(1-\beta_s)$ | signal kept after $t$ steps |
 # | `alpha_t, sigma_t` | $\sqrt{\bar\alpha_t},\ \sqrt{1-\bar\alpha_t}$ | $x_t=\alpha_t x_0+\sigma_t\epsilon$ |
-# | `log_snr[t]` | $\lambda_t=\log\frac{\bar\alpha_t}{1-\bar\alpha_t}$ | log signal-to-noise ratio |
+# | `-sigmas[t].log()` | $\lambda_t=\log\frac{\alpha_t}{\sigma_t}$ | the **half** log signal-to-noise ratio (the course's one $\lambda$) |
+# | `log_snr[t]` | $\log\frac{\bar\alpha_t}{1-\bar\alpha_t}=2\lambda_t$ | the full log signal-to-noise ratio |
 
 # %%
 import torch
@@ -31,7 +32,8 @@ _ = torch.manual_seed(0)
 #
 # SD 1.x and 2.x use `scaled_linear`: $\sqrt{\beta_t}$ linear from $\sqrt{0.00085}$ to $\sqrt{0.012}$ over
 # $T=1000$ steps. DDPM's original `linear` schedule and the `squaredcos_cap_v2` (cosine) schedule of
-# Nichol & Dhariwal 2021 are plotted beside it.
+# Nichol & Dhariwal 2021 are plotted beside it. The right plot is $\lambda_t=\log(\alpha_t/\sigma_t)$, the half
+# log-SNR: the variable DPM-Solver steps in (lesson 04), 0 where signal and noise have equal power.
 
 # %%
 schedules = {
@@ -84,19 +86,24 @@ timesteps = [0, 100, 250, 500, 750, 999]
 noised = [schedule.add_noise(x0, noise, t) for t in timesteps]
 mine = [my_add_noise(x0, noise, schedule.alphas_cumprod[t].float()) for t in timesteps]
 print("max |mine - minidiff| over the six x_t:", max(float((a - b).abs().max()) for a, b in zip(mine, noised)))
-show_images([to_pil(x)[0] for x in noised], [f"t = {t}" for t in timesteps], title="x_t = alpha_t x0 + sigma_t eps")
+labels = [f"t = {t}\nalpha_t = {float(a):.3f}\nsigma_t = {float(s):.3f}"
+          for t, (a, s) in zip(timesteps, (schedule.alpha_sigma(t) for t in timesteps))]
+show_images([to_pil(x)[0] for x in noised], labels, title="x_t = alpha_t x0 + sigma_t eps (pixels, SD's schedule)")
 
 # %% [markdown]
 # ## How much is left? SNR in numbers
 #
-# The signal-to-noise ratio $\bar\alpha_t/(1-\bar\alpha_t)$ falls below 1 (signal and noise of equal power)
-# at the timestep printed below. At $t=999$ SD's schedule still lets the average brightness through: with the
-# same noise, an all-white and an all-black picture give $x_{999}$ whose means differ by $2\alpha_{999}$.
+# The signal-to-noise ratio $\alpha_t^2/\sigma_t^2=\bar\alpha_t/(1-\bar\alpha_t)$ falls below 1 (signal and noise of
+# equal power, $\lambda_t=0$) at the timestep printed below. At $t=999$ SD's schedule still lets the average
+# brightness through: with the same noise, an all-white and an all-black picture give $x_{999}$ whose means
+# differ by $2\alpha_{999}$.
 
 # %%
 for name, schedule in schedules.items():
-    crossing = int((schedule.log_snr < 0).nonzero()[0])
-    print(f"{name:17s} SNR = 1 at t = {crossing}; log SNR from {schedule.log_snr[0]:.1f} to {schedule.log_snr[-1]:.1f}")
+    lam = -schedule.sigmas.log()  # lambda_t = log(alpha_t / sigma_t) = log_snr / 2
+    crossing = int((lam < 0).nonzero()[0])
+    print(f"{name:17s} SNR = 1 at t = {crossing}; lambda_t = log(alpha_t / sigma_t) from {lam[0]:.2f} to "
+          f"{lam[-1]:.2f}; max |log_snr - 2 lambda| = {float((schedule.log_snr - 2 * lam).abs().max()):.0e}")
 schedule = NoiseSchedule.sd()
 for t in (500, 999):
     white, black = (schedule.add_noise(torch.full_like(x0, v), noise, t).mean() for v in (1.0, -1.0))

@@ -43,7 +43,7 @@ from minidiff.schedule import NoiseSchedule
 images, captions, _ = shapes.batch(12, seed=0)
 model = DatasetEpsModel(images)
 print(captions[:3])
-image_grid(to_pil(images), columns=12)
+image_grid(to_pil(images), columns=12, labels=[f"#{i}" for i in range(12)], title="the 12 training pictures")
 
 # %% [markdown]
 # ## Use it: `sample(model, noise, sampler="ddpm")`
@@ -57,7 +57,7 @@ noise = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 start = time.perf_counter()
 samples = sample(model, noise, sampler="ddpm", steps=1000, steps_offset=0, generator=torch.Generator().manual_seed(1))
 print(f"1000 DDPM steps on 8 pictures: {time.perf_counter() - start:.1f} s")
-image_grid(to_pil(samples), columns=8)
+image_grid(to_pil(samples), labels=[f"sample {i}" for i in range(8)], title="DDPM, 1000 steps, 8 noises")
 
 # %% [markdown]
 # A perfect model of 12 pictures can only give back those 12 pictures: each sample is one of them. The
@@ -104,6 +104,48 @@ library = sample(model, noise, sampler="ddpm", steps=50, generator=torch.Generat
 print(f"max |mine - minidiff| after 50 DDPM steps: {float((mine - library).abs().max()):.2e} (fp32)")
 
 # %% [markdown]
+# ## What the network predicts: $\epsilon$ or $v$
+#
+# `my_ddpm` reads the model's output as $\epsilon$ (SD 1.x and SD 2.x's 512-pixel base models). SD 2.x's 768-pixel
+# models predict the velocity of Salimans & Ho 2022 instead; with $\alpha_t=\sqrt{\bar\alpha_t}$,
+# $\sigma_t=\sqrt{1-\bar\alpha_t}$:
+# $$v=\alpha_t\,\epsilon-\sigma_t\,x_0,\qquad \hat x_0=\alpha_t\,x_t-\sigma_t\,v,\qquad \hat\epsilon=\sigma_t\,x_t+\alpha_t\,v$$
+# ($\alpha_t^2+\sigma_t^2=1$: $(x_t, v)$ is $(x_0,\epsilon)$ rotated by an angle, and rotating back recovers them).
+# The samplers only ever see $\hat x_0$ and $\hat\epsilon$: `to_x0_eps` in `minidiff/schedule.py` converts. Check the
+# formulas on a real picture, and see what an error of 0.01 in the network's output does to $\hat x_0$:
+
+# %%
+from minidiff.course.viz import plot_curves  # noqa: E402
+from minidiff.schedule import to_x0_eps  # noqa: E402
+
+x0, eps = images[:1], torch.randn(images[:1].shape, generator=torch.Generator().manual_seed(3))
+error = 0.01 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+rms = lambda x: float(x.pow(2).mean().sqrt())  # noqa: E731
+for t in (999, 500, 50):
+    alpha, sigma = (float(v) for v in schedule.alpha_sigma(t))
+    x_t = alpha * x0 + sigma * eps
+    v = alpha * eps - sigma * x0
+    pred_x0, pred_eps = to_x0_eps(v, x_t, alpha, sigma, "v_prediction")
+    from_eps = to_x0_eps(eps + error, x_t, alpha, sigma, "epsilon")[0]
+    from_v = to_x0_eps(v + error, x_t, alpha, sigma, "v_prediction")[0]
+    print(f"t = {t:3d}: max |x0 - (alpha x_t - sigma v)| = {float((pred_x0 - x0).abs().max()):.0e}, "
+          f"max |eps - (sigma x_t + alpha v)| = {float((pred_eps - eps).abs().max()):.0e}; an RMS error of 0.01 "
+          f"in the output gives x0 off by {rms(from_eps - x0):.4f} from eps, {rms(from_v - x0):.4f} from v")
+t = torch.arange(1000)
+alpha, sigma = schedule.alpha_sigma(t)
+plot_curves(t.tolist(), {"eps-prediction: sigma_t / alpha_t": (sigma / alpha).tolist(),
+                         "v-prediction: sigma_t": sigma.tolist()},
+            "timestep t", "|error in pred_x0| / |error in the output|",
+            "how an error in the network's output reaches pred_x0 (SD's schedule)", log="y", marker="-")
+
+# %% [markdown]
+# From $\hat\epsilon$ the error is multiplied by $\sigma_t/\alpha_t$, 14.6 at $t=999$; from $\hat v$ by
+# $\sigma_t\le1$. At high noise $\epsilon\approx x_t/\sigma_t$ is easy to guess while the $\hat x_0$ it implies is
+# poor, and there the picture's layout is decided; a schedule that ends in pure noise ($\alpha_T=0$, the fix for
+# SD's leftover signal in lesson 01) cannot use $\epsilon$ at all. The `pred_eps` milestone checks the conversion
+# for both prediction types.
+
+# %% [markdown]
 # ## The trace: x_inter and pred_x0
 #
 # `StepRecorder` is a sampler callback: after every step it keeps the new latent $x_t$ (**x_inter**) and the
@@ -121,7 +163,8 @@ show_trace(recorder.trace(), title="DDPM, 50 steps, on the perfect model of 12 p
 #
 # `Pipeline(prompt, trace=True)` records the trace and decodes both rows with the VAE. `course_pipeline()` is
 # the bundled shapes model when `weights/shapes` is there, and otherwise a tiny random-weight pipeline, whose
-# pictures are noise (it says which).
+# pictures are noise (it says which). The decoded x_inter looks darker and fainter than the pixel-space one above:
+# the VAE decodes a latent shrunk by $\alpha_t$, plus noise it was never trained on (lesson 03 measures it).
 
 # %%
 pipe = course_pipeline()

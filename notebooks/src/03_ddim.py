@@ -57,7 +57,10 @@ def run(eta, seed, steps=50):
 for eta in (0.0, 0.5, 1.0):
     a, b = run(eta, seed=1), run(eta, seed=2)
     print(f"eta = {eta}: max |run with seed 1 - run with seed 2| = {float((a - b).abs().max()):.3f}")
-image_grid(to_pil(torch.cat([run(0.0, 1), run(1.0, 1), run(1.0, 2)])), columns=4)
+runs = ((0.0, 1), (1.0, 1), (1.0, 2))  # (eta, generator seed), one row each
+image_grid(to_pil(torch.cat([run(eta, seed) for eta, seed in runs])), columns=4,
+           labels=[f"eta = {eta}, seed {seed}\nnoise {i}" for eta, seed in runs for i in range(4)],
+           title="DDIM, 50 steps: the same 4 noises x_T, three ways")
 
 # %% [markdown]
 # Rows: $\eta=0$; $\eta=1$ with one seed; $\eta=1$ with another. Deterministic DDIM maps each $x_T$ to one
@@ -171,6 +174,50 @@ show_images([full.images[0], early.images[0]], ["50 steps", "early exit at 35"],
 # %%
 traced = pipe(prompt, **options, trace=True, early_exit=35)
 show_trace(traced.trace, steps=[0, 10, 20, 25, 30, 34], title=f"DDIM, early exit at step 35: {pipe.source}")
+
+# %% [markdown]
+# ## Why decoded x_inter looks dark and faint
+#
+# In the pipeline's trace the top row (x_inter) stays dark and flat long after pred_x0 shows the shape. x_inter is
+# the VP latent $x_t=\alpha_t x_0+\sigma_t\epsilon$: the picture's latent *shrunk* by $\alpha_t$ (0.12 at $t=901$,
+# 0.52 at $t=501$), under noise of standard deviation $\sigma_t$ (larger than $\alpha_t$ for every $t\ge354$). The VAE
+# decoder was trained on clean latents only, and decodes a latent near 0, or one it has never seen, to a flat
+# picture: for this model its dark background. With DDIM the split is exact, $x_t=\alpha_t\hat x_0+\sigma_t\hat\epsilon$
+# (the step's own $\hat x_0$ and $\hat\epsilon$). Below, at five steps of one run: x_inter; its signal part
+# $\alpha_t\hat x_0$ alone; $x_t/\alpha_t=x_0+\sigma\epsilon$ (k-diffusion's $x$, lesson 04), the signal at full
+# scale under noise amplified by $1/\alpha_t$; and pred_x0. All decoded by the same VAE, with their mean and
+# contrast (standard deviation) in pixels.
+
+# %%
+recorder = StepRecorder()
+pipe(prompt, sampler="ddim", steps=20, seed=0, guidance_scale=5.0, callback=recorder, progress=False)
+chosen = [1, 5, 10, 15, 19]  # x_t is the latent before step i: the x_inter of step i - 1, at step i's timestep
+rows = {"x_inter = x_t": [], "alpha_t pred_x0": [], "x_t / alpha_t": [], "pred_x0": []}
+labels = []
+for i in chosen:
+    t = recorder.steps[i]["timestep"]
+    alpha = float(pipe.schedule.alpha_sigma(t)[0])
+    x_t, pred_x0 = recorder.steps[i - 1]["x"], recorder.steps[i]["pred_x0"]
+    for name, latent in zip(rows, (x_t, alpha * pred_x0, x_t / alpha, pred_x0)):
+        rows[name].append(latent)
+    labels.append(f"step {i}, t = {t}\nalpha_t = {alpha:.2f}")
+with torch.no_grad():
+    decoded = {name: pipe.decode(torch.cat(latents)) for name, latents in rows.items()}
+    blank = pipe.decode(torch.zeros_like(rows["pred_x0"][0]))
+print(f"decode(zero latent): mean {float(blank.mean()):+.2f}, std {float(blank.std()):.3f} (pixels in [-1, 1])")
+for name, pixels in decoded.items():
+    print(f"{name:16s} mean per column {[round(float(p.mean()), 2) for p in pixels]}, "
+          f"contrast (std) {[round(float(p.std()), 3) for p in pixels]}")
+image_grid([image for name in rows for image in to_pil(decoded[name])], columns=len(chosen), scale=2,
+           labels=[f"{name}\n{label}" for name in rows for label in labels],
+           title=f"DDIM, 20 steps, each latent decoded by the VAE ({pipe.source})")
+
+# %% [markdown]
+# x_inter only gains contrast once the signal outweighs the noise: it is the flat decoded "nothing" while
+# $\alpha_t$ is small, and fades in over the last half of the steps. Both halves of $x_t$ are to blame: the signal
+# part alone is shrunk (faint where $\alpha_t$ is small), and the noise on top is a latent the decoder never saw;
+# divided by $\alpha_t$ the same latent has the picture's contrast back, under amplified noise. So x_inter is
+# faithful (it is exactly what the sampler holds) but it is not a preview of the picture: pred_x0 is.
 
 # %% [markdown]
 # **Milestones:** `minidiff milestones --only ddim_step ddim_50`. Next: lesson 04, where DDIM turns out to be

@@ -48,8 +48,9 @@ with torch.no_grad():
 print(f"image {tuple(images[:6].shape)} -> latent {tuple(z.shape)} -> image {tuple(reconstruction.shape)}")
 print(f"mean |reconstruction - image| = {float((reconstruction.clamp(-1, 1) - images[:6]).abs().mean()):.3f} "
       f"(pixels in [-1, 1]; {pipe.source})")
-show_images(to_pil(images[:6]) + latents_to_pil(z) + to_pil(reconstruction), columns=6, size=1.3,
-            title="pictures, their latents (channels 0-2), and the decoded latents")
+show_images(to_pil(images[:6]) + latents_to_pil(z) + to_pil(reconstruction),
+            ["picture (64x64)"] * 6 + [f"latent {tuple(z.shape[2:])}, ch 0-2"] * 6 + ["decoded"] * 6, columns=6,
+            size=1.3, title="pictures, their latents (channels 0-2 as RGB), and the decoded latents")
 
 # %% [markdown]
 # ## The scaling factor
@@ -179,7 +180,8 @@ fp16 = half_pipe("a large white square at the top", steps=20, seed=0, trace=True
 difference = (fp16.latents.float() - reference.latents).abs()
 print(f"final latents: max |fp16 - fp32| = {float(difference.max()):.3f}, mean {float(difference.mean()):.4f}")
 show_trace(fp16.trace, title=f"float16 (compare with the float32 trace above): {half_pipe.source}")
-image_grid([reference.images[0], fp16.images[0]])
+image_grid([reference.images[0], fp16.images[0]], labels=["float32", "float16"], title="final pictures, seed 0",
+           scale=2)
 
 # %% [markdown]
 # **Milestones:** `minidiff milestones --only vae scale_latents decode_latents half_precision`. Next: lesson 08,

@@ -53,8 +53,9 @@ if folder is None:
 else:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sd15 = load_pipeline("sd15", dtype=torch.float16 if device == "cuda" else torch.float32, device=device)
-    result = sd15("an astronaut riding a horse, photograph", steps=25, seed=0, trace=True)
-    display(result.images[0])
+    prompt = "an astronaut riding a horse, photograph"
+    result = sd15(prompt, steps=25, seed=0, trace=True)
+    display(show_images(result.images, [prompt], size=5.0, title="SD 1.5, DPM++ 2M, 25 steps, seed 0"))
     display(show_trace(result.trace, title="SD 1.5, DPM++ 2M, 25 steps"))
     # the original single file works the same: load_pipeline("path/to/v1-5-pruned-emaonly.safetensors")
 
