@@ -236,8 +236,8 @@ def with_prefix_of(state: dict, model_keys, prefix: str = "text_model.") -> dict
     """Add or drop `prefix` so the keys match the model's (transformers >= 5.6 saves CLIP without text_model.)."""
     model_has = any(key.startswith(prefix) for key in model_keys)
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer in old files
-    if model_has:
-        return {(k if k.startswith(prefix) else prefix + k): v for k, v in state.items()}
+    if model_has:  # text_projection (SDXL's second encoder) sits beside text_model, never under it
+        return {(k if k.startswith((prefix, "text_projection.")) else prefix + k): v for k, v in state.items()}
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 

@@ -1,0 +1,132 @@
+"""SDXL against diffusers / transformers on the same random weights: the UNet, both text encoders, the whole
+pipeline (StableDiffusionXLPipeline) and the single-file key conversion.
+
+The configs keep SDXL's structure (first stage without attention, 1-2-3 transformer blocks per stage, linear
+projections, "text_time" conditioning, a CLIP-L-shaped and a bigG-shaped text encoder whose states are concatenated)
+at a few channels; the full 2.6 B UNet is compared on the meta device (keys, shapes, parameter count).
+Tolerances (fp32): networks max |ours - reference| <= 1e-4 * max |reference|; the pipeline 1e-3.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+import transformers
+from diffusers import UNet2DConditionModel
+
+from minidiff.clip import CLIPTextConfig, CLIPTextModel
+from minidiff.config import from_diffusers, to_diffusers
+from minidiff.tokenizer import CLIPTokenizer
+from minidiff.unet import UNet, UNetConfig, count_parameters
+
+RELATIVE_TOLERANCE = 1e-4  # fp32, networks
+
+# the SDXL layout at a few channels: pooled width 32 (bigG-shaped) + 6 time ids x 8
+SMALL_UNET = dataclasses.replace(
+    UNetConfig.sdxl(), block_out_channels=(32, 64, 64), num_attention_heads=(1, 2, 2), cross_attention_dim=48,
+    transformer_layers_per_block=(1, 2, 3), addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+    sample_size=8)
+SMALL_CLIP_L = dataclasses.replace(CLIPTextConfig.tiny(), hidden_size=16, intermediate_size=32)  # quick_gelu
+SMALL_BIGG = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                            hidden_act="gelu", projection_dim=32)
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the options that differ from diffusers' defaults
+SDXL_BASE_UNET_JSON = {
+    "_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+    "upcast_attention": None,
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seeded weights that keep activations O(1): variance-1/fan_in matrices, perturbed norms and biases."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim > 1:
+                bound = (3 / param[0].numel()) ** 0.5
+                param.uniform_(-bound, bound, generator=generator)
+            elif name.endswith("weight"):
+                param.uniform_(0.6, 1.4, generator=generator)
+            else:
+                param.uniform_(-0.2, 0.2, generator=generator)
+    return model.eval()
+
+
+def assert_close(ours, reference, what, tolerance=RELATIVE_TOLERANCE):
+    error, scale = (ours - reference).abs().max().item(), reference.abs().max().item()
+    assert scale > 0.05, f"{what}: reference output is trivially small ({scale})"
+    assert ours.shape == reference.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(reference.shape)}"
+    assert error <= tolerance * scale, f"{what}: max abs error {error:.3g} vs max |reference| {scale:.3g}"
+
+
+# --- the UNet -------------------------------------------------------------------------------------------------
+
+
+def test_sdxl_preset_is_the_official_config_and_has_diffusers_parameters():
+    assert from_diffusers(UNetConfig, SDXL_BASE_UNET_JSON) == UNetConfig.sdxl()
+    for config in (UNetConfig.sdxl(), UNetConfig.sdxl_refiner()):
+        with torch.device("meta"):
+            reference, ours = UNet2DConditionModel.from_config(to_diffusers(config)), UNet(config)
+        assert {k: v.shape for k, v in ours.state_dict().items()} == \
+            {k: v.shape for k, v in reference.state_dict().items()}
+        assert count_parameters(ours) == count_parameters(reference)
+        if config == UNetConfig.sdxl():
+            assert count_parameters(ours) == 2_567_463_684
+
+
+def small_unets():
+    with torch.device("meta"):
+        reference, ours = UNet2DConditionModel.from_config(to_diffusers(SMALL_UNET)), UNet(SMALL_UNET)
+    reference = randomize_(reference.to_empty(device="cpu"), 0)
+    ours.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    return reference, ours.eval()
+
+
+def test_unet_matches_diffusers_with_text_time_conditioning():
+    reference, ours = small_unets()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 24, generator=generator)
+    context = torch.randn(2, 77, 48, generator=generator)
+    added = {"text_embeds": torch.randn(2, 32, generator=generator),
+             "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 512, 64, 32, 1024, 768]])}
+    with torch.no_grad():
+        expected = reference(x, torch.tensor([999, 10]), context, added_cond_kwargs=added).sample
+        assert_close(ours(x, torch.tensor([999, 10]), context, added_cond_kwargs=added), expected, "UNet")
+        other = dict(added, time_ids=added["time_ids"].flip(0))  # the size/crop ids change the prediction
+        assert (ours(x, torch.tensor([999, 10]), context, added_cond_kwargs=other) - expected).abs().max() > 1e-3
+
+
+# --- the text encoders ----------------------------------------------------------------------------------------
+
+
+def text_encoders(config: CLIPTextConfig, seed: int):
+    """transformers' CLIPTextModel(WithProjection) with random weights, and ours loaded from its state dict."""
+    kind = transformers.CLIPTextModelWithProjection if config.projection_dim else transformers.CLIPTextModel
+    reference = kind(transformers.CLIPTextConfig(**to_diffusers(config)))
+    randomize_(reference, seed)
+    state = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+             for k, v in reference.state_dict().items()}
+    with torch.device("meta"):
+        ours = CLIPTextModel(config)
+    ours.load_state_dict(state, strict=True, assign=True)
+    return reference, ours.eval()
+
+
+@pytest.mark.parametrize(("config", "pad_token"), [(SMALL_CLIP_L, "<|endoftext|>"), (SMALL_BIGG, "!")],
+                         ids=["clip-l", "bigg"])
+def test_text_encoders_match_transformers(config, pad_token):
+    """hidden_states[-2] (SDXL's context) and the pooled output (text_embeds for bigG) of both encoders."""
+    assert from_diffusers(CLIPTextConfig, to_diffusers(config)) == config
+    reference, ours = text_encoders(config, seed=3)
+    ids = CLIPTokenizer.default(pad_token=pad_token)(["a photo of an astronaut riding a horse", "a castle, " * 30, ""])
+    with torch.no_grad():
+        expected = reference(ids, output_hidden_states=True)
+        penultimate, pooled = ours.penultimate_and_pooled(ids)
+        assert_close(penultimate, expected.hidden_states[-2], "hidden_states[-2]")
+        reference_pooled = expected.text_embeds if config.projection_dim else expected.pooler_output
+        assert_close(pooled, reference_pooled, "pooled")
+        assert_close(ours(ids), expected.last_hidden_state, "last_hidden_state")
