@@ -20,6 +20,7 @@ from PIL import Image
 
 from minidiff.errors import MinidiffError
 from minidiff.samplers import SAMPLERS, sample
+from minidiff.sdxl import TextConditioning, encode_text, time_ids
 
 
 @dataclass
@@ -77,8 +78,8 @@ class Pipeline:
                  f"schedule:    {self.schedule.beta_schedule} {self.schedule.beta_start}..{self.schedule.beta_end}, "
                  f"{self.spacing} spacing, steps_offset {self.steps_offset}",
                  f"image size:  {self.default_size()} px (latent {self.unet.config.sample_size})"]
-        for name in ("unet", "vae", "text_encoder", "taesd"):
-            module = getattr(self, name)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "taesd"):
+            module = getattr(self, name, None)
             if module is not None:
                 count = sum(p.numel() for p in module.parameters())
                 dtype = next(module.parameters()).dtype
@@ -102,14 +103,7 @@ class Pipeline:
     def encode_prompt(self, prompts: list) -> torch.Tensor:
         """Token ids -> the text encoder's hidden states; warns when a prompt is cut at 77 tokens."""
         ids = self.tokenizer(prompts)
-        for prompt in prompts:
-            dropped = len(self.tokenizer.dropped_tokens(prompt))
-            if dropped:
-                warnings.warn(
-                    f"the prompt is longer than the text encoder's 77 positions: its last {dropped} "
-                    f"token(s) were dropped ({prompt[:40]!r}...)",
-                    stacklevel=3,
-                )
+        warn_if_truncated(self.tokenizer, prompts)
         return self.text_encoder(ids.to(self.device)).to(self.dtype)
 
     @torch.no_grad()
@@ -135,12 +129,8 @@ class Pipeline:
 
         def model(x, t):
             pred_uncond, pred_cond = self.unet(torch.cat([x, x]), t, both).chunk(2)
-            guided = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-            if guidance_rescale > 0:
-                dims = list(range(1, guided.ndim))
-                rescaled = guided * (pred_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-                guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
-            return guided
+            return rescale_guidance(pred_uncond + guidance_scale * (pred_cond - pred_uncond), pred_cond,
+                                    guidance_rescale)
 
         return model
 
@@ -234,6 +224,91 @@ class Pipeline:
             raise MinidiffError("preview='taesd' needs a TAESD: load_pipeline(..., taesd=path or 'taesd')")
 
 
+def warn_if_truncated(tokenizer, prompts: list) -> None:
+    """Warn when a prompt is cut at the text encoder's 77 positions."""
+    for prompt in prompts:
+        dropped = len(tokenizer.dropped_tokens(prompt))
+        if dropped:
+            warnings.warn(f"the prompt is longer than the text encoder's 77 positions: its last {dropped} "
+                          f"token(s) were dropped ({prompt[:40]!r}...)", stacklevel=4)
+
+
+def rescale_guidance(guided, pred_cond, guidance_rescale: float):
+    """Lin et al. 2023, eq. 16: mix in the guided prediction rescaled to the conditional one's std (phi = 0: none)."""
+    if guidance_rescale <= 0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (pred_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+class SDXLPipeline(Pipeline):
+    """Stable Diffusion XL: Pipeline with the second text encoder, the pooled embedding and the micro-conditioning.
+
+    Sampling, img2img, traces and early exit are Pipeline's; only the conditioning that reaches the UNet differs."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule, text_encoder_2=None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: bool = True, **options):
+        super().__init__(unet, vae, text_encoder, tokenizer, schedule, **options)
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.micro_conditioning = {}  # the current call's original_size, crop_top_left, target_size, scores
+        self.zero_uncond = False  # the current call's unconditional branch is zeros
+
+    def time_id_count(self) -> int:
+        """6 for the base model (sizes and crop), 5 for the refiner (an aesthetic score for the target size)."""
+        config = self.unet.config
+        pooled_width = self.text_encoder_2.config.projection_dim
+        return (config.projection_class_embeddings_input_dim - pooled_width) // config.addition_time_embed_dim
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list) -> TextConditioning:
+        warn_if_truncated(self.tokenizer_2, prompts)
+        text = encode_text((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), prompts,
+                           self.device)
+        return TextConditioning(text.context.to(self.dtype), text.pooled.to(self.dtype))
+
+    def added_cond_kwargs(self, pooled, x, uncond: bool = False) -> dict:
+        """{"text_embeds", "time_ids"} for latents x: sizes default to the image being made (8 x latent size)."""
+        size = (8 * x.shape[-2], 8 * x.shape[-1])
+        micro = self.micro_conditioning
+        score = None
+        if self.time_id_count() == 5:
+            score = micro.get("negative_aesthetic_score" if uncond else "aesthetic_score")
+        ids = time_ids(micro.get("original_size") or size, micro.get("crop_top_left") or (0, 0),
+                       micro.get("target_size") or size, score)
+        return {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype).expand(len(pooled), -1)}
+
+    def guided_model(self, context, uncond, guidance_scale: float, guidance_rescale: float = 0.0):
+        """Pipeline.guided_model with SDXL's added conditioning: one batched UNet call for CFG."""
+        if guidance_scale <= 1.0:
+            return lambda x, t: self.unet(x, t, context.context, added_cond_kwargs=self.added_cond_kwargs(
+                context.pooled, x))
+        if self.zero_uncond:
+            uncond = TextConditioning(torch.zeros_like(context.context), torch.zeros_like(context.pooled))
+
+        def model(x, t):
+            negative, positive = self.added_cond_kwargs(uncond.pooled, x, True), self.added_cond_kwargs(
+                context.pooled, x)
+            added = {key: torch.cat([negative[key], positive[key]]) for key in positive}
+            pred_uncond, pred_cond = self.unet(torch.cat([x, x]), t, torch.cat([uncond.context, context.context]),
+                                               added_cond_kwargs=added).chunk(2)
+            return rescale_guidance(pred_uncond + guidance_scale * (pred_cond - pred_uncond), pred_cond,
+                                    guidance_rescale)
+
+        return model
+
+    def __call__(self, prompt, negative_prompt=None, *, original_size=None, crop_top_left=None, target_size=None,
+                 aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, **options):
+        """Pipeline.__call__, plus SDXL's micro-conditioning: original_size and target_size (height, width) default to
+        the image size, crop_top_left to (0, 0); aesthetic scores are read by the refiner only."""
+        self.micro_conditioning = dict(original_size=original_size, crop_top_left=crop_top_left,
+                                       target_size=target_size, aesthetic_score=aesthetic_score,
+                                       negative_aesthetic_score=negative_aesthetic_score)
+        self.zero_uncond = negative_prompt is None and self.force_zeros_for_empty_prompt
+        return super().__call__(prompt, negative_prompt, **options)
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -256,10 +331,15 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     path = resolve(path_or_name)
     parts = load_components(path, dtype=dtype, device=device, variant=variant, prediction_type=prediction_type)
     tiny = load_taesd(resolve(taesd), dtype=dtype, device=device) if taesd else None
-    pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule,
-                    parts.prediction_type, tiny, parts.scheduler_config.get("timestep_spacing", "leading"),
-                    parts.scheduler_config.get("steps_offset", 1), source=str(path_or_name),
-                    guidance_scale=KNOWN_MODELS.get(str(path_or_name), {}).get("guidance_scale", 7.5))
+    options = dict(prediction_type=parts.prediction_type, taesd=tiny, source=str(path_or_name),
+                   spacing=parts.scheduler_config.get("timestep_spacing", "leading"),
+                   steps_offset=parts.scheduler_config.get("steps_offset", 1),
+                   guidance_scale=KNOWN_MODELS.get(str(path_or_name), {}).get("guidance_scale", 7.5))
+    if parts.text_encoder_2 is not None:  # SDXL
+        options |= dict(text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+                        force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt)
+    pipeline_class = SDXLPipeline if parts.text_encoder_2 is not None else Pipeline
+    pipe = pipeline_class(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule, **options)
     if speed_options:
         from minidiff.speed import optimize
 

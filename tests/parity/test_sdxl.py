@@ -12,12 +12,14 @@ import dataclasses
 import pytest
 import torch
 import transformers
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.config import from_diffusers, to_diffusers
-from minidiff.tokenizer import CLIPTokenizer
+from minidiff.pipeline import SDXLPipeline, load_pipeline
+from minidiff.tokenizer import CLIPTokenizer, write_vocab_files
 from minidiff.unet import UNet, UNetConfig, count_parameters
+from minidiff.vae import VAEConfig
 
 RELATIVE_TOLERANCE = 1e-4  # fp32, networks
 
@@ -130,3 +132,56 @@ def test_text_encoders_match_transformers(config, pad_token):
         reference_pooled = expected.text_embeds if config.projection_dim else expected.pooler_output
         assert_close(pooled, reference_pooled, "pooled")
         assert_close(ours(ids), expected.last_hidden_state, "last_hidden_state")
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------------
+
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    """A small SDXL (the layout at a few channels) with random weights, saved by diffusers' StableDiffusionXLPipeline
+    in the official folder layout. Returns (folder, the diffusers pipeline)."""
+
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    tokenizers = []
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        write_vocab_files(folder / name)
+        tokenizers.append(transformers.CLIPTokenizer(str(folder / name / "vocab.json"),
+                                                     str(folder / name / "merges.txt"), model_max_length=77,
+                                                     pad_token=pad))
+    reference = StableDiffusionXLPipeline(
+        vae=randomize_(AutoencoderKL(**{**to_diffusers(VAEConfig.tiny()), "scaling_factor": 0.13025}), 1),
+        text_encoder=randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**to_diffusers(SMALL_CLIP_L))),
+                                2),
+        text_encoder_2=randomize_(transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**to_diffusers(SMALL_BIGG))), 3),
+        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
+        unet=randomize_(UNet2DConditionModel(**to_diffusers(SMALL_UNET)), 4),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading"),
+    )
+    reference.save_pretrained(folder, safe_serialization=True)
+    reference.set_progress_bar_config(disable=True)
+    return folder, reference
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+def test_pipeline_matches_stable_diffusion_xl_pipeline(tiny_sdxl, negative):
+    """fp32, same weights, noise, scheduler (Euler) and prompts, with CFG: no negative prompt (zeros, as the base
+    model's force_zeros_for_empty_prompt says) and a negative prompt. Latents and decoded images within 1e-3."""
+    folder, reference = tiny_sdxl
+    pipe = load_pipeline(folder, device="cpu", dtype=torch.float32)
+    assert isinstance(pipe, SDXLPipeline) and pipe.vae.scaling_factor == 0.13025
+    prompts = ["a red circle in the top left", "a small blue square"]
+    negatives = None if negative is None else [negative] * 2
+    noise = torch.randn((2, 4, 8, 16), generator=torch.Generator().manual_seed(7))
+    ours = pipe(prompts, negative_prompt=negatives, steps=5, sampler="euler", guidance_scale=5.0, height=64,
+                width=128, latents=noise, progress=False, original_size=(96, 160), crop_top_left=(8, 16)).latents
+    theirs = reference(prompts, negative_prompt=negatives, num_inference_steps=5, guidance_scale=5.0, height=64,
+                       width=128, latents=noise.clone(), output_type="latent", original_size=(96, 160),
+                       crops_coords_top_left=(8, 16)).images
+    assert_close(ours, theirs, "latents", 1e-3)
+    with torch.no_grad():
+        their_images = reference.vae.decode(theirs / reference.vae.config.scaling_factor).sample
+        assert_close(pipe.decode(ours), their_images, "images", 1e-3)
