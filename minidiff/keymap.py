@@ -258,9 +258,9 @@ def infer_unet_config(state: dict, prediction_type) -> dict:
     depths = [blocks(f"input_blocks.{i}.1.transformer_blocks.") for i in starts]  # 0 where a stage has no attention
     used = {d for d in depths if d} | {blocks("middle_block.1.transformer_blocks.")} - {0}
     context = to_k.shape[1]
-    # not in the weights: SD 1.x uses 8 heads; SD 2.x and SDXL (OpenCLIP contexts) heads of 64 channels
-    heads = [c // 64 for c in channels] if context in (1024, 1280, 2048) else [8] * stages
     added = state.get("label_emb.0.0.weight")  # SDXL: the MLP of [pooled text, PE(time ids)]
+    # not in the weights: SD 1.x uses 8 heads; SD 2.x (OpenCLIP context, 1024) and SDXL heads of 64 channels
+    heads = [c // 64 for c in channels] if context == 1024 or added is not None else [8] * stages
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
     return {
         "in_channels": first.shape[1], "out_channels": state["out.2.weight"].shape[0], "down_block_types": down,

@@ -13,9 +13,20 @@ import pytest
 import torch
 import transformers
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from safetensors.torch import save_file
+
+from minidiff import keymap
 
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.config import from_diffusers, to_diffusers
+from minidiff.errors import CheckpointError
+from minidiff.load import load_components
 from minidiff.pipeline import SDXLPipeline, load_pipeline
 from minidiff.tokenizer import CLIPTokenizer, write_vocab_files
 from minidiff.unet import UNet, UNetConfig, count_parameters
@@ -108,7 +119,8 @@ def test_unet_matches_diffusers_with_text_time_conditioning():
 def text_encoders(config: CLIPTextConfig, seed: int):
     """transformers' CLIPTextModel(WithProjection) with random weights, and ours loaded from its state dict."""
     kind = transformers.CLIPTextModelWithProjection if config.projection_dim else transformers.CLIPTextModel
-    reference = kind(transformers.CLIPTextConfig(**to_diffusers(config)))
+    # eos_token_id=2, as in SDXL's text_encoder*/config.json: transformers then pools at the largest id (argmax)
+    reference = kind(transformers.CLIPTextConfig(**to_diffusers(config), eos_token_id=2))
     randomize_(reference, seed)
     state = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
              for k, v in reference.state_dict().items()}
@@ -176,12 +188,97 @@ def test_pipeline_matches_stable_diffusion_xl_pipeline(tiny_sdxl, negative):
     prompts = ["a red circle in the top left", "a small blue square"]
     negatives = None if negative is None else [negative] * 2
     noise = torch.randn((2, 4, 8, 16), generator=torch.Generator().manual_seed(7))
-    ours = pipe(prompts, negative_prompt=negatives, steps=5, sampler="euler", guidance_scale=5.0, height=64,
+    ours = pipe(prompts, negative_prompt=negatives, steps=4, sampler="euler", guidance_scale=5.0, height=64,
                 width=128, latents=noise, progress=False, original_size=(96, 160), crop_top_left=(8, 16)).latents
-    theirs = reference(prompts, negative_prompt=negatives, num_inference_steps=5, guidance_scale=5.0, height=64,
+    theirs = reference(prompts, negative_prompt=negatives, num_inference_steps=4, guidance_scale=5.0, height=64,
                        width=128, latents=noise.clone(), output_type="latent", original_size=(96, 160),
                        crops_coords_top_left=(8, 16)).images
     assert_close(ours, theirs, "latents", 1e-3)
     with torch.no_grad():
         their_images = reference.vae.decode(theirs / reference.vae.config.scaling_factor).sample
         assert_close(pipe.decode(ours), their_images, "images", 1e-3)
+
+
+# --- the single file (sd_xl_base_1.0.safetensors) -----------------------------------------------------------------
+
+# shaped as the loader reads an SDXL file: 64-channel heads; a non-square text_projection (96), so that a
+# missing transposition shows
+FILE_UNET = dataclasses.replace(SMALL_UNET, block_out_channels=(64, 128, 128), cross_attention_dim=256,
+                                addition_time_embed_dim=256, projection_class_embeddings_input_dim=96 + 6 * 256,
+                                sample_size=128)  # the PE width of a time id is not in the weights: SDXL's 256
+FILE_CLIP_L = CLIPTextConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=2)
+FILE_BIGG = dataclasses.replace(FILE_CLIP_L, num_hidden_layers=3, hidden_act="gelu", projection_dim=96)
+FILE_VAE = dataclasses.replace(VAEConfig(block_out_channels=(32, 64), layers_per_block=1), scaling_factor=0.13025)
+
+
+def sdxl_file_parts():
+    """Random diffusers-layout models and the original sd_xl_base_1.0-layout checkpoint made of them."""
+    unet = randomize_(UNet2DConditionModel.from_config(to_diffusers(FILE_UNET)), 5)
+    vae = randomize_(AutoencoderKL.from_config(to_diffusers(FILE_VAE)), 6)
+    (_, clip_l), (reference_bigg, bigg) = text_encoders(FILE_CLIP_L, 7), text_encoders(FILE_BIGG, 8)  # ours: file keys
+    checkpoint = {}
+    for component, model, config in (("unet", unet, FILE_UNET), ("vae", vae, FILE_VAE)):
+        original = keymap.to_original(model.state_dict(), component, to_diffusers(config))
+        checkpoint |= {keymap.PREFIXES[component] + k: v for k, v in original.items()}
+    checkpoint |= {keymap.PREFIXES["clip_sdxl"] + k: v for k, v in clip_l.state_dict().items()}
+    original = keymap.to_original(bigg.state_dict(), "open_clip", to_diffusers(FILE_BIGG))
+    assert original["text_projection"].shape == (128, 96)  # OpenCLIP's x @ P
+    checkpoint |= {keymap.PREFIXES["open_clip_sdxl"] + k: v for k, v in original.items()}
+    checkpoint["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6)
+    return {"unet": unet, "vae": vae, "text_encoder": clip_l, "text_encoder_2": bigg,
+            "reference_bigg": reference_bigg}, checkpoint
+
+
+def test_single_file_keys_equal_diffusers_converter(tmp_path):
+    """Each network of an SDXL file converted by minidiff and by diffusers' single_file_utils: the same keys and
+    tensors, equal to the models the file was written from; then the whole file loads as an SDXLPipeline."""
+    models, checkpoint = sdxl_file_parts()
+    theirs = {
+        "unet": convert_ldm_unet_checkpoint(checkpoint, to_diffusers(FILE_UNET)),
+        "vae": convert_ldm_vae_checkpoint(checkpoint, to_diffusers(FILE_VAE)),
+        "text_encoder": convert_ldm_clip_checkpoint(checkpoint),
+        "text_encoder_2": convert_open_clip_checkpoint(models["reference_bigg"], checkpoint,
+                                                       prefix=keymap.PREFIXES["open_clip_sdxl"]),
+    }
+    sources = {"unet": ("unet", "unet", FILE_UNET), "vae": ("vae", "vae", FILE_VAE),
+               "text_encoder": ("clip_sdxl", "clip", FILE_CLIP_L),
+               "text_encoder_2": ("open_clip_sdxl", "open_clip", FILE_BIGG)}
+    for name, (prefix, component, config) in sources.items():
+        part = {k[len(keymap.PREFIXES[prefix]):]: v for k, v in checkpoint.items()
+                if k.startswith(keymap.PREFIXES[prefix])}
+        ours, unmatched = keymap.from_original(part, component, to_diffusers(config))
+        assert set(unmatched) <= {"logit_scale"}, unmatched
+        reference = models[name].state_dict()
+        assert set(ours) == set(theirs[name]) == set(reference), f"{name}: {set(ours) ^ set(theirs[name])}"
+        for key, value in ours.items():
+            assert torch.equal(value, theirs[name][key]) and torch.equal(value, reference[key]), f"{name}: {key}"
+
+    path = tmp_path / "sd_xl_base_tiny.safetensors"
+    save_file(checkpoint, path)
+    parts = load_components(path)
+    assert parts.unet.config == FILE_UNET and parts.vae.config == FILE_VAE
+    assert parts.text_encoder.config == FILE_CLIP_L and parts.text_encoder_2.config == FILE_BIGG
+    assert parts.tokenizer.pad_token == "<|endoftext|>" and parts.tokenizer_2.pad_token == "!"
+    ids = torch.randint(0, 1000, (2, 77))
+    with torch.no_grad():
+        assert_close(parts.text_encoder_2.penultimate_and_pooled(ids)[1],
+                     models["reference_bigg"](ids).text_embeds, "text_embeds from the file")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("no_text_encoder_2", "has no second text encoder"),
+    ("refiner", "is the SDXL refiner"),
+])
+def test_incomplete_or_wrong_sdxl_file_is_named_in_one_line(tmp_path, change, message):
+    _, checkpoint = sdxl_file_parts()
+    bigg = keymap.PREFIXES["open_clip_sdxl"]
+    if change == "no_text_encoder_2":
+        checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith(bigg)}
+    else:  # the refiner's file: bigG alone, as embedders.0
+        checkpoint = {k.replace(bigg, keymap.PREFIXES["open_clip_sdxl_refiner"]): v for k, v in checkpoint.items()
+                      if not k.startswith(keymap.PREFIXES["clip_sdxl"])}
+    save_file(checkpoint, tmp_path / "sd_xl.safetensors")
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_components(tmp_path / "sd_xl.safetensors")
+    assert "\n" not in str(error.value)
