@@ -50,12 +50,12 @@ def encode_text(text_encoders, tokenizers, prompts: list, device=None) -> TextCo
 def time_ids(original_size, crop_top_left, target_size, aesthetic_score=None) -> torch.Tensor:
     """The micro-conditioning of one image, (6,): original (height, width), crop (top, left), target (height,
     width); with an aesthetic_score (the refiner) the target size is replaced by it, (5,)."""
-    last = (aesthetic_score,) if aesthetic_score is not None else tuple(target_size)
-    values = (*original_size, *crop_top_left, *last)
-    if len(values) not in (5, 6):
+    pairs = (original_size, crop_top_left) + ((target_size,) if aesthetic_score is None else ())
+    if any(len(tuple(pair)) != 2 for pair in pairs):
         raise MinidiffError(f"original_size {original_size}, crop_top_left {crop_top_left} and target_size "
                             f"{target_size} must be (height, width), (top, left) and (height, width)")
-    return torch.tensor(values, dtype=torch.float32)
+    last = (aesthetic_score,) if aesthetic_score is not None else tuple(target_size)
+    return torch.tensor((*original_size, *crop_top_left, *last), dtype=torch.float32)
 
 
 # --- the original single file (sd_xl_base_1.0.safetensors) -----------------------------------------------------

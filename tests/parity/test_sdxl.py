@@ -282,3 +282,20 @@ def test_incomplete_or_wrong_sdxl_file_is_named_in_one_line(tmp_path, change, me
     with pytest.raises(CheckpointError, match=message) as error:
         load_components(tmp_path / "sd_xl.safetensors")
     assert "\n" not in str(error.value)
+
+
+def test_samplers_img2img_trace_and_early_exit_run_on_sdxl(tiny_sdxl):
+    """What Pipeline does for SD 1.5 works for SDXL: every sampler, img2img, the trace and early exit."""
+    from minidiff.samplers import SAMPLERS
+
+    pipe = load_pipeline(tiny_sdxl[0], device="cpu", dtype=torch.float32)
+    run = lambda **options: pipe("a red circle", height=64, width=64, seed=0, progress=False, **options)
+    for sampler in sorted(SAMPLERS):
+        assert torch.isfinite(run(steps=2, sampler=sampler).latents).all(), sampler
+    traced = run(steps=3, trace=True)
+    assert len(traced.trace) == 3 and traced.trace[-1].pred_x0[0].size == (64, 64)
+    assert not torch.equal(run(steps=4, early_exit=0.5).latents, run(steps=4).latents)
+    image = traced.images[0]
+    assert torch.equal(run(image=image, strength=0.0).latents, pipe.encode_image(image, 64, 64,
+                                                                                 torch.Generator().manual_seed(0)))
+    assert run(image=image, strength=0.5, steps=4).images[0].size == (64, 64)
