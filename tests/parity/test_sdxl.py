@@ -289,13 +289,13 @@ def test_samplers_img2img_trace_and_early_exit_run_on_sdxl(tiny_sdxl):
     from minidiff.samplers import SAMPLERS
 
     pipe = load_pipeline(tiny_sdxl[0], device="cpu", dtype=torch.float32)
-    run = lambda **options: pipe("a red circle", height=64, width=64, seed=0, progress=False, **options)
+    run = lambda **options: pipe("a red circle", height=32, width=32, seed=0, progress=False, **options)
     for sampler in sorted(SAMPLERS):
-        assert torch.isfinite(run(steps=2, sampler=sampler).latents).all(), sampler
-    traced = run(steps=3, trace=True)
-    assert len(traced.trace) == 3 and traced.trace[-1].pred_x0[0].size == (64, 64)
+        assert torch.isfinite(run(steps=2, sampler=sampler, guidance_scale=1.0).latents).all(), sampler
+    traced = run(steps=2, trace=True)
+    assert len(traced.trace) == 2 and traced.trace[-1].pred_x0[0].size == (32, 32)
     assert not torch.equal(run(steps=4, early_exit=0.5).latents, run(steps=4).latents)
     image = traced.images[0]
-    assert torch.equal(run(image=image, strength=0.0).latents, pipe.encode_image(image, 64, 64,
+    assert torch.equal(run(image=image, strength=0.0).latents, pipe.encode_image(image, 32, 32,
                                                                                  torch.Generator().manual_seed(0)))
-    assert run(image=image, strength=0.5, steps=4).images[0].size == (64, 64)
+    assert run(image=image, strength=0.5, steps=2).images[0].size == (32, 32)
