@@ -152,9 +152,11 @@ def build(model_class, config, state: dict, dtype, device) -> nn.Module:
 class DiffusersUNet(nn.Module):
     """diffusers' UNet2DConditionModel, called like minidiff's UNet: (x, t, context) -> tensor."""
 
-    def __init__(self, config: UNetConfig, state: dict, dtype, device):
+    def __init__(self, config: UNetConfig, state: dict, dtype, device, added: dict | None = None):
         super().__init__()
         from diffusers import UNet2DConditionModel
+
+        self.added = added  # SDXL's added_cond_kwargs, fixed for the bench
 
         with torch.device("meta"):
             self.model = UNet2DConditionModel.from_config(to_diffusers(config))
@@ -163,7 +165,24 @@ class DiffusersUNet(nn.Module):
         self.config = config
 
     def forward(self, x, t, context):
-        return self.model(x, t, context, return_dict=False)[0]
+        added = None if self.added is None else {k: v.to(x.dtype) for k, v in self.added.items()}
+        return self.model(x, t, context, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class WithAddedConditioning(nn.Module):
+    """An SDXL UNet called as (x, t, context), with its pooled text and time ids fixed (the bench's inputs)."""
+
+    def __init__(self, unet: nn.Module, added: dict):
+        super().__init__()
+        self.unet, self.added, self.config = unet, added, unet.config
+
+    def forward(self, x, t, context):
+        return self.unet(x, t, context, added_cond_kwargs={k: v.to(x.dtype) for k, v in self.added.items()})
+
+
+def with_added(unet: nn.Module, setup) -> nn.Module:
+    """The UNet as the bench calls it: SDXL's added conditioning bound when its config has one."""
+    return unet if setup.added is None else WithAddedConditioning(unet, setup.added)
 
 
 def diffusers_available() -> bool:
@@ -289,6 +308,7 @@ class Setup:
     x: torch.Tensor  # (2 images, C, h, w): the CFG batch
     context: torch.Tensor  # (2 images, 77, D): [uncond, cond]
     noise: torch.Tensor  # (images, C, h, w): the sampler's x_T
+    added: dict | None = None  # SDXL: {"text_embeds": (2 images, pooled), "time_ids": (2 images, 6)}
 
 
 def make_setup(config, size: int, images: int, steps: int, repeats: int, device, seed: int) -> Setup:
@@ -307,8 +327,14 @@ def make_setup(config, size: int, images: int, steps: int, repeats: int, device,
     state = {k: v.to(device) for k, v in random_weights(skeleton, generator).items()}
     h = size // 8
     randn = lambda *shape: torch.randn(shape, generator=generator).to(device)
+    added = None
+    if config.addition_embed_type == "text_time":  # SDXL: a pooled text embedding and the size/crop ids of the image
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": randn(2 * images, pooled),
+                 "time_ids": torch.tensor([size, size, 0, 0, size, size], device=device).repeat(2 * images, 1)}
     return Setup(config, device, h, images, steps, repeats, state, randn(2 * images, config.in_channels, h, h),
-                 randn(2 * images, TEXT_LENGTH, config.cross_attention_dim), randn(images, config.in_channels, h, h))
+                 randn(2 * images, TEXT_LENGTH, config.cross_attention_dim), randn(images, config.in_channels, h, h),
+                 added)
 
 
 def build_decoders(setup: Setup, dtype, rung: Rung, compile_options):
@@ -339,8 +365,9 @@ def unets(setup: Setup, rung: Rung, with_diffusers: bool, compile_options: dict)
         state = {k: v.to(setup.device) for k, v in random_weights(skeleton, torch.Generator().manual_seed(2)).items()}
     options = dict(channels_last=rung.channels_last, compile=rung.compile, freeze=rung.freeze,
                    cuda_graphs=rung.cuda_graphs, compile_options=compile_options)
-    ours = FastUNet(build(UNet, config, state, rung.dtype, setup.device), **options)
-    theirs = FastUNet(DiffusersUNet(config, state, rung.dtype, setup.device), **options) if with_diffusers else None
+    ours = FastUNet(with_added(build(UNet, config, state, rung.dtype, setup.device), setup), **options)
+    theirs = FastUNet(DiffusersUNet(config, state, rung.dtype, setup.device, setup.added),
+                      **options) if with_diffusers else None
     return ours, theirs
 
 
@@ -445,7 +472,7 @@ def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repea
     setup = make_setup(config, size, images, steps, repeats, device, seed)
     compile_options = compile_options or {}
     with torch.no_grad():
-        reference_out = build(UNet, setup.config, setup.state, torch.float32, setup.device)(
+        reference_out = with_added(build(UNet, setup.config, setup.state, torch.float32, setup.device), setup)(
             setup.x, timestep_tensor(500, setup.x), setup.context)
     header = (f"minidiff bench: UNet {config if isinstance(config, str) else 'custom'} with RANDOM weights (the "
               f"timings are real, the images noise); {size}x{size} px = {setup.latent_size}x{setup.latent_size} "
@@ -526,7 +553,8 @@ def profile_unet(config="sd15", size: int = 256, images: int = 1, device=None, d
                  channels_last: bool = False, rows: int = 25, seed: int = 0):
     """torch.profiler on one UNet step (after a warm-up call): (the table of the top operators, the profiler)."""
     setup = make_setup(config, size, images, 1, 1, device, seed)
-    unet = FastUNet(build(UNet, setup.config, setup.state, dtype, setup.device), channels_last=channels_last)
+    unet = FastUNet(with_added(build(UNet, setup.config, setup.state, dtype, setup.device), setup),
+                    channels_last=channels_last)
     x, context = setup.x.to(dtype), setup.context.to(dtype)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if setup.device.type == "cuda":

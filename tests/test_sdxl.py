@@ -10,6 +10,7 @@ from minidiff import cli, hub
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.load import load_components
 from minidiff.sdxl import time_ids
+from minidiff.speed import FastUNet
 from minidiff.unet import UNet, UNetConfig
 
 
@@ -34,6 +35,10 @@ def test_sdxl_unet_names_missing_or_misshaped_added_conditioning():
                                                     "time_ids": torch.randn(1, 6)}).shape == x.shape
     assert len(unet.down_blocks[1].attentions[0].transformer_blocks) == 2
     assert len(unet.mid_block.attentions[0].transformer_blocks) == 2  # the last stage's depth
+    added = {"text_embeds": torch.randn(1, 8), "time_ids": torch.randn(1, 6)}
+    with torch.no_grad():  # behind the speed options (optimize wraps a pipeline's UNet in FastUNet)
+        fast = FastUNet(unet, channels_last=True)(x, 10, context, added_cond_kwargs=added)
+        assert torch.allclose(fast, unet(x, 10, context, added_cond_kwargs=added), atol=1e-5)
 
 
 def test_info_sdxl_from_the_config_alone(capsys, monkeypatch):
