@@ -10,7 +10,6 @@ _PUBLIC = {
     "MinidiffError": "minidiff.errors",
     "SamplerError": "minidiff.errors",
     "CheckpointError": "minidiff.errors",
-    "attention": "minidiff.attention",
     "set_attention_backend": "minidiff.attention",
     "NoiseSchedule": "minidiff.schedule",
     "sample": "minidiff.samplers",

@@ -15,6 +15,7 @@ functions read and write it.
 import dataclasses
 from dataclasses import asdict, fields
 
+from minidiff.checks import shown
 from minidiff.clip import ACTIVATIONS, CLIPTextConfig
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.taesd import TAESDConfig
@@ -27,7 +28,55 @@ def from_diffusers(config_class, config: dict):
     if config_class not in _READERS:
         raise MinidiffError(f"no config.json reader for {config_class!r}: use one of "
                             f"{', '.join(c.__name__ for c in _READERS)}")
-    return _READERS[config_class](config)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"a config.json must hold a JSON object {{...}}, got {type(config).__name__}")
+    check_types(config, config_class)
+    found = _READERS[config_class](config)
+    check_types(asdict(found), config_class)
+    return found
+
+
+def check_types(values: dict, config_class) -> None:
+    """CheckpointError for a value of the wrong type (a string where a number belongs, a bool for a count ...):
+    each field is compared with the type of its default in `config_class`."""
+    for field in fields(config_class):
+        if values.get(field.name) is None or field.default is dataclasses.MISSING or field.default is None:
+            continue
+        value, default = values[field.name], field.default
+        items = default if isinstance(default, tuple) else (default,)
+        if isinstance(default, tuple) or (isinstance(value, (list, tuple)) and isinstance(default, int)
+                                          and not isinstance(default, bool)):  # diffusers allows per-stage lists
+            given = value if isinstance(value, (list, tuple)) and value else None
+        else:
+            given = (value,)
+        if given is None or not all(_same_kind(item, items[0]) for item in given):
+            one, many = {bool: ("true or false", "booleans"), int: ("a whole number", "whole numbers"),
+                         float: ("a number", "numbers"), str: ("a string", "strings")}.get(type(items[0]), ("?", "?"))
+            kind = f"a non-empty list of {many}" if isinstance(default, tuple) else one
+            raise CheckpointError(f"config.json option {field.name}={shown(json_text(value))} should be {kind} "
+                                  f"(e.g. {json_text(list(default) if isinstance(default, tuple) else default)}): "
+                                  "the file is damaged or not a Stable Diffusion config")
+
+
+def _same_kind(value, example) -> bool:
+    import math
+
+    if isinstance(example, bool):
+        return isinstance(value, bool)
+    if isinstance(example, int):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if isinstance(example, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, type(example))
+
+
+def json_text(value) -> str:
+    import json
+
+    try:
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def to_diffusers(config) -> dict:

@@ -15,3 +15,11 @@ class SamplerError(MinidiffError):
 
 class CheckpointError(MinidiffError):
     """A checkpoint is missing, truncated, unsafe, or does not fit the architecture."""
+
+
+class InputError(MinidiffError):
+    """A bad argument or input file: wrong type, out of range, inconsistent, unreadable, or too large."""
+
+
+class OutputError(MinidiffError):
+    """An output cannot be written: bad folder or extension, two outputs at one path, or a file in the way."""

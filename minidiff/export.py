@@ -107,9 +107,19 @@ def export_pipeline(pipe, out_dir, height: int = 512, width: int = 512, check: b
 
     The check runs both on new inputs of another size than the export's, so it also tests the dynamic axes.
     """
-    out_dir = Path(out_dir)
+    from minidiff.checks import check_bool, check_int, check_path_like, shown
+
+    out_dir = check_path_like("out_dir", out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MinidiffError(f"{shown(out_dir)} is a file, not a folder: give a folder for the .onnx files")
     if not out_dir.is_dir():
-        raise MinidiffError(f"{out_dir} is not a folder: create it first (mkdir -p {out_dir})")
+        raise MinidiffError(f"the folder {shown(out_dir)} does not exist: create it first (mkdir -p {shown(out_dir)})")
+    check_int("height", height, 8, 16384)
+    check_int("width", width, 8, 16384)
+    check_bool("check", check)
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+        raise MinidiffError(f"export_pipeline takes a minidiff Pipeline (load_pipeline(...)), got "
+                            f"{type(pipe).__name__}")
     unet = getattr(pipe.unet, "unet", pipe.unet)  # the plain UNet behind a minidiff.speed.FastUNet
     factor = 8 * unet.config.downsample_factor
     if height % factor or width % factor:

@@ -82,7 +82,7 @@ def local_path(name: str, cache_dir=None, variant: str | None = None) -> Path | 
 
 def resolve(name_or_path, cache_dir=None, variant: str | None = None) -> Path:
     """A path as it is; a known model name -> its folder in the local cache (never downloads)."""
-    if Path(name_or_path).exists():
+    if Path(name_or_path).exists() or Path(name_or_path).is_symlink():  # a broken link: the loaders say why
         return Path(name_or_path)
     name = str(name_or_path)
     if name not in KNOWN_MODELS:

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from minidiff import keymap
+from minidiff.checks import check_input_file, check_path_like, shown
 from minidiff.config import from_diffusers, to_diffusers
-from minidiff.errors import CheckpointError
+from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.schedule import NoiseSchedule, check_prediction_type
 from minidiff.sdxl import is_sdxl_file, single_file_text_encoder
 
@@ -55,46 +56,72 @@ def read_safetensors(path) -> dict:
         if start.startswith(b"version https://git-lfs"):
             raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in its "
                                   "repository, or download the model with `minidiff download NAME`") from None
-        raise CheckpointError(f"{path} is damaged or incomplete ({error}): probably a download cut short. "
-                              "Delete it and download it again") from None
+        raise CheckpointError(f"{shown(path)} is damaged or incomplete ({shown(error)}): probably a download cut "
+                              "short. Delete it and download it again") from None
 
 
 def read_pickle(path, allow_pickle: bool) -> dict:
     """A .ckpt/.pt/.bin state dict, only with allow_pickle=True, and then with torch.load(weights_only=True)."""
     if not allow_pickle:
         raise CheckpointError(
-            f"{path} is a pickle file: unpickling can run arbitrary code, so minidiff reads safetensors only. "
-            "Use the .safetensors version of this checkpoint (most models publish one), convert it with a tool "
-            "you trust, or pass allow_pickle=True to read it with torch.load(weights_only=True)")
+            f"{shown(path)} is a pickle file: unpickling can run arbitrary code, so minidiff reads safetensors only. "
+            "Use the .safetensors version of this checkpoint (most models publish one), or, only if you trust the "
+            "file, pass allow_pickle=True from Python (load_pipeline, load_unet, ...): minidiff then reads its "
+            "tensors with torch.load(weights_only=True)")
+    import pickle
+
+    def refused(reason):
+        return CheckpointError(f"{shown(path)} could not be read with torch.load(weights_only=True): {reason}. "
+                               "minidiff reads only tensors from a pickle; convert the file to safetensors with a "
+                               "tool you trust")
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle.UnpicklingError: it holds objects other than tensors
-        raise CheckpointError(f"{path} could not be read with torch.load(weights_only=True): {error}") from None
-    state = state.get("state_dict", state)  # original .ckpt files wrap it: {"state_dict": ..., "global_step": ...}
-    return {key: value for key, value in state.items() if torch.is_tensor(value)}
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object that is not a tensor
+        raise refused("it holds something other than tensors (Python objects, or damaged data)") from None
+    except Exception:  # truncated, or not a torch file at all
+        raise refused("it is damaged or not a PyTorch checkpoint") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # original .ckpt files wrap it: {"state_dict": ..., "global_step": ...}
+    if not isinstance(state, dict):
+        raise refused(f"it holds a {type(state).__name__}, not a dict of tensors")
+    return {key: value for key, value in state.items() if isinstance(key, str) and torch.is_tensor(value)}
 
 
 def read_checkpoint(path, allow_pickle: bool = False) -> dict:
     """The tensors of one weights file, by name."""
-    path = Path(path)
+    path = check_input_file(path, "the weights file")  # a regular, readable file: not a FIFO, folder or loop
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
         return read_pickle(path, allow_pickle)
-    raise CheckpointError(f"{path}: not a weights file minidiff knows (.safetensors; or .ckpt/.pt/.bin pickles)")
+    raise CheckpointError(f"{shown(path)}: not a weights file minidiff knows (.safetensors; or .ckpt/.pt/.bin "
+                          "pickles)")
 
 
 def locate(path) -> Path:
     """A path as given if it exists, else a known model name (see minidiff.hub) resolved in the local cache."""
-    if Path(path).exists():
-        return Path(path)
+    path = check_path_like("the model", path)
+    if path.exists() or path.is_symlink():
+        return check_input_file(path, "the model", folder_ok=True)
     from minidiff.hub import KNOWN_MODELS, resolve
 
     if str(path) in KNOWN_MODELS:
         return resolve(str(path))
-    raise CheckpointError(f"no such file or folder: {path} (nor a known model name: {', '.join(KNOWN_MODELS)})")
+    raise CheckpointError(f"no such file or folder: {shown(path)} (nor a known model name: "
+                          f"{', '.join(KNOWN_MODELS)})")
+
+
+def listing(folder: Path) -> list:
+    """The entries of a folder, or a CheckpointError when it cannot be read."""
+    try:
+        return list(folder.iterdir())
+    except OSError as error:
+        raise CheckpointError(f"cannot list the folder {shown(folder)}: {error.strerror}. Check its permissions"
+                              ) from None
 
 
 def component_folder(path: Path, name: str) -> Path:
@@ -103,7 +130,7 @@ def component_folder(path: Path, name: str) -> Path:
         return path
     if (path / name).is_dir():
         return path / name
-    found = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors",) + PICKLE_SUFFIXES)
+    found = sorted(shown(p.name) for p in listing(path) if p.suffix in (".safetensors",) + PICKLE_SUFFIXES)
     hint = f"; it holds {', '.join(found)}: pass the file itself" if found else ""
     if (path / "model_index.json").is_file():
         raise CheckpointError(f"{path} is a diffusers model folder without a {name}/ folder{hint}")
@@ -116,13 +143,14 @@ def weights_file(folder: Path, stem: str, variant, allow_pickle: bool) -> Path:
     wanted = folder / (f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors")
     if wanted.is_file():
         return wanted
-    present = sorted(p.name for p in folder.iterdir() if p.name.startswith(stem + "."))
+    present = sorted(p.name for p in listing(folder) if p.name.startswith(stem + "."))
     variants = [name for name in present if name.endswith(".safetensors")]
     if variant is None and len(variants) == 1:
         return folder / variants[0]
-    if variants:
-        raise CheckpointError(f"no {wanted.name} in {folder}; it has {', '.join(variants)}: "
-                              f"choose one with variant=" + " or ".join(repr(v.split(".")[1]) for v in variants))
+    if variants:  # stem.safetensors is variant=None, stem.fp16.safetensors variant='fp16'
+        names = [repr(v[len(stem) + 1:-len(".safetensors")] or None) for v in variants]
+        raise CheckpointError(f"no {wanted.name} in {shown(folder)}; it has {shown(', '.join(variants))}: "
+                              f"choose one with variant=" + " or ".join(shown(n) for n in names))
     pickles = [folder / name for name in present if Path(name).suffix in PICKLE_SUFFIXES]
     if pickles:
         read_pickle(pickles[0], allow_pickle)  # explains the refusal unless allow_pickle
@@ -131,10 +159,16 @@ def weights_file(folder: Path, stem: str, variant, allow_pickle: bool) -> Path:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from a small regular file, or a CheckpointError saying what is wrong with it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
+        check_input_file(path, "the config file", max_bytes=16 * 2**20)
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON, bad UTF-8, or check_input_file's InputError
+        reason = error if isinstance(error, MinidiffError) else shown(error)
+        raise CheckpointError(f"cannot read {shown(path)}: {reason}") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{shown(path)} must hold a JSON object {{...}}, not a {type(found).__name__}")
+    return found
 
 
 def read_config(folder: Path, name: str) -> dict:
@@ -143,7 +177,7 @@ def read_config(folder: Path, name: str) -> dict:
     found = config.get("_class_name") or (config.get("architectures") or [None])[0]
     if found and found != CLASS_NAME[name] and not {found, CLASS_NAME[name]} <= TEXT_CLASSES:
         other = next((LOADER[k] for k, v in CLASS_NAME.items() if v == found), None)
-        raise CheckpointError(f"{folder / 'config.json'} describes a {found}, not a {CLASS_NAME[name]}"
+        raise CheckpointError(f"{shown(folder / 'config.json')} describes a {shown(found)}, not a {CLASS_NAME[name]}"
                               + (f": load it with {other}" if other else ""))
     return config
 
@@ -153,8 +187,14 @@ def read_config(folder: Path, name: str) -> dict:
 
 def meta_model(model_class, config):
     """model_class(config) with parameters that take no memory and no time to initialise."""
-    with torch.device("meta"):
-        return model_class(config)
+    try:
+        with torch.device("meta"):
+            return model_class(config)
+    except MinidiffError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError, IndexError, RuntimeError) as error:
+        raise CheckpointError(f"cannot build {model_class.__name__} from {config}: {shown(error)}. The config.json "
+                              "is damaged or not for a Stable Diffusion network") from None
 
 
 def build(model, state: dict, source, dtype=None, device=None):
@@ -176,17 +216,26 @@ def check_state(model, state: dict, source) -> None:
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     wrong = [key for key in expected if key in state and state[key].shape != expected[key].shape]
+    not_float = [key for key in expected if key in state and expected[key].is_floating_point()
+                 and not state[key].is_floating_point()]
+    if not_float and not (missing or unexpected or wrong):
+        found = ", ".join(f"{shown(k)} ({state[k].dtype})" for k in not_float[:4])
+        raise CheckpointError(f"{shown(source)}: {len(not_float)} weight(s) are not floating point: {found}"
+                              + (" ..." if len(not_float) > 4 else "") + ": the file is damaged or not a "
+                              "checkpoint of this network")
     if not (missing or unexpected or wrong):
         return
-    lines = [f"{source} does not fit {type(model).__name__}({model.config}):"]
+    lines = [f"{shown(source)} does not fit {type(model).__name__}({model.config}):"]
     for label, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
-            lines.append(f"  {len(keys)} {label} key(s): {', '.join(keys[:6])}" + (" ..." if len(keys) > 6 else ""))
+            lines.append(f"  {len(keys)} {label} key(s): {', '.join(shown(k) for k in keys[:6])}"
+                         + (" ..." if len(keys) > 6 else ""))
     if wrong:
-        shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model" for k in wrong]
+        shapes = [f"{shown(k)} {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+                  for k in wrong]
         lines.append(f"  {len(wrong)} wrong shape(s): " + "; ".join(shapes[:4]) + (" ..." if len(wrong) > 4 else ""))
     lines += [f"  -> {hint}" for hint in hints(expected, state, missing, unexpected, wrong)]
-    raise CheckpointError("\n".join(lines))
+    raise CheckpointError(lines[0] + " " + "; ".join(line.strip() for line in lines[1:]))  # one line
 
 
 def hints(expected: dict, state: dict, missing: list, unexpected: list, wrong: list) -> list:
@@ -202,7 +251,7 @@ def hints(expected: dict, state: dict, missing: list, unexpected: list, wrong: l
             out.append(f"this file holds a {kind}: load it with {LOADER[kind]}")
     for key in wrong:
         found, want = tuple(state[key].shape), tuple(expected[key].shape)
-        if key.endswith("attn2.to_k.weight"):
+        if key.endswith("attn2.to_k.weight") and found[1:] != want[1:]:
             family = {768: "an SD 1.x", 1024: "an SD 2.x"}
             out.append(f"context dim {found[1]} vs {want[1]}: {family.get(found[1], 'a different')} checkpoint into "
                        f"{family.get(want[1], 'a different')} config")
@@ -261,8 +310,9 @@ def inferred(infer, source, *args) -> dict:
     try:
         return infer(*args)
     except (KeyError, StopIteration, ValueError, IndexError) as error:
-        raise CheckpointError(f"cannot read the architecture from the tensors of {source} ({type(error).__name__}: "
-                              f"{error}): not an SD 1.x/2.x checkpoint? Pass config=... to say what it is") from None
+        raise CheckpointError(f"cannot read the architecture from the tensors of {shown(source)} "
+                              f"({type(error).__name__}: {shown(error)}): not an SD 1.x/2.x checkpoint? "
+                              "Pass config=... to say what it is") from None
 
 
 def converted(state: dict, component: str, config: dict, prefix: str) -> dict:
@@ -368,7 +418,18 @@ def load_tokenizer(path, allow_pickle=False, part="tokenizer"):
 
     path = locate(path)
     if path.is_dir():
-        return CLIPTokenizer.from_folder(component_folder(path, part))
+        folder = component_folder(path, part)
+        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+            if (folder / name).exists():
+                check_input_file(folder / name, "the tokenizer file", max_bytes=256 * 2**20)
+        try:
+            return CLIPTokenizer.from_folder(folder)
+        except MinidiffError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+            raise CheckpointError(f"the tokenizer in {shown(folder)} is damaged ({type(error).__name__}: "
+                                  f"{shown(error)}): restore vocab.json and merges.txt from the model's "
+                                  "repository") from None
     state = read_checkpoint(path, allow_pickle)
     open_clip = any(key.startswith(keymap.PREFIXES["open_clip"]) for key in state) or part == "tokenizer_2"
     return CLIPTokenizer.sd21() if open_clip else CLIPTokenizer.sd15()

@@ -18,9 +18,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minidiff.errors import MinidiffError
+from minidiff import embeddings, lora
+from minidiff.checks import (
+    check_bool,
+    check_choice,
+    check_device,
+    check_float,
+    check_input_file,
+    check_int,
+    check_memory,
+    check_path_like,
+    check_seed,
+    check_text,
+    literal,
+    shown,
+)
+from minidiff.errors import InputError, MinidiffError
 from minidiff.samplers import SAMPLERS, sample
 from minidiff.sdxl import TextConditioning, encode_text, time_ids
+
+MAX_IMAGE_PIXELS = 64 * 2**20  # an input image larger than this (8192 x 8192) is refused before it is decoded
 
 
 @dataclass
@@ -49,16 +66,52 @@ def to_pil(images: torch.Tensor) -> list:
 def from_pil(image, height=None, width=None) -> torch.Tensor:
     """A PIL image (or path) -> (1, 3, H, W) in [-1, 1], resized to (height, width) if given."""
     if not isinstance(image, Image.Image):
+        path = check_input_file(image, "the input image", max_bytes=256 * 2**20)
         try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise MinidiffError(f"cannot read the input image {image!r}: {e}. Give a PNG or JPEG file.") from None
+            image = Image.open(path)
+            if image.width * image.height > MAX_IMAGE_PIXELS:  # read from the header: nothing decoded yet
+                raise InputError(f"the input image {shown(path)} is {image.width}x{image.height} px, more than "
+                                 f"{MAX_IMAGE_PIXELS // 2**20} megapixels: resize it first")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own, larger limit
+            raise InputError(f"the input image {shown(path)} claims more than {MAX_IMAGE_PIXELS // 2**20} megapixels "
+                             "in its header: resize it first") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InputError(f"cannot read the input image {shown(path)}: {shown(e)}. Give a complete PNG or JPEG "
+                             "file") from None
     image = image.convert("RGB")
     if height and width and image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1
     return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def prompt_list(name: str, prompt) -> list:
+    """A prompt or a non-empty list of prompts, as a list of strings."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InputError(f"{name} must be a string or a non-empty list of strings, got {literal(prompt)} "
+                         f"({type(prompt).__name__})")
+    return [check_text(name, p) for p in prompts]
+
+
+def check_latents(latents, shape: tuple) -> None:
+    """latents, when given, are the starting noise: a finite float tensor of exactly `shape`."""
+    if latents is None:
+        return
+    if not torch.is_tensor(latents) or not latents.is_floating_point():
+        got = latents.dtype if torch.is_tensor(latents) else type(latents).__name__
+        raise InputError(f"latents must be a float tensor of shape {shape} (noise from torch.randn), got {got}")
+    if tuple(latents.shape) != shape:
+        found = tuple(latents.shape)
+        size = f", which is a {8 * found[-1]}x{8 * found[-2]} px image" if len(found) == 4 else ""
+        raise InputError(f"latents have shape {found}{size}, but this call makes {shape[0]} image(s) of "
+                         f"{8 * shape[-1]}x{8 * shape[-2]} px: pass latents of shape {shape} (or set height, width "
+                         "and num_images to match)")
+    if not torch.isfinite(latents).all():
+        raise InputError("latents hold NaN or inf: pass finite noise such as torch.randn(...)")
 
 
 class Pipeline:
@@ -96,6 +149,27 @@ class Pipeline:
 
     def latent_channels(self) -> int:
         return self.unet.config.in_channels
+
+    # --- adapters: LoRA (minidiff.lora) and textual inversion (minidiff.embeddings) ---------------------
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Attach a LoRA file (kohya/A1111 or diffusers/PEFT safetensors) at `scale`; returns its name."""
+        return lora.load_lora(self, path, scale, name)
+
+    def fuse_lora(self):
+        """Merge the loaded LoRAs into the weights (as fast as no LoRA); unfuse_lora() restores them exactly."""
+        lora.fuse_lora(self)
+
+    def unfuse_lora(self):
+        lora.unfuse_lora(self)
+
+    def unload_lora(self, name: str | None = None):
+        """Remove one LoRA by name, or all of them."""
+        lora.unload_lora(self, name)
+
+    def load_textual_inversion(self, path, token: str | None = None) -> str:
+        """Add the word of an embedding file (A1111 or diffusers safetensors); returns the token to write."""
+        return embeddings.load_textual_inversion(self, path, token)
 
     # --- the three stages ----------------------------------------------------------------------
 
@@ -144,12 +218,32 @@ class Pipeline:
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
                  progress: bool = True, **sampler_options) -> GenerationResult:
         """Generate images. See the module docstring for the symbols; returns a GenerationResult."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = prompt_list("prompt", prompt)
+        negatives = [""] * len(prompts) if negative_prompt is None else prompt_list("negative_prompt", negative_prompt)
+        if isinstance(negative_prompt, str):
+            negatives = negatives * len(prompts)
+        guidance_scale = check_float("guidance_scale", guidance_scale, optional=True)
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
-        height, width = height or self.default_size(), width or self.default_size()
+        height = self.default_size() if height is None else check_int("height", height)
+        width = self.default_size() if width is None else check_int("width", width)
         self.check_options(steps, sampler, height, width, strength, num_images, len(negatives), len(prompts), preview)
+        check_seed(seed)
+        check_float("guidance_rescale", guidance_rescale, 0.0, 1.0, "phi mixes the rescaled prediction in: 0 is off")
+        check_bool("trace", trace)
+        check_bool("progress", progress)
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be a function callback(step, timestep, sigma, x, pred_x0), got "
+                             f"{type(callback).__name__}")
+        if image is not None and not isinstance(image, Image.Image):
+            check_input_file(image, "the input image")
         batch = len(prompts) * num_images
+        check_latents(latents, (batch, self.latent_channels(), height // 8, width // 8))
+        self.check_memory(batch, height, width, guidance_scale > 1.0)
+        if image is not None and trace:
+            grid_size = len(sampler_options["timesteps"]) if sampler_options.get("timesteps") is not None else steps
+            if int(grid_size * strength) == 0:
+                raise InputError(f"strength {strength} runs none of the {grid_size} steps, so there is nothing to "
+                                 "trace: raise strength (or steps), or pass trace=False")
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
 
@@ -186,11 +280,15 @@ class Pipeline:
 
         final = sample(model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
                        schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
-                       early_exit=early_exit, progress=progress, **sampler_options)
+                       early_exit=early_exit, progress=progress, noise_is_x_t=image is not None, **sampler_options)
         return self.finish(final, recorded, preview)
 
     def finish(self, latents, recorded, preview) -> GenerationResult:
-        images = to_pil(self.decode(latents, self.vae))
+        pixels = self.decode(latents, self.vae)
+        if not torch.isfinite(pixels).all():  # after the VAE's own float32 redo: never a black image
+            raise MinidiffError(f"the VAE decoder returned NaN or inf (dtype {pixels.dtype}, also after its float32 "
+                                "redo): check the VAE weights, or load the model with dtype=torch.float32")
+        images = to_pil(pixels)
         decoder = self.taesd if preview == "taesd" else self.vae
         trace = [
             TraceStep(r["step"], float(r["timestep"]), to_pil(self.decode(r["x"], decoder)),
@@ -202,20 +300,30 @@ class Pipeline:
     def default_size(self) -> int:
         return 8 * self.unet.config.sample_size
 
+    def check_memory(self, batch: int, height: int, width: int, guided: bool) -> None:
+        """InputError before anything is allocated when the images would not fit in memory (a rough estimate:
+        about a dozen UNet activations of the first stage, one attention score matrix, the VAE decoder's
+        largest activations unless it decodes in tiles)."""
+        tokens = (height // 8) * (width // 8)
+        unet_batch = batch * (2 if guided else 1)
+        element = torch.finfo(self.dtype).bits // 8
+        first = self.unet.config.block_out_channels[0]
+        unet_bytes = unet_batch * tokens * (12 * first * element + tokens * element)
+        vae_pixels = height * width if not self.vae_tile_size else (8 * self.vae_tile_size) ** 2
+        vae_bytes = batch * vae_pixels * self.vae.config.block_out_channels[0] * 4 * 4
+        check_memory(max(unet_bytes, vae_bytes), f"{batch} image(s) of {width}x{height} px",
+                     "use a smaller size or fewer images (or vae_tile_size=64 from Python)", self.device)
+
     def check_options(self, steps, sampler, height, width, strength, num_images, n_neg, n_prompts, preview):
-        if not isinstance(steps, int) or steps < 1:
-            raise MinidiffError(f"steps must be a positive integer, got {steps!r}")
-        if sampler not in SAMPLERS:
-            raise MinidiffError(f"unknown sampler {sampler!r}. Valid names: {', '.join(sorted(SAMPLERS))}")
+        check_int("steps", steps, 1, self.schedule.num_train_timesteps)
+        check_choice("sampler", sampler, sorted(SAMPLERS))
         for name, size in (("height", height), ("width", width)):
             if size < 8 or size % 8:
                 fix = max(8, 8 * round(size / 8))
-                raise MinidiffError(f"{name} must be a positive multiple of 8 (the VAE downsamples by 8), "
+                raise InputError(f"{name} must be a positive multiple of 8 (the VAE downsamples by 8), "
                                     f"got {size}: try {fix}")
-        if not 0.0 <= strength <= 1.0:
-            raise MinidiffError(f"strength must be between 0 and 1 (the fraction of steps run), got {strength}")
-        if num_images < 1:
-            raise MinidiffError(f"num_images must be at least 1, got {num_images}")
+        check_float("strength", strength, 0.0, 1.0, "the fraction of the steps run")
+        check_int("num_images", num_images, 1, 1000, "generate in several calls")
         if n_neg != n_prompts:
             raise MinidiffError(f"{n_prompts} prompts but {n_neg} negative prompts: give one per prompt")
         if preview not in (None, "vae", "taesd"):
@@ -313,24 +421,44 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, variant=None,
-                  prediction_type=None, **speed_options) -> Pipeline:
+                  prediction_type=None, allow_pickle: bool = False, **speed_options) -> Pipeline:
     """A ready pipeline from a known model name (see `minidiff models`) or a path to official files.
 
     dtype: a torch dtype or "float32" / "float16" / "bfloat16"; device: default cuda when present.
     taesd: a path or known name of TAESD weights, for fast previews (preview="taesd").
+    allow_pickle: read .ckpt/.pt/.bin files (tensors only, torch.load(weights_only=True)); only for files you trust.
     speed_options: channels_last, compile, freeze, cuda_graphs, attention, attention_slice, vae_tile_size, reuse_memory
     (see minidiff.speed.optimize).
     """
+    import inspect
+
     from minidiff.hub import KNOWN_MODELS, resolve
     from minidiff.load import load_components, load_taesd
+    from minidiff.schedule import PREDICTION_TYPES
+    from minidiff.speed import optimize
 
-    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) or dtype is None else dtype
-    if isinstance(dtype, str):
-        raise MinidiffError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_path_like("path_or_name", path_or_name)
+    speed_names = [name for name in inspect.signature(optimize).parameters if name != "target"]
+    unknown = [name for name in speed_options if name not in speed_names]
+    if unknown:
+        raise InputError(f"load_pipeline() has no option {literal(unknown[0])}: its own are dtype, device, taesd, "
+                         f"variant, prediction_type, allow_pickle, and the speed options {', '.join(speed_names)}")
+    if isinstance(dtype, str) or dtype is None:
+        dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else None
+    if isinstance(dtype, str) or not (dtype is None or dtype in DTYPES.values()):
+        raise InputError(f"unknown dtype {literal(dtype)}: use one of {', '.join(DTYPES)} (or torch.float32, "
+                         "torch.float16, torch.bfloat16)")
+    check_device(device)
+    if taesd is not None:
+        check_path_like("taesd", taesd)
+    check_text("variant", variant, optional=True)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES, optional=True)
+    check_bool("allow_pickle", allow_pickle)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = resolve(path_or_name)
-    parts = load_components(path, dtype=dtype, device=device, variant=variant, prediction_type=prediction_type)
-    tiny = load_taesd(resolve(taesd), dtype=dtype, device=device) if taesd else None
+    parts = load_components(path, dtype=dtype, device=device, variant=variant, prediction_type=prediction_type,
+                            allow_pickle=allow_pickle)
+    tiny = load_taesd(resolve(taesd), dtype=dtype, device=device, allow_pickle=allow_pickle) if taesd else None
     options = dict(prediction_type=parts.prediction_type, taesd=tiny, source=str(path_or_name),
                    spacing=parts.scheduler_config.get("timestep_spacing", "leading"),
                    steps_offset=parts.scheduler_config.get("steps_offset", 1),
@@ -341,8 +469,6 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     pipeline_class = SDXLPipeline if parts.text_encoder_2 is not None else Pipeline
     pipe = pipeline_class(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule, **options)
     if speed_options:
-        from minidiff.speed import optimize
-
         optimize(pipe, **speed_options)
     return pipe
 

@@ -1,14 +1,24 @@
 """Samplers: pure functions that turn noise into a clean latent, one denoising step at a time.
 
-Every sampler has the same signature and returns the final latent x_0:
+Each sampler is a loop over a grid that the schedule lays out (`minidiff.schedule`), as k-diffusion's
+samplers take `sigmas`, and returns the final latent x_0:
 
-    sample_NAME(denoiser, x, steps, *, spacing="leading", steps_offset=1, timesteps=None, karras=False,
-                generator=None, callback=None, **its_own_options)
+    sample_ddpm(denoiser, x, timesteps, *, generator=None, callback=None)
+    sample_ddim(denoiser, x, timesteps, prev_timesteps, *, generator=None, callback=None, eta=0.0)
+    sample_lcm(denoiser, x, timesteps, *, generator=None, callback=None)
+    sample_euler, sample_euler_a, sample_heun(denoiser, x, timesteps, sigmas, *, generator=None, callback=None)
+    sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc: the same, in `minidiff.solvers`
 
-`denoiser` is a `minidiff.schedule.Denoiser`; `x` is noise from N(0, I), used as x_T by the samplers
-that step in VP space (ddpm, ddim, lcm) and scaled by sqrt(1 + sigma_max^2) = 1 / alpha_T by those
-that step in k-diffusion space (euler, euler_a, heun). Each builds its time grid as the diffusers
-scheduler it mirrors does, step for step. After step i it calls
+`denoiser` is a `minidiff.schedule.Denoiser`. `x` is the first latent: x_T in VP space for the samplers that
+step there (ddpm, ddim, lcm and the multistep solvers), x = x0 + sigma_0 eps in k-diffusion space for euler,
+euler_a and heun. `sampler_grid(schedule, name, steps, ...)` gives the grid of each as the diffusers scheduler
+it mirrors lays it out; by hand, what `sample(model, noise, "euler", 20, spacing="trailing")` does is
+
+    timesteps, sigmas = schedule.sigma_grid(20, spacing="trailing")
+    x = noise * init_noise_sigma(float(sigmas[0]), "trailing")  # diffusers' start for Euler, trailing
+    x0 = sample_euler(Denoiser(model, schedule), x, timesteps, sigmas)
+
+After step i a sampler calls
     callback(step=i, timestep=t, sigma=s, x=x_inter, pred_x0=pred_x0)
 with t and s = sqrt((1 - alpha_bar_t) / alpha_bar_t) where the model was evaluated, x_inter the new
 latent in VP space (what the UNet sees) and pred_x0 the model's guess of the clean latent.
@@ -20,8 +30,9 @@ Notation shared by all samplers (Ho et al. 2020; Karras et al. 2022):
     d                 -> dx/dsigma = (x - x0_theta) / sigma = eps_theta, the probability-flow ODE (Karras
                          eq. 4); taken as pred_eps, which avoids cancelling x - x0 at small sigma
 
-`sample()` at the bottom is the front end: it picks a sampler by name, wraps the model, and adds
-early exit, a progress bar and the NaN check, so that the samplers stay a loop and nothing else.
+`sample(model, noise, sampler, steps, ...)` at the bottom is the front end: it wraps the model, builds the
+grid, scales the noise to the sampler's first latent as diffusers does (so that the same noise gives the same
+picture), and adds early exit, a progress bar and the NaN check, so that the samplers stay a loop.
 """
 
 import inspect
@@ -31,33 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minidiff.errors import SamplerError
-from minidiff.schedule import Denoiser, NoiseSchedule
+from minidiff.schedule import Denoiser, NoiseSchedule, init_noise_sigma, randn_like
 from minidiff.solvers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc  # the multistep solvers
-
-# --- helpers -----------------------------------------------------------------------------------
-
-SIGMA_SPACE_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
-
-
-def _no_karras(name: str, karras: bool) -> None:
-    if karras:
-        raise SamplerError(
-            f"karras=True is for the samplers that step through noise levels ({', '.join(SIGMA_SPACE_SAMPLERS)}); "
-            f"{name} steps through integer timesteps: drop karras=True or pick one of those"
-        )
-
-
-def _randn_like(x, generator):
-    """N(0, I) noise shaped like x, drawn on the generator's device (a CPU generator gives the same
-    numbers on every device), as diffusers' randn_tensor does."""
-    device = x.device if generator is None else generator.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
-def _vp_timesteps(schedule: NoiseSchedule, steps, spacing, steps_offset, timesteps):
-    if timesteps is not None:
-        return schedule.check_custom_timesteps(timesteps)
-    return schedule.timesteps(steps, spacing, steps_offset)
 
 
 def _report(callback, step, t, sigma, x, pred_x0):
@@ -68,18 +54,16 @@ def _report(callback, step, t, sigma, x, pred_x0):
 # --- samplers in VP space: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps ------------------------------
 
 
-def sample_ddpm(denoiser, x, steps, *, spacing="leading", steps_offset=1, timesteps=None, karras=False,
-                generator=None, callback=None):
-    """Ancestral sampling of DDPM (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 6-7).
+def sample_ddpm(denoiser, x, timesteps, *, generator=None, callback=None):
+    """DDPM ancestral sampling (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 6-7).
 
     Notation (the chain jumps from t to the next visited timestep t_prev; abar_prev = 1 after the last):
-        alpha, beta   -> alpha_t = abar / abar_prev, beta_t = 1 - alpha_t for the jump
+        alpha, beta      -> alpha_t = abar / abar_prev, beta_t = 1 - alpha_t for the jump
         coef_x0, coef_xt -> the posterior mean mu~_t(x_t, x0) = coef_x0 x0 + coef_xt x_t (eq. 7)
-        posterior_var -> beta~_t = (1 - abar_prev) / (1 - abar) beta_t, the "fixed small" variance
+        posterior_var    -> beta~_t = (1 - abar_prev) / (1 - abar) beta_t, the "fixed small" variance
     """
-    _no_karras("ddpm", karras)
     schedule = denoiser.schedule
-    ts = _vp_timesteps(schedule, steps, spacing, steps_offset, timesteps).tolist()
+    ts = torch.as_tensor(timesteps).tolist()
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         abar = float(schedule.alphas_cumprod[t])
@@ -91,27 +75,25 @@ def sample_ddpm(denoiser, x, steps, *, spacing="leading", steps_offset=1, timest
         x = coef_x0 * pred_x0 + coef_xt * x
         if t > 0:
             posterior_var = max((1 - abar_prev) / (1 - abar) * beta, 1e-20)
-            x = x + math.sqrt(posterior_var) * _randn_like(x, generator)
+            x = x + math.sqrt(posterior_var) * randn_like(x, generator)
         _report(callback, i, t, schedule.sigmas[t], x, pred_x0)
     return x
 
 
-def sample_ddim(denoiser, x, steps, *, spacing="leading", steps_offset=1, timesteps=None, karras=False,
-                generator=None, callback=None, eta=0.0):
+def sample_ddim(denoiser, x, timesteps, prev_timesteps, *, generator=None, callback=None, eta=0.0):
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12): eta = 0 deterministic, 1 DDPM-like.
 
-    Notation:
+    Notation (each step goes from t to its t_prev; t_prev = -1 is the end):
         a_t, a_prev -> alpha_t, alpha_{t-1} of the paper (= our abar, abar_prev; alpha_bar_0 after the last step,
                        as SD ships it with set_alpha_to_one=False)
         sigma_t     -> sigma_t(eta) = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)   (eq. 16)
         dir_xt      -> sqrt(1 - a_prev - sigma_t^2) eps_theta(x_t), the direction pointing to x_t
     """
-    _no_karras("ddim", karras)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
         raise SamplerError(f"ddim's eta must be a number from 0 (deterministic DDIM) to 1 (DDPM-like), got {eta!r}")
     schedule = denoiser.schedule
-    ts, prev_ts = schedule.ddim_timesteps(steps, spacing, steps_offset, timesteps)
-    for i, (t, t_prev) in enumerate(zip(ts.tolist(), prev_ts.tolist())):
+    ts, prev_ts = torch.as_tensor(timesteps).tolist(), torch.as_tensor(prev_timesteps).tolist()
+    for i, (t, t_prev) in enumerate(zip(ts, prev_ts)):
         a_t = float(schedule.alphas_cumprod[t])
         a_prev = float(schedule.alphas_cumprod[max(t_prev, 0)])  # t_prev = -1: the end, alpha_bar_0
         # current prediction for x_0 (and the noise it implies)
@@ -121,7 +103,7 @@ def sample_ddim(denoiser, x, steps, *, spacing="leading", steps_offset=1, timest
         # direction pointing to x_t
         dir_xt = math.sqrt(1 - a_prev - sigma_t**2) * pred_eps
         # random noise
-        noise = sigma_t * _randn_like(x, generator) if eta > 0 else 0.0
+        noise = sigma_t * randn_like(x, generator) if eta > 0 else 0.0
         x = math.sqrt(a_prev) * pred_x0 + dir_xt + noise
         _report(callback, i, t, schedule.sigmas[t], x, pred_x0)
     return x
@@ -131,20 +113,17 @@ LCM_TIMESTEP_SCALING = 10.0  # c_skip, c_out are evaluated at 10 t (diffusers' L
 LCM_SIGMA_DATA = 0.5
 
 
-def sample_lcm(denoiser, x, steps, *, spacing="leading", steps_offset=1, timesteps=None, karras=False,
-               generator=None, callback=None, original_inference_steps=50):
+def sample_lcm(denoiser, x, timesteps, *, generator=None, callback=None):
     """Multistep latent consistency sampling (Luo et al. 2023, "Latent Consistency Models", algorithm 1).
 
-    The timesteps are picked from the grid the model was distilled on (`original_inference_steps` of
-    them), so `spacing` and `steps_offset` do not apply.
+    The timesteps come from the grid the model was distilled on (`NoiseSchedule.lcm_timesteps`).
     Notation (Song et al. 2023, consistency models, eq. 7):
         c_skip, c_out -> the boundary-condition scalings: f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t),
                          with f(x, 0) = x; evaluated at t * LCM_TIMESTEP_SCALING with sigma_data = 0.5
         denoised      -> f(x, t), the consistency function's clean estimate (reported as pred_x0)
     """
-    _no_karras("lcm", karras)
     schedule = denoiser.schedule
-    ts = schedule.lcm_timesteps(steps, original_inference_steps, timesteps).tolist()
+    ts = torch.as_tensor(timesteps).tolist()
     for i, t in enumerate(ts):
         pred_x0, _ = denoiser(x, t)
         scaled_t = t * LCM_TIMESTEP_SCALING
@@ -153,7 +132,7 @@ def sample_lcm(denoiser, x, steps, *, spacing="leading", steps_offset=1, timeste
         denoised = c_out * pred_x0 + c_skip * x
         if i + 1 < len(ts):  # noise the estimate back to the next timestep
             abar_prev = float(schedule.alphas_cumprod[ts[i + 1]])
-            x = math.sqrt(abar_prev) * denoised + math.sqrt(1 - abar_prev) * _randn_like(x, generator)
+            x = math.sqrt(abar_prev) * denoised + math.sqrt(1 - abar_prev) * randn_like(x, generator)
         else:
             x = denoised
         _report(callback, i, t, schedule.sigmas[t], x, denoised)
@@ -163,23 +142,19 @@ def sample_lcm(denoiser, x, steps, *, spacing="leading", steps_offset=1, timeste
 # --- samplers in k-diffusion space: x = x_t / alpha_t = x0 + sigma eps ---------------------------
 
 
-def _sigma_start(denoiser, x, steps, spacing, steps_offset, timesteps, karras):
-    ts, sigmas = denoiser.schedule.sigma_grid(steps, spacing, steps_offset, timesteps, karras)
-    return ts.tolist(), sigmas.tolist(), x * math.sqrt(1 + sigmas[0] ** 2)
-
-
 def _to_vp(x, sigma):
     """k-diffusion x = x_t / alpha_t at noise level sigma -> the VP latent x_t."""
     return x * (1 / math.sqrt(1 + sigma**2))
 
 
-def sample_euler(denoiser, x, steps, *, spacing="leading", steps_offset=1, timesteps=None, karras=False,
-                 generator=None, callback=None):
+def sample_euler(denoiser, x, timesteps, sigmas, *, generator=None, callback=None):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, "Elucidating the Design Space...", alg. 1).
 
-    Notation: d -> dx/dsigma = (x - D(x; sigma)) / sigma = pred_eps, with D = pred_x0 the denoiser of Karras eq. 3.
+    Notation (N timesteps, N + 1 sigmas ending with 0; deterministic, generator unused):
+        x -> x0 + sigma eps = x_t / alpha_t, the latent in k-diffusion space
+        d -> dx/dsigma = (x - D(x; sigma)) / sigma = pred_eps, with D = pred_x0 the denoiser of Karras eq. 3
     """
-    ts, sigmas, x = _sigma_start(denoiser, x, steps, spacing, steps_offset, timesteps, karras)
+    ts, sigmas = torch.as_tensor(timesteps).tolist(), torch.as_tensor(sigmas).tolist()
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         pred_x0, pred_eps = denoiser.at_sigma(x, sigma, t)
@@ -189,16 +164,15 @@ def sample_euler(denoiser, x, steps, *, spacing="leading", steps_offset=1, times
     return x
 
 
-def sample_euler_a(denoiser, x, steps, *, spacing="leading", steps_offset=1, timesteps=None, karras=False,
-                   generator=None, callback=None):
-    """Euler ancestral: an Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion;
-    Song et al. 2021, "Score-Based Generative Modeling through SDEs", ancestral sampling).
+def sample_euler_a(denoiser, x, timesteps, sigmas, *, generator=None, callback=None):
+    """Euler ancestral sampling (k-diffusion's; Song et al. 2021, "Score-Based Generative Modeling through SDEs").
 
-    Notation:
+    An Euler step down to sigma_down, then fresh noise from `generator` up to sigma_next.
+    Notation (x, d as in sample_euler):
         sigma_up   -> the std of the fresh noise: sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)
         sigma_down -> sqrt(sigma_next^2 - sigma_up^2), where the deterministic step lands
     """
-    ts, sigmas, x = _sigma_start(denoiser, x, steps, spacing, steps_offset, timesteps, karras)
+    ts, sigmas = torch.as_tensor(timesteps).tolist(), torch.as_tensor(sigmas).tolist()
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         pred_x0, pred_eps = denoiser.at_sigma(x, sigma, t)
@@ -207,20 +181,20 @@ def sample_euler_a(denoiser, x, steps, *, spacing="leading", steps_offset=1, tim
         d = pred_eps
         x = x + d * (sigma_down - sigma)
         if sigma_next > 0:
-            x = x + sigma_up * _randn_like(x, generator)
+            x = x + sigma_up * randn_like(x, generator)
         _report(callback, i, t, sigma, _to_vp(x, sigma_next), pred_x0)
     return x
 
 
-def sample_heun(denoiser, x, steps, *, spacing="leading", steps_offset=1, timesteps=None, karras=False,
-                generator=None, callback=None):
-    """Heun's method, 2nd order, on the probability-flow ODE (Karras et al. 2022, algorithm 1).
+def sample_heun(denoiser, x, timesteps, sigmas, *, generator=None, callback=None):
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, "Elucidating the Design...", alg. 1).
 
-    Two model calls per step (one on the last step, an Euler step down to sigma = 0).
-    Notation: d, d_next -> dx/dsigma at (x, sigma) and at the Euler estimate (x_euler, sigma_next);
-              the step follows their mean (the trapezoidal rule). pred_x0 reported is D(x; sigma).
+    Two model calls per step (one on the last step, an Euler step down to sigma = 0); deterministic.
+    Notation (x as in sample_euler):
+        d, d_next -> dx/dsigma at (x, sigma) and at the Euler estimate (x_euler, sigma_next);
+                     the step follows their mean (the trapezoidal rule). pred_x0 reported is D(x; sigma).
     """
-    ts, sigmas, x = _sigma_start(denoiser, x, steps, spacing, steps_offset, timesteps, karras)
+    ts, sigmas = torch.as_tensor(timesteps).tolist(), torch.as_tensor(sigmas).tolist()
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         pred_x0, pred_eps = denoiser.at_sigma(x, sigma, t)
@@ -235,7 +209,7 @@ def sample_heun(denoiser, x, steps, *, spacing="leading", steps_offset=1, timest
     return x
 
 
-# --- the registry and the front end --------------------------------------------------------------
+# --- the registry, the grids and the front end ----------------------------------------------------
 
 SAMPLERS = {
     "ddpm": sample_ddpm,
@@ -248,8 +222,30 @@ SAMPLERS = {
     "unipc": sample_unipc,
     "lcm": sample_lcm,
 }
+# the NoiseSchedule method that lays out each sampler's grid
+GRIDS = {"ddpm": "vp_timesteps", "ddim": "ddim_timesteps", "lcm": "lcm_timesteps",
+         "euler": "sigma_grid", "euler_a": "sigma_grid", "heun": "sigma_grid",
+         "dpmpp_2m": "multistep_grid", "dpmpp_2m_sde": "multistep_grid", "unipc": "multistep_grid"}
+K_DIFFUSION_SPACE = ("euler", "euler_a", "heun")  # the samplers whose x is x0 + sigma eps, not x_t
+KARRAS_SAMPLERS = tuple(name for name, grid in GRIDS.items() if grid in ("sigma_grid", "multistep_grid"))
+GRID_OPTIONS = {"lcm": ("original_inference_steps",)}  # options of a sampler's grid rather than its loop
 
-_COMMON = ("denoiser", "x", "steps", "spacing", "steps_offset", "timesteps", "karras", "generator", "callback")
+
+def sampler_grid(schedule: NoiseSchedule, sampler: str, steps=20, spacing="leading", steps_offset=1,
+                 timesteps=None, karras=False, **grid_options) -> tuple:
+    """The grid `sampler` steps over: the arguments that follow (denoiser, x) in its function."""
+    if karras and sampler not in KARRAS_SAMPLERS:
+        raise SamplerError(
+            f"karras=True is for the samplers that step through noise levels ({', '.join(KARRAS_SAMPLERS)}); "
+            f"{sampler} steps through integer timesteps: drop karras=True or pick one of those"
+        )
+    if GRIDS[sampler] == "lcm_timesteps":  # the distillation grid: no spacing
+        return (schedule.lcm_timesteps(steps, timesteps=timesteps, **grid_options),)
+    if GRIDS[sampler] in ("vp_timesteps", "ddim_timesteps"):
+        grid = getattr(schedule, GRIDS[sampler])(steps, spacing, steps_offset, timesteps)
+    else:
+        grid = getattr(schedule, GRIDS[sampler])(steps, spacing, steps_offset, timesteps, karras)
+    return grid if isinstance(grid, tuple) else (grid,)
 
 
 class _EarlyExit(Exception):
@@ -271,21 +267,42 @@ def _early_exit_steps(early_exit, n_steps: int):
     )
 
 
+def _shape_checked(model):
+    """model, with an output that is not shaped like its input x_t refused (it would broadcast silently)."""
+
+    def checked(x, t):
+        out = model(x, t)
+        if not torch.is_tensor(out) or out.shape != x.shape:
+            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise SamplerError(f"the model returned {got} for x_t of shape {tuple(x.shape)}: it must return eps "
+                               "(or v, or x0) shaped like x_t; check its output channels (out_channels)")
+        return out
+
+    return checked
+
+
 @torch.no_grad()
 def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsilon", schedule=None,
            spacing="leading", steps_offset=1, timesteps=None, karras=False, eta=None, generator=None,
-           callback=None, early_exit=None, progress=False, **options):
+           callback=None, early_exit=None, progress=False, noise_is_x_t=False, **options):
     """Denoise `noise` (from N(0, I)) with `model(x_t, t) -> eps | v | x0` and the sampler named `sampler`.
 
-    `early_exit` (a fraction of the steps, or a number of steps) stops after that step and returns its
-    pred_x0; `progress=True` shows a bar; other keyword options go to the sampler (e.g. ddim's eta).
+    The grid comes from `steps`, `spacing` and `steps_offset`, or from a custom `timesteps` list; `karras=True`
+    respaces the noise levels of the samplers in KARRAS_SAMPLERS. The noise becomes the first latent as in
+    diffusers (`minidiff.schedule.init_noise_sigma`; the spacing decides it even with custom timesteps, as there);
+    `noise_is_x_t=True` takes it instead as the VP latent x_t at the first timestep (img2img: an image noised
+    by `schedule.add_noise`). `early_exit` (a fraction of the steps, or a number of steps) stops after that
+    step and returns its pred_x0; `progress=True` shows a bar; other keyword options go to the sampler (e.g.
+    ddim's eta, lcm's original_inference_steps).
     """
     if sampler not in SAMPLERS:
         raise SamplerError(f"unknown sampler {sampler!r}. Valid names: {', '.join(sorted(SAMPLERS))}")
     function = SAMPLERS[sampler]
     if eta is not None:
         options["eta"] = eta
-    own_options = [name for name in inspect.signature(function).parameters if name not in _COMMON]
+    loop_options = [p.name for p in inspect.signature(function).parameters.values()
+                    if p.kind is p.KEYWORD_ONLY and p.name not in ("generator", "callback")]
+    own_options = loop_options + list(GRID_OPTIONS.get(sampler, ()))
     for name in options:
         if name not in own_options:
             raise SamplerError(
@@ -294,13 +311,36 @@ def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsil
     if not torch.is_tensor(noise) or not noise.is_floating_point():
         got = noise.dtype if torch.is_tensor(noise) else type(noise).__name__
         raise SamplerError(f"noise must be a floating-point tensor such as torch.randn(1, 4, 64, 64), got {got}")
+    if noise.ndim < 2 or noise.numel() == 0:
+        raise SamplerError(f"noise must be a batch of latents such as torch.randn(1, 4, 64, 64), got shape "
+                           f"{tuple(noise.shape)}")
+    if not torch.isfinite(noise).all():
+        raise SamplerError("noise holds NaN or inf: start from finite noise such as torch.randn(1, 4, 64, 64)")
+    if not callable(model):
+        raise SamplerError(f"model must be a function (x_t, t) -> eps (or v, or x0), got {type(model).__name__}")
+    if callback is not None and not callable(callback):
+        raise SamplerError(f"callback must be a function (step, timestep, sigma, x, pred_x0), got "
+                           f"{type(callback).__name__}")
+    for name, flag in (("karras", karras), ("progress", progress), ("noise_is_x_t", noise_is_x_t)):
+        if not isinstance(flag, bool):
+            raise SamplerError(f"{name} must be True or False, got {flag!r}")
+    if schedule is not None and not isinstance(schedule, NoiseSchedule):
+        raise SamplerError(f"schedule must be a minidiff NoiseSchedule (e.g. NoiseSchedule.sd()), got "
+                           f"{type(schedule).__name__}")
+    model = _shape_checked(model)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise SamplerError(f"generator must be a torch.Generator or None, got {type(generator).__name__}: "
+                           "pass torch.Generator().manual_seed(seed)")
     schedule = schedule or NoiseSchedule.sd()
-    if timesteps is not None:
-        n_steps = len(schedule.check_custom_timesteps(timesteps))
-    else:
-        schedule.check_steps(steps)
-        n_steps = steps
+    grid_options = {name: options.pop(name) for name in GRID_OPTIONS.get(sampler, ()) if name in options}
+    grid = sampler_grid(schedule, sampler, steps, spacing, steps_offset, timesteps, karras, **grid_options)
+    n_steps = len(grid[0])
     stop_after = _early_exit_steps(early_exit, n_steps)
+
+    x = noise
+    if sampler in K_DIFFUSION_SPACE:  # x = x0 + sigma_0 eps
+        sigma_max = float(grid[1][0])
+        x = noise * (math.sqrt(1 + sigma_max**2) if noise_is_x_t else init_noise_sigma(sigma_max, spacing))
 
     denoiser = Denoiser(model, schedule, prediction_type)
     denoiser.step = 0
@@ -315,8 +355,7 @@ def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsil
             raise _EarlyExit(info["pred_x0"])
 
     try:
-        x = function(denoiser, noise, steps, spacing=spacing, steps_offset=steps_offset, timesteps=timesteps,
-                     karras=karras, generator=generator, callback=on_step, **options)
+        x = function(denoiser, x, *grid, generator=generator, callback=on_step, **options)
     except _EarlyExit as stop:
         x = stop.pred_x0
     finally:

@@ -1,4 +1,4 @@
-"""Noise schedules: the forward process q(x_t | x_0) and the timesteps a sampler visits.
+"""Noise schedules: the forward process q(x_t | x_0) and the grids of timesteps and noise levels samplers visit.
 
 Notation (Ho et al. 2020, DDPM; Karras et al. 2022, EDM):
     betas[t]          -> beta_t, the variance added at training step t
@@ -13,6 +13,11 @@ over T training steps are those of the diffusers schedulers (Lin et al. 2023, ta
     leading   -> 0, T/N, 2T/N, ... plus steps_offset (SD 1.x/2.x ship steps_offset = 1)
     trailing  -> T-1, T-1-T/N, ...   (always starts at the noisiest step)
     linspace  -> N points evenly from 0 to T-1, rounded
+
+Every grid a sampler steps over is laid out here, once, and handed to the sampler (as k-diffusion hands
+its samplers `sigmas`): `vp_timesteps` (DDPM), `ddim_timesteps`, `lcm_timesteps`, `sigma_grid` (Euler,
+Euler ancestral, Heun) and `multistep_grid` (DPM-Solver++, UniPC), each as the diffusers scheduler of
+that sampler lays it out. `init_noise_sigma` says how unit noise becomes a sampler's first latent.
 """
 
 import math
@@ -36,6 +41,15 @@ class NoiseSchedule:
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
 
     def __post_init__(self):
+        T = self.num_train_timesteps
+        if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+            raise SamplerError(f"num_train_timesteps must be an integer of at least 2 (SD: 1000), got {T!r}: "
+                               "check scheduler/scheduler_config.json")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise SamplerError(f"{name} must be a number between 0 and 1 (SD: 0.00085 and 0.012), got {value!r}: "
+                                   "check scheduler/scheduler_config.json")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise SamplerError(
                 f"unknown beta_schedule {self.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}"
@@ -87,23 +101,35 @@ class NoiseSchedule:
         sigma = sigma.to(x0.device, x0.dtype).reshape(shape)
         return alpha * x0 + sigma * noise
 
-    # --- choosing the inference timesteps ------------------------------------------------------
+    # --- the grids the samplers step over (each as the diffusers scheduler it mirrors lays it out) --
 
     def check_steps(self, steps: int) -> None:
         T = self.num_train_timesteps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1 or steps > T:
             raise SamplerError(f"steps must be an integer from 1 to {T} (the training timesteps), got {steps!r}")
 
+    def _check_offset(self, steps_offset) -> None:
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+            raise SamplerError(f"steps_offset must be a non-negative integer (SD ships 1), got {steps_offset!r}")
+
+    def _check_last(self, ts, steps: int, spacing: str, steps_offset: int) -> None:
+        T = self.num_train_timesteps
+        if ts.max() > T - 1:
+            raise SamplerError(
+                f"{spacing} spacing with steps_offset={steps_offset} and {steps} steps reaches timestep "
+                f"{int(ts.max())}, past the last one ({T - 1}): use fewer steps (or, from Python, a smaller "
+                "steps_offset or spacing='trailing')"
+            )
+
     def timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 1, rounded: bool = True):
-        """The N timesteps to visit, noisiest first: int64, or float64 if `rounded=False`.
+        """The N timesteps to visit, noisiest first: int64, or float64 if `rounded=False` (DDPM, DDIM, Euler, Heun).
 
         The diffusers Euler and Heun schedulers do not round the linspace grid (999, 832.5, ...);
         the others (DDPM, DDIM) do. Leading and trailing grids are integers either way.
         """
         self.check_steps(steps)
+        self._check_offset(steps_offset)
         T = self.num_train_timesteps
-        if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
-            raise SamplerError(f"steps_offset must be a non-negative integer (SD ships 1), got {steps_offset!r}")
         if spacing == "leading":
             ts = np.arange(steps) * (T // steps) + steps_offset
         elif spacing == "trailing":
@@ -113,12 +139,7 @@ class NoiseSchedule:
             ts = ts.round() if rounded else ts
         else:
             raise SamplerError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
-        if ts.max() > T - 1:
-            raise SamplerError(
-                f"leading spacing with steps_offset={steps_offset} and {steps} steps reaches timestep "
-                f"{int(ts.max())}, past the last one ({T - 1}): use fewer steps, a smaller steps_offset "
-                "or spacing='trailing'"
-            )
+        self._check_last(ts, steps, spacing, steps_offset)
         ts = np.sort(ts)[::-1].copy()
         return torch.from_numpy(ts.astype(np.int64)) if rounded else torch.from_numpy(ts.astype(np.float64))
 
@@ -140,6 +161,12 @@ class NoiseSchedule:
             )
         return ts.long()
 
+    def vp_timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 1, timesteps=None):
+        """DDPM's grid: the N integer timesteps of `timesteps()`, or a custom list checked."""
+        if timesteps is not None:
+            return self.check_custom_timesteps(timesteps)
+        return self.timesteps(steps, spacing, steps_offset)
+
     def ddim_timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 1, timesteps=None):
         """(t, t_prev) pairs of diffusers' DDIMScheduler; t_prev = -1 means "the end", alpha_bar_0.
 
@@ -152,24 +179,6 @@ class NoiseSchedule:
             return ts, torch.cat([ts[1:], ts.new_tensor([-1])])
         ts = self.timesteps(steps, spacing, steps_offset)
         return ts, (ts - self.num_train_timesteps // steps).clamp(min=-1)
-
-    def sigma_grid(self, steps: int, spacing: str = "leading", steps_offset: int = 1, timesteps=None,
-                   karras: bool = False):
-        """(timesteps, sigmas) of diffusers' Euler/Heun schedulers: N fractional timesteps, N + 1 sigmas
-        ending with 0. karras=True respaces the N sigmas by Karras et al. 2022, eq. 5, between the
-        grid's first and last, and maps them back to fractional timesteps."""
-        if timesteps is not None:
-            if karras:
-                raise SamplerError("karras=True makes its own sigmas and cannot follow custom timesteps: "
-                                   "drop one of karras=True and timesteps=[...]")
-            ts = self.check_custom_timesteps(timesteps).double()
-        else:
-            ts = self.timesteps(steps, spacing, steps_offset, rounded=False)
-        sigmas = self.sigma_at(ts)
-        if karras:
-            sigmas = self.karras_sigmas(len(ts), sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]))
-            ts = self.t_at(sigmas)
-        return ts, torch.cat([sigmas, sigmas.new_zeros(1)])
 
     def lcm_timesteps(self, steps: int, original_inference_steps: int = 50, timesteps=None) -> torch.Tensor:
         """The timesteps of diffusers' LCMScheduler: N picked evenly from the distillation grid
@@ -189,6 +198,61 @@ class NoiseSchedule:
         grid = (np.arange(1, original_inference_steps + 1) * (T // original_inference_steps) - 1)[::-1]
         picks = np.floor(np.linspace(0, original_inference_steps, steps, endpoint=False)).astype(np.int64)
         return torch.from_numpy(grid[picks].copy())
+
+    def sigma_grid(self, steps: int, spacing: str = "leading", steps_offset: int = 1, timesteps=None,
+                   karras: bool = False):
+        """(timesteps, sigmas) of diffusers' Euler/Heun schedulers: N fractional timesteps, N + 1 sigmas
+        ending with 0. karras=True respaces the N sigmas by Karras et al. 2022, eq. 5, between the
+        grid's first and last, and maps them back to fractional timesteps."""
+        _check_karras_custom(karras, timesteps)
+        if timesteps is not None:
+            ts = self.check_custom_timesteps(timesteps).double()
+        else:
+            ts = self.timesteps(steps, spacing, steps_offset, rounded=False)
+        sigmas = self.sigma_at(ts)
+        if karras:
+            sigmas = self.karras_sigmas(len(ts), sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]))
+            ts = self.t_at(sigmas)
+        return ts, torch.cat([sigmas, sigmas.new_zeros(1)])
+
+    def multistep_grid(self, steps: int, spacing: str = "leading", steps_offset: int = 1, timesteps=None,
+                       karras: bool = False):
+        """(timesteps, sigmas) of diffusers' DPM-Solver++ and UniPC schedulers: N integer timesteps,
+        N + 1 sigmas ending with 0 (so the last step lands on the clean prediction).
+
+        Their leading and linspace grids split [0, T) into N + 1 pieces and drop the clean end, unlike
+        DDIM's; karras=True spaces N sigmas over the whole training range (Karras et al. 2022, eq. 5)
+        whatever the spacing, each evaluated at its nearest timestep.
+        """
+        _check_karras_custom(karras, timesteps)
+        if timesteps is not None:
+            ts = self.check_custom_timesteps(timesteps)
+            sigmas = self.sigmas[ts]
+        elif karras:
+            self.check_steps(steps)
+            sigmas = self.karras_sigmas(steps)
+            ts = self.t_at(sigmas).round().long()
+        else:
+            self.check_steps(steps)
+            self._check_offset(steps_offset)
+            T = self.num_train_timesteps
+            if spacing == "leading":  # multiples of T // (N + 1), the 0 dropped, then shifted by steps_offset
+                ts = np.arange(steps, 0, -1) * (T // (steps + 1)) + steps_offset
+            elif spacing == "trailing":  # from T - 1 down in steps of T / N
+                ts = np.round(np.arange(T, 0, -T / steps)) - 1
+            elif spacing == "linspace":  # N + 1 points evenly over [0, T - 1], the 0 dropped
+                ts = np.linspace(0, T - 1, steps + 1).round()[:0:-1]
+            else:
+                raise SamplerError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+            self._check_last(ts, steps, spacing, steps_offset)
+            ts = torch.from_numpy(ts.astype(np.int64))
+            sigmas = self.sigmas[ts]
+        if (sigmas[1:] >= sigmas[:-1]).any():
+            raise SamplerError(
+                f"spacing={spacing!r} with {steps} steps repeats timesteps ({ts.tolist()[-5:]} at the end): "
+                "use fewer steps (or, from Python, spacing='trailing')"
+            )
+        return ts, torch.cat([sigmas, sigmas.new_zeros(1)])
 
     # --- timesteps <-> noise levels (k-diffusion's sigma space) --------------------------------
 
@@ -214,6 +278,37 @@ class NoiseSchedule:
         ramp = torch.linspace(0, 1, n, dtype=torch.float64)
         inv_min, inv_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
         return (inv_max + ramp * (inv_min - inv_max)) ** rho
+
+
+def _check_karras_custom(karras: bool, timesteps) -> None:
+    if karras and timesteps is not None:
+        raise SamplerError("karras=True makes its own sigmas and cannot follow custom timesteps: "
+                           "drop one of karras=True and timesteps=[...]")
+
+
+# --- where a sampler starts, and its fresh noise --------------------------------------------------
+
+
+def init_noise_sigma(sigma_max: float, spacing: str) -> float:
+    """The factor that turns unit noise into the first latent x = x0 + sigma_max eps of a sampler stepping
+    in k-diffusion space (euler, euler_a, heun), as diffusers' Euler and Heun schedulers choose it:
+
+        leading            -> sqrt(1 + sigma_max^2) = 1 / alpha_T: x = x_T / alpha_T, the UNet first sees the noise
+        linspace, trailing -> sigma_max (k-diffusion's x = sigma_max eps, as if x0 = 0): the UNet first sees
+                              alpha_T sigma_max eps = sqrt(1 - alpha_bar_T) eps, 0.9977 eps at SD's t = 999
+
+    The samplers stepping in VP space (ddpm, ddim, lcm, dpmpp_2m, dpmpp_2m_sde, unipc) start from x_T = noise.
+    """
+    if spacing in ("linspace", "trailing"):
+        return sigma_max
+    return math.sqrt(1 + sigma_max**2)
+
+
+def randn_like(x, generator=None, dtype=None):
+    """N(0, I) noise shaped like x (in `dtype`, default x's), drawn on the generator's device and moved to
+    x's, as diffusers' randn_tensor does: a CPU generator gives the same numbers on every device."""
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=dtype or x.dtype).to(x.device)
 
 
 # --- what the network predicts <-> x0 and eps ---------------------------------------------------

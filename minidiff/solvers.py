@@ -16,64 +16,21 @@ Notation (Lu et al. 2022, DPM-Solver++, arXiv:2211.01095; Zhao et al. 2023, UniP
     B_h              -> B(h) = e^{-h} - 1, UniPC's "bh2" choice of the B(h) in its update
     rho_1, rho_2     -> the UniC corrector weights, from a 2x2 linear system in h and r
 
-The time grid is the one of the diffusers schedulers these mirror (DPMSolverMultistepScheduler,
-UniPCMultistepScheduler): N timesteps noisiest first, each with its sigma, and a final sigma of 0, so
-the last step lands exactly on the clean prediction. Their "leading" and "linspace" grids split
-[0, T) into N + 1 pieces and drop the clean end, unlike DDIM's.
+Each is a pure loop `sample_NAME(denoiser, x, timesteps, sigmas, *, generator=None, callback=None)` over the
+grid of `NoiseSchedule.multistep_grid`, that of the diffusers schedulers these mirror
+(DPMSolverMultistepScheduler, UniPCMultistepScheduler): N integer timesteps noisiest first, N + 1 sigmas
+ending with 0, so that the last step lands exactly on the clean prediction. x is x_T in VP space, the
+noise itself (diffusers' init_noise_sigma is 1 here), and the latents stay there.
 """
 
 import math
 
-import numpy as np
 import torch
 
 from minidiff.errors import SamplerError
+from minidiff.schedule import randn_like
 
-SPACINGS = ("leading", "trailing", "linspace")
-
-
-# --- the time grid ------------------------------------------------------------------------------------
-
-
-def _multistep_grid(schedule, steps, spacing="leading", steps_offset=1, timesteps=None, karras=False):
-    """(timesteps, sigmas): N int timesteps noisiest first and N + 1 float sigmas ending in 0.
-
-    (Could move into schedule.py as NoiseSchedule.multistep_timesteps.)
-    """
-    if timesteps is not None:
-        if karras:
-            raise SamplerError("custom timesteps and karras=True cannot be combined: pass one or the other")
-        ts = schedule.check_custom_timesteps(timesteps)
-        sigmas = schedule.sigmas[ts]
-    elif karras:
-        # Karras et al. 2022 sigmas over the whole training range, each evaluated at its nearest timestep
-        schedule.check_steps(steps)
-        sigmas = schedule.karras_sigmas(steps)
-        ts = schedule.t_at(sigmas).round().long()
-    else:
-        schedule.check_steps(steps)
-        T = schedule.num_train_timesteps
-        if spacing == "leading":  # multiples of T // (N + 1), the 0 dropped, then shifted by steps_offset
-            ts = np.arange(steps, 0, -1) * (T // (steps + 1)) + steps_offset
-        elif spacing == "trailing":  # from T - 1 down in steps of T / N
-            ts = np.round(np.arange(T, 0, -T / steps)) - 1
-        elif spacing == "linspace":  # N + 1 points evenly over [0, T - 1], the 0 dropped
-            ts = np.linspace(0, T - 1, steps + 1).round()[:0:-1]
-        else:
-            raise SamplerError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
-        ts = torch.from_numpy(ts.astype(np.int64))
-        if ts.min() < 0 or ts.max() > T - 1:
-            raise SamplerError(
-                f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} with {steps} steps: "
-                "use steps_offset=1 (SD) or 0"
-            )
-        sigmas = schedule.sigmas[ts]
-    if len(sigmas) > 1 and (sigmas[1:] >= sigmas[:-1]).any():
-        raise SamplerError(
-            f"spacing={spacing!r} with {steps} steps repeats timesteps ({ts.tolist()[-5:]} at the end): "
-            "use fewer steps or spacing='trailing'"
-        )
-    return ts.tolist(), sigmas.tolist() + [0.0]
+# --- helpers ------------------------------------------------------------------------------------------
 
 
 def _vp(sigma: float):
@@ -90,19 +47,12 @@ def _predict_x0(denoiser, x_t, sigma: float, t: int):
     return pred_x0
 
 
-def _noise_like(x, generator):
-    """N(0, I) in float32, drawn on the generator's device (CPU generators give device-independent results)."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise SamplerError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
-
-
 # --- DPM-Solver++ 2M (ODE) and 2M SDE ------------------------------------------------------------------
 
 
-def _dpmpp_2m(denoiser, x, ts, sigmas, eta, generator, callback):
+def _dpmpp_2m(denoiser, x, timesteps, sigmas, eta, generator, callback):
     """The shared loop: eta = 0 is the ODE solver, eta = 1 the SDE solver of the paper."""
+    ts, sigmas = torch.as_tensor(timesteps).tolist(), torch.as_tensor(sigmas).tolist()
     out_dtype, work = x.dtype, torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 latents update in fp32
     previous = None  # (x_theta, h) of the step before, for the second-order difference
     for i, t in enumerate(ts):
@@ -110,7 +60,7 @@ def _dpmpp_2m(denoiser, x, ts, sigmas, eta, generator, callback):
         pred_x0 = _predict_x0(denoiser, x, sigma, t)
         # diffusers draws one N(0, I) tensor of x's shape in float32 at every step (the last one too, though
         # its coefficient is 0), after the model call; drawing the same way keeps both on the same noise
-        z = _noise_like(x, generator) if eta > 0 else None
+        z = randn_like(x, generator, torch.float32) if eta > 0 else None
         if sigma_next == 0:
             # the final step: lambda -> inf and every coefficient but that of D0 vanishes, x_0 = D0
             x = pred_x0.to(out_dtype)
@@ -138,54 +88,32 @@ def _dpmpp_2m(denoiser, x, ts, sigmas, eta, generator, callback):
     return x
 
 
-def sample_dpmpp_2m(
-    denoiser,
-    x,
-    steps,
-    *,
-    spacing="leading",
-    steps_offset=1,
-    timesteps=None,
-    karras=False,
-    generator=None,
-    callback=None,
-) -> torch.Tensor:
-    """DPM-Solver++(2M), the multistep second-order data-prediction ODE solver (Lu et al. 2022, alg. 2).
+def sample_dpmpp_2m(denoiser, x, timesteps, sigmas, *, generator=None, callback=None) -> torch.Tensor:
+    """DPM-Solver++(2M), multistep 2nd-order ODE solver (Lu et al. 2022, "DPM-Solver++: Fast Solver...", alg. 2).
 
-    Step i (from sigma_i to sigma_{i+1}; the first and the last are first order):
-        x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) (D0 + D1 / 2)
+    Step i, from sigma_i to sigma_{i+1} (the first and the last are first order, D1 = 0):
+        x_{i+1} = (sigma_vp_{i+1} / sigma_vp_i) x_i - alpha_{i+1} (e^{-h} - 1) (D0 + D1 / 2)
+    Notation (module docstring): x_i -> the VP latent x_t at sigma_i; alpha, sigma_vp -> alpha_t, sigma_t there;
+    h -> lambda_{i+1} - lambda_i; D0 -> x_theta(x_i); D1 -> (D0 - x_theta(x_{i-1})) / r, r = h_{i-1} / h.
     Matches diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
     solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero"). Deterministic: generator unused.
     """
-    ts, sigmas = _multistep_grid(denoiser.schedule, steps, spacing, steps_offset, timesteps, karras)
-    return _dpmpp_2m(denoiser, x, ts, sigmas, 0.0, None, callback)
+    return _dpmpp_2m(denoiser, x, timesteps, sigmas, 0.0, None, callback)
 
 
-def sample_dpmpp_2m_sde(
-    denoiser,
-    x,
-    steps,
-    *,
-    spacing="leading",
-    steps_offset=1,
-    timesteps=None,
-    karras=False,
-    generator=None,
-    callback=None,
-    eta: float = 1.0,
-) -> torch.Tensor:
-    """SDE-DPM-Solver++(2M), the multistep second-order data-prediction SDE solver (Lu et al. 2022, app. B).
+def sample_dpmpp_2m_sde(denoiser, x, timesteps, sigmas, *, generator=None, callback=None, eta=1.0) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M), multistep 2nd-order SDE solver (Lu et al. 2022, "DPM-Solver++: Fast Solver...", app. B).
 
     Step i, with z ~ N(0, I) drawn from `generator` (eta = 1: the paper and diffusers; eta = 0: the ODE solver):
-        x_{i+1} = (sigma_{i+1} / sigma_i) e^{-eta h} x_i + alpha_{i+1} (1 - e^{-(1+eta) h}) (D0 + D1 / 2)
-                  + sigma_{i+1} sqrt(1 - e^{-2 eta h}) z
-    Matches diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", ...) noise for noise when
-    both get a generator with the same seed; eta is k-diffusion's (sample_dpmpp_2m_sde).
+        x_{i+1} = (sigma_vp_{i+1} / sigma_vp_i) e^{-eta h} x_i + alpha_{i+1} (1 - e^{-(1+eta) h}) (D0 + D1 / 2)
+                  + sigma_vp_{i+1} sqrt(1 - e^{-2 eta h}) z
+    Notation: as sample_dpmpp_2m; z -> fresh noise, drawn in float32 at every step (the last one too, where its
+    coefficient is 0) after the model call, as diffusers' DPMSolverMultistepScheduler(algorithm_type=
+    "sde-dpmsolver++", ...) draws it, so that both give the same picture for the same seed; eta is k-diffusion's.
     """
     if not (isinstance(eta, (int, float)) and eta >= 0):
         raise SamplerError(f"eta must be a number >= 0 (1 = the SDE solver, 0 = the ODE solver), got {eta!r}")
-    ts, sigmas = _multistep_grid(denoiser.schedule, steps, spacing, steps_offset, timesteps, karras)
-    return _dpmpp_2m(denoiser, x, ts, sigmas, float(eta), generator, callback)
+    return _dpmpp_2m(denoiser, x, timesteps, sigmas, float(eta), generator, callback)
 
 
 # --- UniPC ---------------------------------------------------------------------------------------------
@@ -207,31 +135,23 @@ def _unic_weights(h: float, r: float):
     return rho_1, b_1 - rho_1
 
 
-def sample_unipc(
-    denoiser,
-    x,
-    steps,
-    *,
-    spacing="leading",
-    steps_offset=1,
-    timesteps=None,
-    karras=False,
-    generator=None,
-    callback=None,
-) -> torch.Tensor:
-    """UniPC-2, a unified predictor-corrector multistep solver with B(h) = e^{-h} - 1 (Zhao et al. 2023).
+def sample_unipc(denoiser, x, timesteps, sigmas, *, generator=None, callback=None) -> torch.Tensor:
+    """UniPC-2 with B(h) = e^{-h} - 1 (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework...").
 
     At step i the model's prediction m_i at x_i first corrects x_i (UniC, no extra model call), then the
-    predictor (UniP) moves the corrected x_i to x_{i+1}. With p the order of the previous predictor step:
-        UniP-2:  x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} B(h) (m_i + D1 / 2)      (= DPM-Solver++ 2M)
-        UniC-1:  x_i <- (sigma_i/sigma_{i-1}) x_{i-1} - alpha_i B(h) (m_{i-1} + (m_i - m_{i-1}) / 2)
-        UniC-2:  x_i <- (sigma_i/sigma_{i-1}) x_{i-1} - alpha_i B(h) (m_{i-1} + rho_1 D1 + rho_2 (m_i - m_{i-1}))
-    where x_{i-1} is the corrected sample the last predictor started from and D1 the difference at i - 1.
+    predictor (UniP) moves the corrected x_i to x_{i+1}, by the order of the previous predictor step:
+        UniP-2: x_{i+1} = (sigma_vp_{i+1}/sigma_vp_i) x_i - alpha_{i+1} B(h) (m_i + D1 / 2)    (= DPM-Solver++ 2M)
+        UniC-1: x_i <- (sigma_vp_i/sigma_vp_{i-1}) x_{i-1} - alpha_i B(h) (m_{i-1} + (m_i - m_{i-1}) / 2)
+        UniC-2: x_i <- (sigma_vp_i/sigma_vp_{i-1}) x_{i-1} - alpha_i B(h) (m_{i-1} + rho_1 D1 + rho_2 (m_i - m_{i-1}))
+    Notation (module docstring): x_i -> the VP latent at sigma_i (x_{i-1} in UniC: the corrected sample the last
+    predictor started from); m_i -> x_theta(x_i); h -> lambda_i - lambda_{i-1} (UniC) or lambda_{i+1} - lambda_i
+    (UniP); D1 -> (m_j - m_{j-1}) / r at the step's start j (i in UniP, i - 1 in UniC), r = h_{j-1} / h;
+    rho_1, rho_2 -> `_unic_weights(h, r)`.
     The first and last predictor steps are first order. Matches diffusers' UniPCMultistepScheduler(
     solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True), corrector on.
     Deterministic: generator unused.
     """
-    ts, sigmas = _multistep_grid(denoiser.schedule, steps, spacing, steps_offset, timesteps, karras)
+    ts, sigmas = torch.as_tensor(timesteps).tolist(), torch.as_tensor(sigmas).tolist()
     out_dtype, work = x.dtype, torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 latents update in fp32
     n = len(ts)
     alphas, sigmas_vp, lams = zip(*(_vp(s) for s in sigmas))

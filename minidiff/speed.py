@@ -183,10 +183,24 @@ def optimize(target, *, channels_last: bool = False, compile: bool = False, free
     a Pipeline's VAE decoding; compile also compiles a Pipeline's VAE decoder (in place: its keys are unchanged);
     freeze applies to the UNet (the decoder runs once per image).
     """
+    for name, flag in (("channels_last", channels_last), ("compile", compile), ("freeze", freeze),
+                       ("cuda_graphs", cuda_graphs), ("reuse_memory", reuse_memory)):
+        if not isinstance(flag, bool):
+            raise MinidiffError(f"optimize(): {name} must be True or False, got {flag!r}")
+    if compile_options is not None and not isinstance(compile_options, dict):
+        raise MinidiffError(f"optimize(): compile_options must be a dict of torch.compile options, got "
+                            f"{type(compile_options).__name__}")
+    if attention_slice is not None and (isinstance(attention_slice, bool) or not isinstance(attention_slice, int)):
+        raise MinidiffError(f"optimize(): attention_slice must be a whole number of queries, got {attention_slice!r}")
+    if not isinstance(attention, str):
+        raise MinidiffError(f"optimize(): attention must be 'sdpa' or 'naive', got {attention!r}")
+    if getattr(target, "unet", target) is None or not isinstance(getattr(target, "unet", target), nn.Module):
+        raise MinidiffError(f"optimize() takes a Pipeline or a UNet, got {type(target).__name__}")
     set_attention_backend(attention, attention_slice)
     if reuse_memory:
         reuse_freed_memory(True)
-    if vae_tile_size is not None and (not isinstance(vae_tile_size, int) or vae_tile_size < 8):
+    if vae_tile_size is not None and (isinstance(vae_tile_size, bool) or not isinstance(vae_tile_size, int)
+                                      or vae_tile_size < 8):
         raise MinidiffError(f"vae_tile_size is a size in latent pixels, at least 8 (64 px), got {vae_tile_size!r}")
     unet = getattr(target, "unet", None)
     if unet is None or isinstance(target, FastUNet):  # a bare UNet

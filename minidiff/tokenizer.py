@@ -145,10 +145,33 @@ class CLIPTokenizer:
         self.start_id, self.end_id, self.pad_id = self.vocab[START], self.vocab[END], self.vocab[pad_token]
         self.pad_token = pad_token
         # special tokens are split out of the raw prompt first, the pad token too (see the module docstring)
-        specials = dict.fromkeys([START, END, pad_token])
-        self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+        self.added_from = len(self.vocab)  # ids from here on were added by add_token
+        self.added_tokens: dict[str, list[int]] = {}  # textual inversion: a new word -> its ids (see add_token)
+        self._build_special_split()
         self.unescape_html = unescape_html
         self._bpe_cache: dict[str, tuple[str, ...]] = {}
+
+    def _build_special_split(self):
+        specials = dict.fromkeys([START, END, self.pad_token, *sorted(self.added_tokens, key=len, reverse=True)])
+        self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+
+    def add_token(self, token: str, count: int = 1) -> list[int]:
+        """A new word for textual inversion: `count` ids after the vocabulary, all of them wherever `token` is
+        written in a prompt (exactly, case included, as a special token is). Its extra ids are named token_1,
+        token_2, ... as diffusers names them."""
+        if not isinstance(token, str) or not token.strip() or token != token.strip():
+            raise MinidiffError(f"a new token must be a non-empty string without surrounding spaces, got {token!r}")
+        names = [token] + [f"{token}_{i}" for i in range(1, count)]
+        taken = [name for name in names if name in self.vocab]
+        if taken:
+            raise MinidiffError(f"the token {token!r} clashes with {taken[0]!r}, already in the vocabulary: choose "
+                                "another word, e.g. <my-word>")
+        ids = list(range(len(self.vocab), len(self.vocab) + count))
+        for name, i in zip(names, ids):
+            self.vocab[name], self.id_to_token[i] = i, name
+        self.added_tokens[token] = ids
+        self._build_special_split()
+        return ids
 
     @classmethod
     def default(cls, pad_token: str = END) -> "CLIPTokenizer":
@@ -214,6 +237,9 @@ class CLIPTokenizer:
             if piece in (START, END, self.pad_token):
                 ids.append(self.vocab[piece])
                 continue
+            if piece in self.added_tokens:
+                ids += self.added_tokens[piece]
+                continue
             for word in split_words(clean_text(piece, self.unescape_html)):
                 symbols = "".join(BYTE_TO_CHAR[byte] for byte in word.encode("utf-8"))
                 ids += [self.vocab[token] for token in self._bpe(symbols)]
@@ -228,7 +254,9 @@ class CLIPTokenizer:
             token = self.id_to_token.get(i)
             if token is None:
                 raise MinidiffError(f"token id {i} is outside the vocabulary (0..{len(self.vocab) - 1})")
-            if i != self.start_id:
+            if i >= self.added_from:  # a textual-inversion word: its name once, for all its ids
+                data += token.encode("utf-8") + b" " if token in self.added_tokens else b""
+            elif i != self.start_id:
                 data += bytes(CHAR_TO_BYTE[char] for char in token.removesuffix("</w>"))
                 data += b" " if token.endswith("</w>") else b""
         return data.decode("utf-8", errors="replace").strip()

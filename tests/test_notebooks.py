@@ -11,6 +11,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
+from minidiff.course import workbook
 from minidiff.course.viz import DatasetEpsModel, StepRecorder, image_grid, show_trace, tiny_pipeline
 from minidiff.errors import MinidiffError
 from minidiff.samplers import sample
@@ -117,11 +118,17 @@ def test_tiny_pipeline_is_seeded_and_leaves_the_global_generator_alone():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["solutions", "blank"])
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
-    """Each cell without an error, the whole notebook within NOTEBOOK_BUDGET_S; files it writes go to tmp_path."""
+def test_notebook_runs_top_to_bottom(path, kind, tmp_path, monkeypatch):
+    """Each cell without an error, the whole notebook within NOTEBOOK_BUDGET_S; files it writes go to tmp_path.
+
+    Run against the filled workbook (the student's functions at work) and the blank one (each still to do: the
+    reference stands in, said on the output, and the milestones show ○)."""
     # the lessons' models are tiny: one thread runs them faster than two fighting over small kernels
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    workbook.init(tmp_path / "workbook", solutions=kind == "solutions")
+    monkeypatch.setenv(workbook.ENVIRONMENT_VARIABLE, str(tmp_path / "workbook"))
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
@@ -133,3 +140,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     assert not errors
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert not re.search(r"^\s*✗", text, flags=re.MULTILINE), f"a milestone check failed in {path.name}"
+    if "use(" in "".join(c.source for c in notebook.cells if c.cell_type == "code"):
+        expected = "yours: " if kind == "solutions" else "the reference runs for: "
+        assert expected in text, f"{path.name} does not say whose functions ran ({kind} workbook)"
+        assert (re.search(r"^\s*○", text, flags=re.MULTILINE) is not None) == (kind == "blank"), path.name

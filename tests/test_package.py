@@ -45,9 +45,13 @@ def test_unknown_attention_backend_is_named():
         minidiff.set_attention_backend("flash3")
 
 
-def test_every_public_name_resolves():
+def test_every_public_name_is_the_object_its_module_defines():
+    """minidiff.NAME is the very object of the module _PUBLIC names (getattr alone would pass any value)."""
     for name in minidiff.__all__:
-        assert getattr(minidiff, name) is not None, name
+        module = importlib.import_module(minidiff._PUBLIC[name])
+        assert getattr(minidiff, name) is getattr(module, name), name
+        defined_in = getattr(getattr(module, name), "__module__", module.__name__)
+        assert defined_in == module.__name__, f"{name} is defined in {defined_in}, not {module.__name__}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -67,10 +67,10 @@ def test_long_prompt_warns_with_the_number_of_dropped_tokens(pipe):
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"height": 60}, "multiple of 8"),
-    ({"steps": 0}, "positive integer"),
+    ({"steps": 0}, "integer from 1"),
     ({"strength": 1.5, "image": Image.new("RGB", (64, 64))}, "strength"),
-    ({"sampler": "dpm"}, "Valid names"),
-    ({"image": "/nonexistent/picture.png"}, "cannot read the input image"),
+    ({"sampler": "dpm"}, "unknown sampler"),
+    ({"image": "/nonexistent/picture.png"}, "the input image /nonexistent/picture.png does not exist"),
     ({"preview": "taesd"}, "TAESD"),
 ])
 def test_bad_input_is_named(pipe, options, message):
@@ -91,9 +91,9 @@ def test_cli_generate_writes_image_trace_and_grid(tiny_sd, tmp_path, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--size", "63"], "multiple of 8"),
-    (["--steps", "0"], "positive integer"),
+    (["--steps", "0"], "integer from 1"),
     (["--out", "/nonexistent/folder/image.png"], "cannot write"),
-    (["--sampler", "nope"], "Valid names"),
+    (["--sampler", "nope"], "unknown sampler"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tiny_sd, tmp_path, capsys, args, message):
     code = main(["generate", "x", "--model", str(tiny_sd[0]), "--device", "cpu",

@@ -7,12 +7,12 @@ import torch
 
 import minidiff
 from minidiff.errors import SamplerError
-from minidiff.samplers import SAMPLERS, sample, sample_euler
+from minidiff.samplers import SAMPLERS, sample, sample_dpmpp_2m, sample_euler, sampler_grid
 from minidiff.schedule import Denoiser, NoiseSchedule
 
 ALL_NAMES = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun", "lcm", "unipc"]
-MINE = ["ddpm", "ddim", "euler", "euler_a", "heun", "lcm"]
-STOCHASTIC = ["ddpm", "euler_a", "lcm"]
+STOCHASTIC = ["ddpm", "euler_a", "lcm", "dpmpp_2m_sde"]
+MULTISTEP = ["dpmpp_2m", "dpmpp_2m_sde", "unipc"]
 
 
 def toy_model(x, t):
@@ -33,7 +33,7 @@ def test_unknown_sampler_lists_the_valid_names():
     assert all(name in str(error.value) for name in SAMPLERS)
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", ALL_NAMES)
 @pytest.mark.parametrize("steps", [0, -1, 1001, 7.5])
 def test_bad_step_counts(name, steps):
     with pytest.raises(SamplerError, match="steps must be an integer from 1 to 1000"):
@@ -59,7 +59,7 @@ def test_karras_only_for_sigma_space_samplers(name):
         sample(toy_model, noise(), name, 5, karras=True)
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", ALL_NAMES)
 @pytest.mark.parametrize("timesteps, message", [
     ([999, 500, 600], "strictly decreasing"), ([1000, 10], "from 0 to 999"), ([999, 0.5], "from 0 to 999")])
 def test_bad_custom_timesteps(name, timesteps, message):
@@ -70,6 +70,28 @@ def test_bad_custom_timesteps(name, timesteps, message):
 def test_karras_with_custom_timesteps_is_refused():
     with pytest.raises(SamplerError, match="drop one of karras=True and timesteps"):
         sample(toy_model, noise(), "euler", karras=True, timesteps=[999, 500, 1])
+
+
+@pytest.mark.parametrize("name", MULTISTEP)
+@pytest.mark.parametrize("options, message", [
+    (dict(spacing="cosine"), "unknown timestep spacing"),
+    (dict(steps=1000, spacing="leading"), "repeats timesteps"),  # 1000 // 1001 = 0: every timestep is 1
+    (dict(steps=999, spacing="leading", steps_offset=1), "reaches timestep 1000, past the last one"),
+])
+def test_bad_multistep_grids(name, options, message):
+    with pytest.raises(SamplerError, match=message):
+        sample(toy_model, noise(), name, **{"steps": 10, **options})
+
+
+@pytest.mark.parametrize("eta", [-1, "1"])
+def test_sde_eta_must_be_a_non_negative_number(eta):
+    with pytest.raises(SamplerError, match="eta must be a number >= 0"):
+        sample(toy_model, noise(), "dpmpp_2m_sde", 5, eta=eta)
+
+
+def test_generator_must_be_a_torch_generator():
+    with pytest.raises(SamplerError, match="generator must be a torch.Generator or None, got int"):
+        sample(toy_model, noise(), "dpmpp_2m_sde", 5, generator=123)
 
 
 def test_lcm_steps_are_capped_by_its_distillation_grid():
@@ -99,7 +121,7 @@ def broken_after(calls: int, value=float("nan")):
     return model
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", ALL_NAMES)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_from_the_model_names_the_step(name, value):
     # heun calls the model twice per step: its 7th call is the first of step 3 (counting from 0)
@@ -109,15 +131,16 @@ def test_nan_from_the_model_names_the_step(name, value):
 
 
 def test_a_sampler_called_directly_names_the_model_call():
-    denoiser = Denoiser(broken_after(2), NoiseSchedule.sd())
+    schedule = NoiseSchedule.sd()
+    denoiser = Denoiser(broken_after(2), schedule)
     with pytest.raises(SamplerError, match="NaN or inf at model call 3, timestep"):
-        sample_euler(denoiser, noise(), 5)
+        sample_euler(denoiser, noise(), *schedule.sigma_grid(5))
 
 
 # --- early exit, callbacks, progress -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", ALL_NAMES)
 @pytest.mark.parametrize("early_exit, stop_step", [(3, 2), (0.5, 3), (0.3, 1), (1.0, 7), (8, 7)])
 def test_early_exit_returns_the_pred_x0_of_that_step(name, early_exit, stop_step):
     seen = []
@@ -137,7 +160,7 @@ def test_bad_early_exit(early_exit):
         sample(toy_model, noise(), "ddim", 8, early_exit=early_exit)
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_callback_sees_every_step_in_vp_space(name):
     seen = []
     schedule = NoiseSchedule.sd()
@@ -173,7 +196,7 @@ def test_progress_bar_ticks_once_per_step(capsys):
 # --- what any sampler must do ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_dtype_and_device_follow_the_input(name):
     out = sample(toy_model, noise(torch.float64), name, 4)
     assert out.dtype == torch.float64 and out.shape == (1, 4, 8, 8) and bool(torch.isfinite(out).all())
@@ -197,6 +220,24 @@ def test_the_generator_makes_stochastic_samplers_reproducible(name):
     assert not torch.allclose(run(3), run(4))
 
 
+def test_sde_with_eta_zero_is_the_ode_solver():
+    ode = sample(toy_model, noise(), "dpmpp_2m", 10)
+    sde = sample(toy_model, noise(), "dpmpp_2m_sde", 10, eta=0.0, generator=torch.Generator().manual_seed(3))
+    assert float((sde - ode).abs().max() / ode.abs().max()) < 1e-6
+
+
+def test_a_loop_takes_any_grid_it_is_handed():
+    """The samplers are loops over the grid they get: a hand-made grid runs, and is what the model sees."""
+    seen = []
+    model = lambda x, t: seen.append(t) or toy_model(x, t)
+    schedule = NoiseSchedule.sd()
+    timesteps, sigmas = [999, 500, 20], [float(schedule.sigmas[t]) for t in (999, 500, 20)] + [0.0]
+    out = sample_dpmpp_2m(Denoiser(model, schedule), noise(), timesteps, sigmas)
+    assert seen == timesteps and out.shape == noise().shape
+    grid = sampler_grid(schedule, "dpmpp_2m", timesteps=timesteps)
+    assert grid[0].tolist() == timesteps and grid[1].tolist() == sigmas
+
+
 def test_ddim_with_eta_zero_draws_no_noise():
     generator = torch.Generator().manual_seed(5)
     state = generator.get_state()
@@ -204,18 +245,35 @@ def test_ddim_with_eta_zero_draws_no_noise():
     assert torch.equal(generator.get_state(), state)
 
 
-def test_sigma_space_samplers_start_from_x_T_over_alpha_T():
-    """With a model that predicts x0 = 0, one Euler step from sigma_max to 0 must land on 0, and the
-    first model input must be the noise itself (x / sqrt(1 + sigma_max^2) = x_T)."""
+@pytest.mark.parametrize("name", ["euler", "euler_a", "heun"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_k_diffusion_samplers_start_where_diffusers_does(name, spacing):
+    """The UNet's first input is the noise itself for leading spacing (x = x_T / alpha_T) and alpha_T sigma_max
+    times the noise = sqrt(1 - alpha_bar_T) noise for linspace and trailing (x = sigma_max noise, diffusers'
+    init_noise_sigma); with a model that predicts x0 = 0, one Euler step from sigma_max to 0 lands on 0."""
     inputs = []
 
     def model(x_t, t):
         inputs.append(x_t)
         return torch.zeros_like(x_t)
 
-    out = sample(model, noise(), "euler", 1, spacing="trailing", prediction_type="sample")
-    torch.testing.assert_close(inputs[0], noise())
-    torch.testing.assert_close(out, torch.zeros_like(out), rtol=0, atol=1e-5)  # 14.6 x - 14.6 x in fp32
+    schedule = NoiseSchedule.sd()
+    first_t = float(schedule.sigma_grid(1, spacing)[0][0])
+    out = sample(model, noise(torch.float64), name, 1, spacing=spacing, prediction_type="sample")
+    abar = float(schedule.alphas_cumprod[int(first_t)])
+    expected = 1.0 if spacing == "leading" else math.sqrt(1 - abar)
+    torch.testing.assert_close(inputs[0], expected * noise(torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out, torch.zeros_like(out), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_noise_is_x_t_takes_the_latent_as_it_is(name):
+    """img2img hands sample() an image noised to the first timestep: the UNet must first see exactly that."""
+    inputs = []
+    model = lambda x_t, t: inputs.append(x_t) or torch.tanh(x_t)
+    x_t = noise(torch.float64) * 0.7 + 0.2
+    sample(model, x_t, name, 3, spacing="trailing", timesteps=[600, 300, 100], noise_is_x_t=True)
+    torch.testing.assert_close(inputs[0], x_t, rtol=1e-12, atol=0)
 
 
 def test_ddpm_follows_the_closed_form_posterior_for_an_exact_model():

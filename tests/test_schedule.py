@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minidiff.errors import SamplerError
-from minidiff.schedule import Denoiser, NoiseSchedule, to_x0_eps
+from minidiff.schedule import Denoiser, NoiseSchedule, init_noise_sigma, randn_like, to_x0_eps
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,57 @@ def test_sigma_grid_and_karras_sigmas(sd):
     torch.testing.assert_close(ramp.diff(), ramp.diff()[:1].expand(6))
     torch.testing.assert_close(sd.sigma_at(ts_k), sigmas_k[:-1], rtol=1e-3, atol=0)  # t_at inverts sigma_at
     assert float(sd.karras_sigmas(5)[0]) == pytest.approx(14.6146, abs=1e-4)
+
+
+def test_multistep_grid_splits_T_into_N_plus_1_pieces(sd):
+    """DPM-Solver++ / UniPC: leading and linspace drop the clean end of N + 1 points; sigmas end with 0."""
+    ts, sigmas = sd.multistep_grid(10, "leading")
+    assert ts.tolist() == [901, 811, 721, 631, 541, 451, 361, 271, 181, 91]  # k (1000 // 11) + 1
+    assert sd.multistep_grid(10, "trailing")[0].tolist() == list(range(999, 0, -100))
+    assert sd.multistep_grid(10, "linspace")[0].tolist() == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+    assert len(sigmas) == 11 and float(sigmas[-1]) == 0
+    torch.testing.assert_close(sigmas[:-1], sd.sigmas[ts])
+    ts_k, sigmas_k = sd.multistep_grid(5, "trailing", karras=True)  # the whole training range, any spacing
+    assert float(sigmas_k[0]) == pytest.approx(float(sd.sigmas[-1])) and float(sigmas_k[4]) == pytest.approx(
+        float(sd.sigmas[0]))
+    assert ts_k.tolist() == [999, 786, 427, 59, 0] == sd.multistep_grid(5, "leading", karras=True)[0].tolist()
+    ts_c, sigmas_c = sd.multistep_grid(None, timesteps=[999, 500, 20])
+    assert ts_c.tolist() == [999, 500, 20] and sigmas_c.tolist() == sd.sigmas[[999, 500, 20]].tolist() + [0.0]
+
+
+@pytest.mark.parametrize("grid", ["sigma_grid", "multistep_grid"])
+@pytest.mark.parametrize("options, message", [
+    (dict(spacing="cosine"), "unknown timestep spacing"),
+    (dict(steps=0), "steps must be an integer"),
+    (dict(timesteps=[500, 999]), "strictly decreasing"),
+    (dict(timesteps=[999, 500], karras=True), "drop one of karras=True and timesteps"),
+    (dict(steps_offset=100), "reaches timestep 1000, past the last one"),
+    (dict(steps_offset=-1), "steps_offset must be a non-negative integer"),
+])
+def test_bad_grid_options(sd, grid, options, message):
+    options = {"steps": 10, **options}
+    with pytest.raises(SamplerError, match=message):
+        getattr(sd, grid)(**options)
+
+
+def test_multistep_grid_refuses_repeated_timesteps(sd):
+    with pytest.raises(SamplerError, match="repeats timesteps"):  # 1000 // 1001 = 0: every timestep is 1
+        sd.multistep_grid(1000, "leading", steps_offset=1)
+
+
+def test_init_noise_sigma_as_diffusers(sd):
+    sigma_max = float(sd.sigmas[-1])
+    assert init_noise_sigma(sigma_max, "leading") == pytest.approx(math.sqrt(1 + sigma_max**2))
+    assert init_noise_sigma(sigma_max, "trailing") == init_noise_sigma(sigma_max, "linspace") == sigma_max
+
+
+def test_randn_like_draws_what_the_generator_gives():
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    seeded = lambda: torch.Generator().manual_seed(4)
+    assert torch.equal(randn_like(x, seeded()), torch.randn(2, 3, generator=seeded(), dtype=torch.float64))
+    in_float32 = randn_like(x, seeded(), torch.float32)  # as DPM-Solver++ SDE draws for any latent dtype
+    assert torch.equal(in_float32, torch.randn(2, 3, generator=seeded()))
+    assert randn_like(x).shape == x.shape and randn_like(x).dtype == torch.float64
 
 
 def test_t_at_inverts_sigma_at(sd):

@@ -64,7 +64,8 @@ def convergence_study(samplers=("ddim", "euler", "heun", "dpmpp_2m", "unipc"), s
         for n in steps:
             visited = []  # (timestep evaluated at step i, x after step i)
             record = lambda visited=visited, **info: visited.append((round(float(info["timestep"])), info["x"]))
-            sample(model, noise, sampler=name, steps=n, spacing="trailing", callback=record)
+            # every sampler from x_T = noise (not diffusers' trailing start, sigma_max noise, for euler and heun)
+            sample(model, noise, sampler=name, steps=n, spacing="trailing", callback=record, noise_is_x_t=True)
             landed = {t_next: x for (_, x), (t_next, _) in zip(visited, visited[1:])}
             if probe_t not in landed:
                 raise ValueError(f"{name} with {n} trailing steps never lands on t={probe_t}")

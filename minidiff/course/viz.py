@@ -25,21 +25,26 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.errors import MinidiffError
 from minidiff.hub import bundled_path
+from minidiff.pipeline import (  # noqa: F401 (to_pil: the notebooks')
+    Pipeline,
+    TraceStep,
+    evenly_spaced_steps,
+    load_pipeline,
+    to_pil,
+    trace_frames,
+)
 from minidiff.schedule import NoiseSchedule
+from minidiff.tokenizer import CLIPTokenizer
+from minidiff.unet import UNet, UNetConfig
+from minidiff.vae import AutoencoderKL, VAEConfig
 
 SHAPES = bundled_path("shapes")
 
 
 # --- pictures ----------------------------------------------------------------------------------------------------
-
-
-def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [-1, 1] -> PIL images (values outside are clipped)."""
-    from minidiff.pipeline import to_pil as pipeline_to_pil
-
-    return pipeline_to_pil(images)
 
 
 def latents_to_pil(latents: torch.Tensor, channels=(0, 1, 2)) -> list:
@@ -92,7 +97,6 @@ def show_images(images: list, titles=None, columns: int | None = None, size: flo
 
 def show_trace(trace: list, steps=None, index: int = 0, size: float = 1.5, title: str | None = None):
     """The signature picture: x_inter (top) above pred_x0 (bottom) at the chosen steps (default: 8 spread out)."""
-    from minidiff.pipeline import evenly_spaced_steps
 
     if not trace:
         raise MinidiffError("the trace is empty: generate with trace=True, or record with StepRecorder")
@@ -119,7 +123,6 @@ def trace_gif(trace: list, path=None, index: int = 0, ms_per_frame: int = 150, s
 
     Written to `path` if given; returns an IPython Image to show in a notebook (or the GIF's bytes without IPython).
     """
-    from minidiff.pipeline import trace_frames
 
     frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in trace_frames(trace, index)]
     durations = [ms_per_frame] * (len(frames) - 1) + [4 * ms_per_frame]
@@ -150,7 +153,6 @@ class StepRecorder:
         self.steps.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in info.items()})
 
     def trace(self, decode=to_pil) -> list:
-        from minidiff.pipeline import TraceStep
 
         return [TraceStep(s["step"], float(s["timestep"]), decode(s["x"]), decode(s["pred_x0"])) for s in self.steps]
 
@@ -242,11 +244,6 @@ class DatasetEpsModel:
 def tiny_pipeline(seed: int = 0, image_size: int = 64):
     """A Stable Diffusion pipeline of miniature networks with RANDOM weights (the SD 1.x layout, 8x VAE, CLIP
     tokenizer): the mechanics of every stage in a second, and pictures that are noise."""
-    from minidiff.clip import CLIPTextConfig, CLIPTextModel
-    from minidiff.pipeline import Pipeline
-    from minidiff.tokenizer import CLIPTokenizer
-    from minidiff.unet import UNet, UNetConfig
-    from minidiff.vae import AutoencoderKL, VAEConfig
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -264,7 +261,6 @@ def shapes_available() -> bool:
 def course_pipeline(dtype=torch.float32, device: str = "cpu"):
     """The bundled shapes model if it is there, else `tiny_pipeline()`; says which, since only one draws shapes."""
     if shapes_available():
-        from minidiff.pipeline import load_pipeline
 
         print("course pipeline: the bundled shapes model (weights/shapes)")
         return load_pipeline("shapes", dtype=dtype, device=device)

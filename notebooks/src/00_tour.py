@@ -89,12 +89,15 @@ for command in (["samplers"], ["models"]):
 # %% [markdown]
 # ## The milestones: your checklist for the course
 #
-# Each lesson re-implements a piece and checks it with a milestone, which compares your function with the
-# reference and names the usual mistake when they differ. `minidiff milestones` runs the checklist on minidiff
-# itself (here without `compile`, which needs a C++ compiler and a minute):
+# Each lesson asks you to write a few functions in your workbook (`minidiff course init workbook` writes one
+# file per lesson, each function a blank that raises NotImplementedError) and checks them with a milestone, which
+# compares your function with the reference and names the usual mistake when they differ:
+# `minidiff milestones --workbook workbook` prints ✓ passed, ✗ failed or ○ to do for each. `--reference` runs the
+# same checks, and the course checklist, on minidiff itself (here without `compile`, which needs a C++ compiler
+# and a minute):
 
 # %%
-exit_status = milestones(["--skip", "compile"])  # 0: none failed
+exit_status = milestones(["--reference", "--skip", "compile"])  # 0: none failed
 
 # %% [markdown]
 # Next: lesson 01, the forward process, where the noise comes from. Torch and minidiff versions for the record:

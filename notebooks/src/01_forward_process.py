@@ -19,8 +19,8 @@
 import torch
 
 from minidiff.course import shapes
-from minidiff.course.milestones import check
 from minidiff.course.viz import plot_schedules, show_images, show_trace, to_pil
+from minidiff.course.workbook import use
 from minidiff.pipeline import TraceStep
 from minidiff.schedule import NoiseSchedule
 
@@ -59,19 +59,15 @@ plot_schedules(schedules)
 # $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$.
 
 # %%
-def my_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    return torch.cumprod(1 - betas, dim=0)
-
-
-def my_add_noise(x0, noise, alpha_bar_t):
-    return alpha_bar_t**0.5 * x0 + (1 - alpha_bar_t) ** 0.5 * noise
-
+# your workbook's lesson_01.py (`minidiff course init workbook`); where a function is still blank, the reference
+mine = use(1)
+my_alphas_cumprod, my_add_noise = mine.alphas_cumprod, mine.add_noise
 
 library = NoiseSchedule.sd().alphas_cumprod
 print("max |mine - minidiff| alphas_cumprod:", float((my_alphas_cumprod().double() - library).abs().max()))
-print(check("alphas_cumprod", my_alphas_cumprod))
-print(check("add_noise", my_add_noise))
+print(mine.check("betas"))
+print(mine.check("alphas_cumprod"))
+print(mine.check("add_noise"))
 
 # %% [markdown]
 # ## Compare: noising a picture

@@ -26,7 +26,6 @@ import torch
 
 from minidiff.course import shapes
 from minidiff.course.gaussian import GaussianEpsModel
-from minidiff.course.milestones import check
 from minidiff.course.viz import (
     DatasetEpsModel,
     StepRecorder,
@@ -37,6 +36,7 @@ from minidiff.course.viz import (
     show_trace,
     to_pil,
 )
+from minidiff.course.workbook import use
 from minidiff.samplers import sample
 
 images, _, _ = shapes.batch(12, seed=0)
@@ -70,27 +70,11 @@ image_grid(to_pil(torch.cat([run(0.0, 1), run(1.0, 1), run(1.0, 2)])), columns=4
 # steps and names the usual mistakes.
 
 # %%
-def my_ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None):
-    pred_x0 = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
-    sigma_t = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
-    dir_xt = (1 - alpha_bar_prev - sigma_t**2).sqrt() * eps
-    x_prev = alpha_bar_prev.sqrt() * pred_x0 + dir_xt
-    return x_prev + sigma_t * noise if eta > 0 else x_prev
-
-
-def my_ddim_sample(model, x_T, alphas_cumprod, steps):
-    """SD's grid: "leading" spacing with steps_offset 1 (981, 961, ..., 1 for 50 steps), each step back by T // N."""
-    jump = 1000 // steps
-    x = x_T
-    for t in range(1 + jump * (steps - 1), 0, -jump):
-        t_prev = t - jump
-        alpha_bar_prev = alphas_cumprod[t_prev] if t_prev >= 0 else alphas_cumprod[0]
-        x = my_ddim_step(x, model(x, t), alphas_cumprod[t], alpha_bar_prev)
-    return x
-
-
-print(check("ddim_step", my_ddim_step))
-print(check("ddim_50", my_ddim_sample))
+# your workbook's lesson_03.py (`minidiff course init workbook`); where a function is still blank, the reference
+mine = use(3)
+my_ddim_step, my_ddim_sample = mine.ddim_step, mine.ddim_sample
+for name in ("ddim_step", "timesteps", "ddim_50"):
+    print(mine.check(name))
 gaussian = GaussianEpsModel(mu=0.5, s=0.8)
 x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 mine = my_ddim_sample(gaussian, x_T, gaussian.schedule.alphas_cumprod, 50)

@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from minidiff.attention import attention, naive_attention, set_attention_backend
 from minidiff.course.milestones import check
 from minidiff.course.viz import course_pipeline, plot_curves, quiet_stderr, show_trace
+from minidiff.course.workbook import use
 
 # %% [markdown]
 # ## Re-implement it, compare it
@@ -35,18 +36,15 @@ from minidiff.course.viz import course_pipeline, plot_curves, quiet_stderr, show
 # where the device has them) and against the library's own `naive_attention`.
 
 # %%
-def my_attention(q, k, v):
-    """q (B, heads, L_q, d), k and v (B, heads, L_k, d) -> (B, heads, L_q, d)."""
-    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
-    return scores.softmax(dim=-1) @ v
-
-
+# your workbook's lesson_05.py (`minidiff course init workbook`); while it is blank, the reference
+mine = use(5)
+my_attention = mine.attention
 generator = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, 8, 256, 40, generator=generator) for _ in range(3))
 mine = my_attention(q, k, v)
 print(f"max |mine - SDPA|            = {float((mine - F.scaled_dot_product_attention(q, k, v)).abs().max()):.1e}")
 print(f"max |mine - naive_attention| = {float((mine - naive_attention(q, k, v)).abs().max()):.1e}")
-print(check("attention", my_attention))
+print(mine.check("attention"))
 print(check("attention_kernels"))
 
 # %% [markdown]

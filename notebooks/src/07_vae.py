@@ -24,8 +24,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minidiff.course import shapes
-from minidiff.course.milestones import check
 from minidiff.course.viz import course_pipeline, image_grid, latents_to_pil, show_images, show_trace, to_pil
+from minidiff.course.workbook import use
 from minidiff.taesd import TAESD
 from minidiff.unet import count_parameters
 from minidiff.vae import AutoencoderKL, VAEConfig
@@ -65,16 +65,11 @@ measured = 1 / float(latents.std())
 print(f"1 / std(z) over 64 pictures = {measured:.4f}; the model's scaling_factor = {vae.scaling_factor:.4f}")
 
 
-def my_scale_latents(latents):
-    return latents * 0.18215  # SD 1.x/2.x
-
-
-def my_decode_latents(latents, vae):
-    return ((vae.decode(latents / vae.scaling_factor) + 1) / 2).clamp(0, 1)
-
-
-print(check("scale_latents", my_scale_latents))
-print(check("decode_latents", my_decode_latents))
+# your workbook's lesson_07.py (`minidiff course init workbook`); where a function is still blank, the reference
+mine = use(7)
+my_scale_latents, my_decode_latents = mine.scale_latents, mine.decode_latents
+print(mine.check("scale_latents"))
+print(mine.check("decode_latents"))
 
 # %%
 result = pipe("a large white square at the top", steps=20, seed=0, progress=False)

@@ -1,26 +1,32 @@
-"""Each single-step sampler against its diffusers scheduler, step by step, on a toy model.
+"""Every sampler against the diffusers scheduler it mirrors, step by step, on a toy model (fp32).
 
-Tolerance: fp32, at EVERY step both the latent in VP space (x_t, what the UNet sees) and pred_x0 agree
-within 1e-5 relative, where relative means max|ours - ref| / max|ref| over the whole tensor. The
-timesteps the model is called at must agree too (exactly for integer grids, 1e-3 for fractional ones).
+Each case runs the same toy model from the same noise through diffusers' loop (set_timesteps, then
+scale_model_input and step per timestep, the latent started as noise * init_noise_sigma) and through
+`minidiff.sample` with the same settings, and compares at EVERY step the timestep the model is called at
+(exactly for integer grids, 1e-3 for fractional ones), the noise level (1e-6 relative, where the scheduler
+has sigmas), the latent x in VP space (what the UNet sees) and pred_x0, the latter two within RTOL = 1e-5
+relative: max|ours - ref| / max|ref| over the whole tensor.
 
-How the two sides are made comparable:
-- The same starting latent: x = noise, i.e. x_T. The sigma-space schedulers start from noise times
-  sqrt(1 + sigma_max^2) = x_T / alpha_T (minidiff's convention; diffusers' init_noise_sigma is
-  sigma_max alone for linspace/trailing), so the reference is started from that same tensor.
-- The same random numbers: each side gets its own torch.Generator seeded with the same seed, and both
-  draw one x-shaped fp32 CPU tensor per step in the same order (ddpm: every step with t > 0; ddim
-  eta=1: every step; lcm: every step but the last; euler_a: every step, the reference also on the last
-  one, where the draw is multiplied by sigma_up = 0 and changes nothing).
-- diffusers' EulerAncestralDiscreteScheduler has no Karras option: for euler_a with karras=True the
-  reference is that scheduler stepping over the sigmas and timesteps of EulerDiscreteScheduler with
-  use_karras_sigmas=True.
+Covered: all nine samplers x the three spacings (leading, trailing, linspace) x epsilon and v_prediction x
+1, 2, 7, 20 and 50 steps; Karras sigmas for the six samplers that step through noise levels; custom timestep
+lists; the img2img start (sample(noise_is_x_t=True) against scheduler.add_noise). LCM has one grid, its
+distillation grid, whatever the spacing.
 
-The tightest case is heun with linspace and 2 steps (9.4e-6): its corrector is evaluated at sigma = 0.029
-after a step of 14.6, and diffusers' (x - x0) / sigma loses digits there: against an fp64 run the reference
-is 9.3e-6 off and minidiff (which takes dx/dsigma as pred_eps) 1.7e-7.
+Nothing is rescaled by hand: both sides start from the same unit noise, and minidiff's sample() scales it as
+diffusers' init_noise_sigma does (sqrt(1 + sigma_max^2) for leading, sigma_max for linspace and trailing, in
+Euler, Euler ancestral and Heun; 1 elsewhere). The same random numbers: each side gets its own
+torch.Generator with the same seed, and both draw one x-shaped CPU tensor per step in the same order
+(ddpm: every step with t > 0; ddim eta = 1 and dpmpp_2m_sde: every step; lcm: every step but the last;
+euler_a: every step, the reference also on the last one, where sigma_up = 0 and the draw changes nothing).
+diffusers' EulerAncestralDiscreteScheduler has no Karras option: for euler_a with karras=True the reference
+steps over the sigmas and timesteps of EulerDiscreteScheduler(use_karras_sigmas=True).
 
-`python tests/parity/test_samplers.py` prints the largest error per sampler and configuration.
+The tightest cases (`python tests/parity/test_samplers.py` prints the table), each against an fp64 run of
+minidiff: heun, epsilon, linspace, 2 steps, 7.6e-6 (diffusers 7.6e-6 from fp64, minidiff 2.8e-7: its corrector
+is evaluated at sigma = 0.029 after a step of 14.6, where diffusers' (x - x0) / sigma loses digits and minidiff
+takes dx/dsigma as pred_eps); euler with v_prediction, linspace or trailing, 1-2 steps, 7.5e-6 (both sides
+about 5e-6 from fp64: the fp32 rounding of one long step from sigma_max); dpmpp_2m_sde, v_prediction, Karras,
+6.3e-6 (diffusers computes h = lambda_t - lambda_s in float32, and its error scales the noise term).
 """
 
 import math
@@ -30,83 +36,108 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
+    UniPCMultistepScheduler,
 )
 
 from minidiff.samplers import sample
+from minidiff.schedule import SPACINGS, NoiseSchedule
 
 RTOL = 1e-5  # max|a - b| / max|b|, fp32
 SEED = 1234
 STEPS = (1, 2, 7, 20, 50)
-SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-# the scheduler_config.json of SD 1.5 and of SD 2.1-768 (v-prediction)
-SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False,
-            prediction_type="epsilon")
-SD21_768 = {**SD15, "prediction_type": "v_prediction"}
-CONFIGS = {"sd15-eps": SD15, "sd21-v": SD21_768}
+# SD's scheduler_config.json (SD 2.1-768 ships the same with prediction_type "v_prediction")
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+          steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+DPM = dict(solver_order=2, solver_type="midpoint", lower_order_final=True)
 
-# name -> (diffusers class, minidiff sampler, minidiff options, reference config overrides, step kwargs)
+# name -> (diffusers class, its config overrides, minidiff sampler, minidiff options, step kwargs)
 VARIANTS = {
-    "ddpm": (DDPMScheduler, "ddpm", {}, {}, {}),
-    "ddim": (DDIMScheduler, "ddim", {}, {}, {}),
-    "ddim-eta1": (DDIMScheduler, "ddim", {"eta": 1.0}, {}, {"eta": 1.0}),
-    "euler": (EulerDiscreteScheduler, "euler", {}, {}, {}),
-    "euler-karras": (EulerDiscreteScheduler, "euler", {"karras": True}, {"use_karras_sigmas": True}, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, "euler_a", {}, {}, {}),
-    "euler_a-karras": (EulerAncestralDiscreteScheduler, "euler_a", {"karras": True}, {}, {}),
-    "heun": (HeunDiscreteScheduler, "heun", {}, {}, {}),
-    "heun-karras": (HeunDiscreteScheduler, "heun", {"karras": True}, {"use_karras_sigmas": True}, {}),
+    "ddpm": (DDPMScheduler, {}, "ddpm", {}, {}),
+    "ddim": (DDIMScheduler, {}, "ddim", {}, {}),
+    "ddim-eta1": (DDIMScheduler, {}, "ddim", {"eta": 1.0}, {"eta": 1.0}),
+    "euler": (EulerDiscreteScheduler, {}, "euler", {}, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}, "euler_a", {}, {}),
+    "heun": (HeunDiscreteScheduler, {}, "heun", {}, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {**DPM, "algorithm_type": "dpmsolver++"}, "dpmpp_2m", {}, {}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {**DPM, "algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde",
+                     {}, {}),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 2, "solver_type": "bh2", "predict_x0": True,
+                                        "lower_order_final": True, "disable_corrector": []}, "unipc", {}, {}),
 }
-SIGMA_SPACE = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)
+KARRAS = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+STOCHASTIC = (DDPMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler)  # and those with an eta or SDE
+K_DIFFUSION = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)
 
 
-def toy_model(x, t):
-    """Depends nonlinearly on x and t, like a network would; any output works as eps, v or x0."""
-    return torch.tanh(x * 0.7 + t / 1000) * 0.9 + torch.sin(x * 1.3) * (t / 2000)
+class ToyModel(torch.nn.Module):
+    """A smooth function of both x and t, mixing the channels like a network: tanh(mix(x) + shift(t)) + x t / 10."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.mix = torch.nn.Parameter(torch.randn(4, 4, generator=g) * 0.5 + torch.eye(4), requires_grad=False)
+        self.shift = torch.nn.Parameter(torch.randn(4, generator=g), requires_grad=False)
+
+    def forward(self, x, t):
+        t = float(t) / 1000
+        mixed = (self.mix[:, :, None, None] * x[:, None]).sum(2)  # (B, C_out, C_in, H, W) summed over C_in
+        return torch.tanh((mixed + (t - 0.5) * self.shift[:, None, None]) * (1 + t)) + 0.1 * x * t
+
+
+MODEL = ToyModel()
 
 
 def make_noise():
     return torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
 
 
-def run_reference(scheduler, noise, step_kwargs, generator, karras_grid_from=None):
-    """Drive a diffusers scheduler; returns [(timestep, x in VP space, pred_x0)] per sampler step."""
-    if karras_grid_from is not None:  # euler_a on Euler's Karras grid (see the module docstring)
-        scheduler.sigmas, scheduler.timesteps = karras_grid_from.sigmas, karras_grid_from.timesteps
-    sigma_space = isinstance(scheduler, SIGMA_SPACE)
-    x = noise * math.sqrt(1 + float(scheduler.sigmas[0]) ** 2) if sigma_space else noise.clone()
-    steps, first_order = [], True
-    timesteps = scheduler.timesteps
+def draws_noise(scheduler, step_kwargs) -> bool:
+    sde = getattr(scheduler.config, "algorithm_type", "").startswith("sde")
+    return isinstance(scheduler, STOCHASTIC) or sde or step_kwargs.get("eta", 0) > 0
+
+
+def run_reference(scheduler, noise, step_kwargs):
+    """diffusers' loop; returns [(timestep, sigma or None, x in VP space, pred_x0)], one per sampler step."""
+    if draws_noise(scheduler, step_kwargs):
+        step_kwargs = {**step_kwargs, "generator": torch.Generator().manual_seed(SEED)}
+    x = noise * scheduler.init_noise_sigma
+    heun, k_diffusion = isinstance(scheduler, HeunDiscreteScheduler), isinstance(scheduler, K_DIFFUSION)
+    steps, timesteps = [], scheduler.timesteps
     for j, t in enumerate(timesteps):
-        if isinstance(scheduler, HeunDiscreteScheduler):
-            first_order = scheduler.state_in_first_order
-        out = toy_model(scheduler.scale_model_input(x, t) if sigma_space else x, t)
-        if not isinstance(scheduler, HeunDiscreteScheduler):  # deterministic, takes no generator
-            step_kwargs = {**step_kwargs, "generator": generator}
+        first_stage = scheduler.state_in_first_order if heun else True
+        sigma = float(scheduler.sigmas[scheduler.step_index or 0]) if hasattr(scheduler, "sigmas") else None
+        out = MODEL(scheduler.scale_model_input(x, t), t)
         result = scheduler.step(out, t, x, **step_kwargs)
         x = result.prev_sample
-        pred_x0 = result.denoised if isinstance(scheduler, LCMScheduler) else result.pred_original_sample
-        if first_order:  # Heun: a step ends after its second (correction) stage, or after the last Euler stage
-            step_t, step_pred_x0 = float(t), pred_x0
-            if isinstance(scheduler, HeunDiscreteScheduler) and j + 1 < len(timesteps):
+        if isinstance(scheduler, LCMScheduler):
+            pred_x0 = result.denoised
+        elif isinstance(scheduler, (DPMSolverMultistepScheduler, UniPCMultistepScheduler)):
+            pred_x0 = scheduler.model_outputs[-1]  # the model output converted to x0
+        else:
+            pred_x0 = result.pred_original_sample
+        if first_stage:  # Heun: a step ends after its correction stage, or after the last (Euler) stage
+            step = (float(t), sigma, pred_x0)
+            if heun and j + 1 < len(timesteps):
                 continue
-        x_vp = x / math.sqrt(1 + float(scheduler.sigmas[scheduler.step_index]) ** 2) if sigma_space else x
-        steps.append((step_t, x_vp, step_pred_x0))
+        x_vp = x / math.sqrt(1 + float(scheduler.sigmas[scheduler.step_index]) ** 2) if k_diffusion else x
+        steps.append((step[0], step[1], x_vp, step[2]))
     return steps
 
 
-def run_minidiff(noise, sampler, steps, config, spacing, options, timesteps=None):
+def run_minidiff(noise, sampler, steps, prediction_type, spacing, options, timesteps=None):
     recorded = []
-    on_step = lambda **i: recorded.append((float(i["timestep"]), i["x"], i["pred_x0"]))
-    final = sample(toy_model, noise, sampler, steps, prediction_type=config["prediction_type"], spacing=spacing,
-                   steps_offset=config["steps_offset"], timesteps=timesteps, callback=on_step,
+    on_step = lambda **i: recorded.append((float(i["timestep"]), i["sigma"], i["x"], i["pred_x0"]))
+    final = sample(MODEL, noise, sampler, steps, prediction_type=prediction_type, spacing=spacing,
+                   steps_offset=SD["steps_offset"], timesteps=timesteps, callback=on_step,
                    generator=torch.Generator().manual_seed(SEED), **options)
-    assert torch.equal(final, recorded[-1][1])  # the returned latent is the last step's
+    assert torch.equal(final, recorded[-1][2])  # the returned latent is the last step's
     return recorded
 
 
@@ -115,70 +146,118 @@ def relative(a, b) -> float:
 
 
 def compare(ours, ref, label) -> float:
-    """The largest relative error over all steps of x and pred_x0; asserts the timesteps agree."""
+    """The largest relative error over all steps of x and pred_x0; asserts timesteps and sigmas agree."""
     assert len(ours) == len(ref), f"{label}: {len(ours)} steps, reference {len(ref)}"
     worst = 0.0
-    for i, ((t, x, pred_x0), (t_ref, x_ref, pred_x0_ref)) in enumerate(zip(ours, ref)):
+    for i, ((t, sigma, x, pred_x0), (t_ref, sigma_ref, x_ref, pred_x0_ref)) in enumerate(zip(ours, ref)):
         assert abs(t - t_ref) < 1e-3, f"{label} step {i}: timestep {t}, reference {t_ref}"
+        if sigma_ref is not None:
+            assert sigma == pytest.approx(sigma_ref, rel=1e-6), f"{label} step {i}: sigma {sigma}, ref {sigma_ref}"
         worst = max(worst, relative(x, x_ref), relative(pred_x0, pred_x0_ref))
     return worst
 
 
-def worst_error(variant, config_name, spacing):
-    """Largest relative error of one (sampler, config, spacing) over all step counts."""
-    scheduler_class, sampler, options, overrides, step_kwargs = VARIANTS[variant]
-    config = {**CONFIGS[config_name], "timestep_spacing": spacing, **overrides}
-    noise, worst = make_noise(), {}
+def reference_scheduler(variant, prediction_type, spacing, karras, steps=None, timesteps=None):
+    scheduler_class, overrides, _, _, _ = VARIANTS.get(variant, (LCMScheduler, {}, "lcm", {}, {}))
+    config = {**SD, **overrides, "prediction_type": prediction_type, "timestep_spacing": spacing}
+    if karras and scheduler_class is not EulerAncestralDiscreteScheduler:
+        config["use_karras_sigmas"] = True
+    scheduler = scheduler_class.from_config(config)
+    scheduler.set_timesteps(steps, timesteps=timesteps) if timesteps is not None else scheduler.set_timesteps(steps)
+    if karras and scheduler_class is EulerAncestralDiscreteScheduler:  # no Karras option: Euler's Karras grid
+        grid = EulerDiscreteScheduler.from_config({**config, "use_karras_sigmas": True})
+        grid.set_timesteps(steps)
+        scheduler.sigmas, scheduler.timesteps = grid.sigmas, grid.timesteps
+    return scheduler
+
+
+def worst_error(variant, prediction_type, spacing, karras=False):
+    """Largest relative error of one (sampler, prediction type, spacing) over all step counts."""
+    _, _, sampler, options, step_kwargs = VARIANTS[variant]
+    worst = {}
     for steps in STEPS:
-        scheduler = scheduler_class.from_config(config)
-        scheduler.set_timesteps(steps)
-        karras_grid = None
-        if variant == "euler_a-karras":
-            karras_grid = EulerDiscreteScheduler.from_config({**config, "use_karras_sigmas": True})
-            karras_grid.set_timesteps(steps)
-        ref = run_reference(scheduler, noise, step_kwargs, torch.Generator().manual_seed(SEED), karras_grid)
-        ours = run_minidiff(noise, sampler, steps, CONFIGS[config_name], spacing, options)
-        worst[steps] = compare(ours, ref, f"{variant} {config_name} {spacing} steps={steps}")
+        scheduler = reference_scheduler(variant, prediction_type, spacing, karras, steps)
+        ref = run_reference(scheduler, make_noise(), step_kwargs)
+        ours = run_minidiff(make_noise(), sampler, steps, prediction_type, spacing, {**options, "karras": karras})
+        worst[steps] = compare(ours, ref, f"{variant} {prediction_type} {spacing} karras={karras} steps={steps}")
     return worst
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_sampler_matches_diffusers_every_step(variant, config_name, spacing):
-    worst = worst_error(variant, config_name, spacing)
+def test_sampler_matches_diffusers_every_step(variant, prediction_type, spacing):
+    worst = worst_error(variant, prediction_type, spacing)
     assert max(worst.values()) < RTOL, f"relative error per step count: {worst}"
 
 
-@pytest.mark.parametrize("config_name", CONFIGS)
-def test_lcm_matches_diffusers_every_step(config_name):
-    config = CONFIGS[config_name]
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("variant", KARRAS)
+def test_karras_sigmas_match_diffusers_every_step(variant, prediction_type, spacing):
+    worst = worst_error(variant, prediction_type, spacing, karras=True)
+    assert max(worst.values()) < RTOL, f"relative error per step count: {worst}"
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_lcm_matches_diffusers_every_step(prediction_type):
     for steps in STEPS:  # LCM picks its own timesteps (original_inference_steps=50): no spacing
-        scheduler = LCMScheduler.from_config(config)
-        scheduler.set_timesteps(steps)
-        ref = run_reference(scheduler, make_noise(), {}, torch.Generator().manual_seed(SEED))
-        ours = run_minidiff(make_noise(), "lcm", steps, config, "leading", {})
-        assert compare(ours, ref, f"lcm {config_name} steps={steps}") < RTOL
+        scheduler = reference_scheduler("lcm", prediction_type, "leading", False, steps)
+        ref = run_reference(scheduler, make_noise(), {})
+        ours = run_minidiff(make_noise(), "lcm", steps, prediction_type, "leading", {})
+        assert compare(ours, ref, f"lcm {prediction_type} steps={steps}") < RTOL
 
 
-CUSTOM = [999, 950, 900, 800, 650, 500, 300, 100, 10, 5, 1]
+CUSTOM = [999, 950, 900, 800, 650, 500, 300, 150, 60, 10, 5, 1]
 
 
-@pytest.mark.parametrize("scheduler_class, sampler", [
-    (DDPMScheduler, "ddpm"), (EulerDiscreteScheduler, "euler"), (HeunDiscreteScheduler, "heun"),
-    (LCMScheduler, "lcm"),
-])
-def test_custom_timesteps_match_diffusers(scheduler_class, sampler):
-    scheduler = scheduler_class.from_config(SD21_768)
-    scheduler.set_timesteps(timesteps=CUSTOM)
-    ref = run_reference(scheduler, make_noise(), {}, torch.Generator().manual_seed(SEED))
-    ours = run_minidiff(make_noise(), sampler, None, SD21_768, "leading", {}, timesteps=CUSTOM)
-    assert [t for t, _, _ in ours] == CUSTOM
-    assert compare(ours, ref, f"{sampler} custom timesteps") < RTOL
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])  # the spacing still decides init_noise_sigma
+@pytest.mark.parametrize("variant", ["ddpm", "euler", "heun", "lcm", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_custom_timesteps_match_diffusers(variant, spacing):
+    if variant == "unipc":  # UniPC's set_timesteps takes no list: lay the same grid out by hand
+        scheduler = reference_scheduler(variant, "v_prediction", spacing, False, len(CUSTOM))
+        scheduler.timesteps = torch.tensor(CUSTOM)
+        sigmas = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt()[CUSTOM]
+        scheduler.sigmas = torch.cat([sigmas, torch.zeros(1)])
+    else:
+        scheduler = reference_scheduler(variant, "v_prediction", spacing, False, timesteps=CUSTOM)
+    sampler, options, step_kwargs = VARIANTS[variant][2:] if variant != "lcm" else ("lcm", {}, {})
+    ref = run_reference(scheduler, make_noise(), step_kwargs)
+    ours = run_minidiff(make_noise(), sampler, None, "v_prediction", spacing, options, timesteps=CUSTOM)
+    assert [t for t, _, _, _ in ours] == CUSTOM
+    assert compare(ours, ref, f"{variant} custom timesteps") < RTOL
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("variant", ["euler", "euler_a", "heun", "ddim", "dpmpp_2m"])
+def test_img2img_start_matches_diffusers(variant, spacing):
+    """img2img: diffusers noises the image with scheduler.add_noise at the first timestep run (x0 + sigma noise
+    for Euler and Heun); minidiff hands sample() the VP latent x_t with noise_is_x_t=True, as its pipeline does."""
+    steps, first = 10, 4  # strength 0.6: the last 6 of 10 steps
+    scheduler = reference_scheduler(variant, "epsilon", spacing, False, steps)
+    _, _, sampler, options, step_kwargs = VARIANTS[variant]
+    if hasattr(scheduler, "set_begin_index"):  # the k-diffusion and multistep schedulers count their steps
+        scheduler.set_begin_index(first * scheduler.order)
+    timesteps = scheduler.timesteps[first * scheduler.order:: scheduler.order]
+    image = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    x = scheduler.add_noise(image, make_noise(), timesteps[:1])
+    generator = torch.Generator().manual_seed(SEED) if draws_noise(scheduler, step_kwargs) else None
+    for t in scheduler.timesteps[first * scheduler.order:]:
+        out = MODEL(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(out, t, x, **step_kwargs, **({"generator": generator} if generator else {})).prev_sample
+
+    schedule = NoiseSchedule.sd()
+    ours_t = [int(t) for t in timesteps]
+    x_t = schedule.add_noise(image, make_noise(), ours_t[0])
+    ours = sample(MODEL, x_t, sampler, timesteps=ours_t, spacing=spacing, noise_is_x_t=True,
+                  generator=torch.Generator().manual_seed(SEED), **options)
+    assert relative(ours, x) < RTOL
 
 
 if __name__ == "__main__":  # the table of largest errors for the report
     for variant in VARIANTS:
-        for config_name in CONFIGS:
-            errors = {spacing: max(worst_error(variant, config_name, spacing).values()) for spacing in SPACINGS}
-            print(f"{variant:15s} {config_name:9s} " + "  ".join(f"{s} {e:.1e}" for s, e in errors.items()))
+        for karras in (False, True) if variant in KARRAS else (False,):
+            for prediction_type in PREDICTION_TYPES:
+                errors = {s: max(worst_error(variant, prediction_type, s, karras).values()) for s in SPACINGS}
+                label = variant + ("-karras" if karras else "")
+                print(f"{label:20s} {prediction_type:12s} " + "  ".join(f"{s} {e:.1e}" for s, e in errors.items()))

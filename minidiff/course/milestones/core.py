@@ -1,7 +1,8 @@
 """Milestones: the course checklist, and checks that compare a student's own code with minidiff's.
 
-    minidiff milestones                                         the checklist: ✓ passed, ✗ failed, - skipped
-    minidiff milestones --ddim-step my_code.py:my_ddim_step     your function against the reference
+    minidiff milestones --workbook DIR                          your workbook: ✓ passed, ✗ failed, ○ to do
+    minidiff milestones --reference                             minidiff itself, the course checklist included
+    minidiff milestones --ddim-step my_code.py:my_ddim_step     any function of yours against the reference
     minidiff milestones --list                                  every milestone and the signature it expects
     >>> from minidiff.course.milestones import check
     >>> check("ddim_step", my_ddim_step)                        the same from Python or a notebook
@@ -43,6 +44,10 @@ class Skipped(Exception):
     """The milestone cannot run on this machine (the message says what it needs)."""
 
 
+class ToDo(Exception):
+    """The candidate is still a blank of the workbook: it raised NotImplementedError."""
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """|yours - reference| <= atol + rtol |reference| elementwise; dtype names the precision it assumes."""
@@ -57,18 +62,20 @@ class Result:
     """The outcome of one milestone: print it for ✓ / ✗ and the details."""
 
     name: str
-    status: str  # "pass" | "fail" | "skip"
+    status: str  # "pass" | "fail" | "skip" | "todo"
     detail: str
     seconds: float = 0.0
 
-    def __bool__(self) -> bool:  # `assert check(...)` fails only on a failure, not on a skip
-        return self.status != "fail"
+    def __bool__(self) -> bool:  # `assert check(...)` fails on a failure or a blank, not on a skip
+        return self.status not in ("fail", "todo")
 
     def __str__(self) -> str:
-        mark = {"pass": "✓", "fail": "✗", "skip": "-"}[self.status]
-        return f"{mark} {self.name}: " + ("skipped: " if self.status == "skip" else "") + self.detail
+        return f"{MARKS[self.status]} {self.name}: " + ("skipped: " if self.status == "skip" else "") + self.detail
 
     __repr__ = __str__
+
+
+MARKS = {"pass": "✓", "fail": "✗", "skip": "-", "todo": "○"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class Milestone:
     run: object  # run(candidate or None) -> detail; raises Mismatch or Skipped
     group: str  # "course" (the checklist) or "module"
     takes_candidate: bool
+    lesson: int | None = None  # the lesson whose workbook file holds the function (None: minidiff itself only)
+    function: str | None = None  # that function's name in the workbook (default: the milestone's name)
 
     @property
     def signature(self) -> str:
@@ -92,12 +101,15 @@ def signature(run) -> str:
     return (run.__doc__ or "").strip().splitlines()[0]
 
 
-def milestone(title: str, group: str = "module", takes_candidate: bool = True):
-    """Register a check as the milestone named after it (without its `check_` prefix)."""
+def milestone(title: str, group: str = "module", takes_candidate: bool = True, lesson: int | None = None,
+              function: str | None = None):
+    """Register a check as the milestone named after it (without its `check_` prefix); with a lesson, the
+    workbook's lesson_NN.py holds its function (named `function`, default the milestone's name)."""
 
     def register(run):
         name = run.__name__.removeprefix("check_")
-        MILESTONES[name] = Milestone(name, title, run, group, takes_candidate)
+        MILESTONES[name] = Milestone(name, title, run, group, takes_candidate, lesson,
+                                     (function or name) if lesson is not None else None)
         return run
 
     return register
@@ -159,6 +171,8 @@ def call_candidate(candidate, signature: str, *args, **kwargs):
     """candidate(*args, **kwargs); an exception in it becomes a Mismatch that says where it was raised."""
     try:
         return candidate(*args, **kwargs)
+    except NotImplementedError as error:  # a blank of the workbook (or a part of one) still to write
+        raise ToDo(str(error) or f"{getattr(candidate, '__name__', 'your function')} is still to write") from None
     except Exception as error:
         frames = [f for f in traceback.extract_tb(error.__traceback__)[1:] if "site-packages" not in f.filename]
         where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
@@ -236,8 +250,12 @@ def check(name: str, candidate=None) -> Result:
         status, detail = "pass", chosen.run(candidate)
     except Skipped as reason:
         status, detail = "skip", str(reason)
+    except ToDo as blank:
+        status, detail = "todo", f"to do: {blank}"
     except Mismatch as failure:
         status, detail = "fail", str(failure)
+        if "hint:" in detail and "reread" not in detail and chosen.lesson is not None:
+            detail += f"; reread lesson {chosen.lesson:02d}"  # the named mistake, and where the lesson explains it
     except Exception as error:  # a bug in the reference itself: report it, and go on with the list
         frame = traceback.extract_tb(error.__traceback__)[-1]
         status, where = "fail", f"{Path(frame.filename).name}:{frame.lineno}"
@@ -259,17 +277,66 @@ def run(names=None, candidates: dict | None = None, report=print) -> list:
         if report:
             report(_line(chosen, result))
     if report:
-        counts = {status: sum(r.status == status for r in results) for status in ("pass", "fail", "skip")}
-        report(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped "
-               f"({sum(r.seconds for r in results):.1f} s)")
+        report(_summary(results))
     return results
 
 
+def _summary(results, prefix: str = "") -> str:
+    counts = {status: sum(r.status == status for r in results) for status in MARKS}
+    text = f"{prefix}{counts['pass']} passed, {counts['fail']} failed"
+    text += f", {counts['todo']} to do" if counts["todo"] else ""
+    text += f", {counts['skip']} skipped" if counts["skip"] or not counts["todo"] else ""
+    return text + f" ({sum(r.seconds for r in results):.1f} s)"
+
+
 def _line(chosen: Milestone, result: Result) -> str:
-    mark = {"pass": "✓", "fail": "✗", "skip": "-"}[result.status]
     detail = ("skipped: " if result.status == "skip" else "") + result.detail
     lines = "".join(f"\n      {line.rstrip()}" for line in detail.splitlines())
-    return f"  {mark} {chosen.name:<19} {chosen.title} ({result.seconds:.1f} s){lines}"
+    return f"  {MARKS[result.status]} {chosen.name:<19} {chosen.title} ({result.seconds:.1f} s){lines}"
+
+
+def in_lesson_order(names=None) -> list:
+    """The workbook's milestones (those with a lesson), by lesson and then by their function's place in it."""
+    from minidiff.course.workbook import function_order
+
+    chosen = [MILESTONES[name] for name in (names or MILESTONES) if MILESTONES[name].lesson is not None]
+    return [m.name for m in sorted(chosen, key=lambda m: (m.lesson, function_order(m.lesson, m.function)))]
+
+
+def run_workbook(folder, names=None, report=print) -> list:
+    """Check the functions of the workbook in `folder`: per milestone ✓ / ✗ / ○ (still blank), a line per lesson."""
+    from minidiff.course.workbook import file_name, load
+
+    modules = load(folder)
+    results, lesson_results, lesson = [], [], None
+    for name in in_lesson_order(names):
+        chosen = MILESTONES[name]
+        if chosen.lesson != lesson:
+            if report and lesson_results:
+                report(_summary(lesson_results, f"lesson {lesson:02d}: "))
+            lesson, lesson_results = chosen.lesson, []
+            if report:
+                report(f"Lesson {lesson:02d} ({file_name(lesson)})")
+        module, where = modules.get(chosen.lesson), f"{file_name(chosen.lesson)}"
+        function = getattr(module, chosen.function, None) if module is not None else None
+        if module is None:
+            result = Result(name, "todo", f"to do: {where} is not in the workbook (minidiff course init writes it)")
+        elif chosen.function in module.__blanks__:
+            result = Result(name, "todo", f"to do: write {chosen.function} in {where}")
+        elif not callable(function):
+            result = Result(name, "fail", f"{where} has no function {chosen.function}; the milestone calls "
+                                          f"{chosen.signature}")
+        else:
+            result = check(name, function)
+        results.append(result)
+        lesson_results.append(result)
+        if report:
+            report(_line(chosen, result))
+    if report:
+        if lesson_results:
+            report(_summary(lesson_results, f"lesson {lesson:02d}: "))
+        report(_summary(results, "workbook: "))
+    return results
 
 
 def build_parser():
@@ -277,8 +344,12 @@ def build_parser():
 
     parser = argparse.ArgumentParser(
         prog="minidiff milestones",
-        description="The course checklist and one milestone per module. Point a milestone at your own code with "
-                    "--NAME FILE.py:FUNCTION; only the milestones given a function then run (unless --all).")
+        description="Checks your workbook (the current folder, its workbook/ folder, $MINIDIFF_WORKBOOK or "
+                    "--workbook DIR; write one with `minidiff course init DIR`): ✓ passed, ✗ failed, ○ to do. "
+                    "--reference checks minidiff itself, the course checklist included. Point one milestone at "
+                    "any function with --NAME FILE.py:FUNCTION.")
+    parser.add_argument("--workbook", metavar="DIR", help="the workbook folder to check")
+    parser.add_argument("--reference", action="store_true", help="check minidiff itself (every milestone)")
     parser.add_argument("--list", action="store_true", help="list the milestones and the signature each expects")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these milestones")
     parser.add_argument("--skip", nargs="+", metavar="NAME", default=[], help="leave these out (e.g. compile)")
@@ -291,19 +362,34 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    """`minidiff milestones ...`: 0 when no milestone failed, 1 otherwise."""
+    """`minidiff milestones ...`: 0 when every milestone run passed (or was skipped), 1 otherwise."""
+    from minidiff.course.workbook import find
+
     args = build_parser().parse_args(argv)
     if args.list:
         for chosen in MILESTONES.values():
-            print(f"{chosen.name:<19} [{chosen.group}] {chosen.title}\n{'':19} {chosen.signature}")
+            where = f"lesson_{chosen.lesson:02d}.py" if chosen.lesson is not None else "minidiff only"
+            print(f"{chosen.name:<19} [{where}] {chosen.title}\n{'':19} {chosen.signature}")
         return 0
     candidates = {name: load_candidate(getattr(args, f"candidate_{name}")) for name, chosen in MILESTONES.items()
                   if chosen.takes_candidate and getattr(args, f"candidate_{name}")}
     for name in [*(args.only or []), *args.skip]:
         milestone_named(name)
+    device = f"GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
+    if not candidates and not args.reference:
+        folder = Path(args.workbook) if args.workbook else find()
+        if folder is None:
+            raise MinidiffError(f"no workbook in {Path.cwd()}: write one with `minidiff course init workbook` and "
+                                "run `minidiff milestones --workbook workbook`, or check minidiff itself with "
+                                "--reference")
+        names = [name for name in (args.only or MILESTONES) if name not in args.skip]
+        print(f"minidiff milestones: workbook {folder} on {device} (✓ passed, ✗ failed, ○ to do)", flush=True)
+        results = run_workbook(folder, names, report=lambda line: print(line, flush=True))
+        if not results:
+            print("none of the milestones chosen has a workbook function; minidiff's own: --reference")
+        return 1 if any(result.status in ("fail", "todo") for result in results) else 0
     names = args.only or (list(candidates) if candidates and not args.all else list(MILESTONES))
     names = [name for name in MILESTONES if name in names and name not in args.skip]  # the checklist's order
-    device = f"GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
     print(f"minidiff milestones on {device} (✓ passed, ✗ failed, - skipped)", flush=True)
     results = run(names, candidates, report=lambda line: print(line, flush=True))
-    return 1 if any(result.status == "fail" for result in results) else 0
+    return 1 if any(result.status in ("fail", "todo") for result in results) else 0

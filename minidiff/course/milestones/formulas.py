@@ -46,7 +46,30 @@ def alphas_cumprod_mistakes(T, beta_start, beta_end):
     ]
 
 
-@milestone("schedule: alphas_cumprod")
+def betas_mistakes(T, beta_start, beta_end):
+    return [
+        ("SD's betas are scaled_linear: linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2, not linear in beta; "
+         "reread lesson 01 (the schedules)", lambda: torch.linspace(beta_start, beta_end, T, dtype=torch.float64)),
+        ("the square is missing: beta_t = linspace(sqrt(beta_start), sqrt(beta_end), T)[t] ** 2; reread lesson 01 "
+         "(the schedules)", lambda: torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64)),
+        ("T values from beta_start to beta_end inclusive: torch.linspace, not torch.arange's end-exclusive steps",
+         lambda: (beta_start**0.5 + torch.arange(T, dtype=torch.float64) * (beta_end**0.5 - beta_start**0.5) / T) ** 2),
+    ]
+
+
+@milestone("schedule: SD's scaled_linear betas", lesson=1)
+def check_betas(candidate=None):
+    """betas(num_train_timesteps, beta_start, beta_end) -> (T,) beta_t, linear in sqrt(beta) from start to end"""
+    tol = Tolerance(1e-7, 1e-5, "compared in fp64; fp32 arithmetic passes")
+    for T, beta_start, beta_end in [(1000, 0.00085, 0.012), (100, 0.0001, 0.02)]:
+        expected = NoiseSchedule(T, beta_start, beta_end, "scaled_linear").betas
+        yours = call_candidate(candidate or (lambda *a: NoiseSchedule(*a, "scaled_linear").betas),
+                               signature(check_betas), T, beta_start, beta_end)
+        compare(yours, expected, tol, f"T={T}, betas {beta_start}..{beta_end}", betas_mistakes(T, beta_start, beta_end))
+    return "SD's 1000 betas and a 100-step schedule within 1e-5 relative"
+
+
+@milestone("schedule: alphas_cumprod", lesson=1)
 def check_alphas_cumprod(candidate=None):
     """alphas_cumprod(num_train_timesteps, beta_start, beta_end) -> (T,) alpha_bar of SD's scaled_linear betas"""
     tol = Tolerance(1e-5, 0, "compared in fp64; fp32 arithmetic passes")
@@ -71,7 +94,7 @@ def add_noise_mistakes(x0, noise, a):
     ]
 
 
-@milestone("schedule: add_noise (the forward process q(x_t | x_0))")
+@milestone("schedule: add_noise (the forward process q(x_t | x_0))", lesson=1)
 def check_add_noise(candidate=None):
     """add_noise(x0, noise, alpha_bar_t) -> x_t; alpha_bar_t a 0-dim tensor (math.sqrt and torch.sqrt both work)"""
     tol, schedule = Tolerance(1e-5, 1e-5), NoiseSchedule.sd()
@@ -98,7 +121,7 @@ def pred_eps_mistakes(output, x_t, a, prediction_type):
     ]
 
 
-@milestone("prediction type: eps from an eps- or a v-prediction model")
+@milestone("prediction type: eps from an eps- or a v-prediction model", lesson=2)
 def check_pred_eps(candidate=None):
     """pred_eps(model_output, x_t, alpha_bar_t, prediction_type) -> eps, for "epsilon" and "v_prediction" models"""
     tol, schedule = Tolerance(1e-5, 1e-5), NoiseSchedule.sd()
@@ -110,6 +133,41 @@ def check_pred_eps(candidate=None):
                                    a.clone(), prediction_type)
             compare(yours, pred_eps(output, x_t, a, prediction_type), tol, f"{prediction_type}, t={t}",
                     pred_eps_mistakes(output, x_t, a, prediction_type))
+    return f"epsilon and v_prediction at t = 999, 500, 20 within {tol.atol:g} (fp32)"
+
+
+def pred_x0(model_output, x_t, alpha_bar_t, prediction_type: str = "epsilon"):
+    """The clean-image estimate from the network's output (eps or v), by minidiff.schedule.to_x0_eps."""
+    return to_x0_eps(model_output, x_t, math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t), prediction_type)[0]
+
+
+def pred_x0_mistakes(output, x_t, a, prediction_type):
+    alpha, sigma = math.sqrt(a), math.sqrt(1 - a)
+    section = "reread lesson 02 (the prediction types)"
+    return [
+        (f"this model predicts {prediction_type!r}, and yours treats its output as eps: for v_prediction "
+         f"x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v; {section}", lambda: (x_t - sigma * output) / alpha),
+        (f"sign: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), the noise is subtracted; {section}",
+         lambda: (x_t + sigma * output) / alpha),
+        (f"missing sqrt: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t); {section}",
+         lambda: (x_t - (1 - a) * output) / a),
+        (f"the coefficients are swapped: x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v; {section}",
+         lambda: sigma * x_t - alpha * output),
+    ]
+
+
+@milestone("prediction type: x_0 from an eps- or a v-prediction model", lesson=2)
+def check_pred_x0(candidate=None):
+    """pred_x0(model_output, x_t, alpha_bar_t, prediction_type) -> x_0, for "epsilon" and "v_prediction" models"""
+    tol, schedule = Tolerance(1e-4, 1e-5), NoiseSchedule.sd()
+    output, x_t = fixed_randn(1, 4, 8, 8, seed=3), fixed_randn(1, 4, 8, 8, seed=4)
+    for prediction_type in ("epsilon", "v_prediction"):
+        for t in (999, 500, 20):
+            a = schedule.alphas_cumprod[t]
+            yours = call_candidate(candidate or pred_x0, signature(check_pred_x0), output.clone(), x_t.clone(),
+                                   a.clone(), prediction_type)
+            compare(yours, pred_x0(output, x_t, a, prediction_type), tol, f"{prediction_type}, t={t}",
+                    pred_x0_mistakes(output, x_t, a, prediction_type))
     return f"epsilon and v_prediction at t = 999, 500, 20 within {tol.atol:g} (fp32)"
 
 
@@ -159,7 +217,7 @@ def ddim_step_mistakes(*args):
     ]
 
 
-@milestone("DDIM step (Song et al. 2021, eq. 12)")
+@milestone("DDIM step (Song et al. 2021, eq. 12)", lesson=3)
 def check_ddim_step(candidate=None):
     """ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None) -> x_prev; alpha_bars as 0-dim tensors
 
@@ -208,7 +266,7 @@ def timestep_embedding_mistakes(t, dim):
     ]
 
 
-@milestone("timestep embedding (sinusoidal, Vaswani et al. 2017, in SD's order)")
+@milestone("timestep embedding (sinusoidal, Vaswani et al. 2017, in SD's order)", lesson=6)
 def check_timestep_embedding(candidate=None):
     """timestep_embedding(t, dim) -> (B, dim); t (B,) float; SD's cat([cos, sin]), frequencies 10000^(-i/(dim/2))"""
     from minidiff.unet import timestep_embedding
@@ -250,7 +308,7 @@ def attention_mistakes(q, k, v):
     ]
 
 
-@milestone("attention: softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017)")
+@milestone("attention: softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017)", lesson=5)
 def check_attention(candidate=None):
     """attention(q, k, v) -> (B, heads, L_q, d) on q (B, heads, L_q, d) and k, v (B, heads, L_k, d)"""
     tol = Tolerance(1e-5, 1e-4)
@@ -291,7 +349,7 @@ def resblock_mistakes(x, emb, params):
     ]
 
 
-@milestone("UNet ResnetBlock (He et al. 2016, with the timestep embedding)")
+@milestone("UNet ResnetBlock (He et al. 2016, with the timestep embedding)", lesson=6)
 def check_resblock(candidate=None):
     """resblock(x, emb, params) -> (B, C_out, H, W); params with diffusers keys; GroupNorm(32 groups, eps 1e-5)
 

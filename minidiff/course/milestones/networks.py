@@ -122,7 +122,7 @@ def scale_latents(latents):
     return latents * SD_SCALING_FACTOR
 
 
-@milestone("VAE: an image's latents -> the UNet's latents (the scaling factor)")
+@milestone("VAE: an image's latents -> the UNet's latents (the scaling factor)", lesson=7)
 def check_scale_latents(candidate=None):
     """scale_latents(latents) -> latents * 0.18215: the SD VAE encoder's z (B, 4, h, w), unit variance for the UNet"""
     from minidiff.vae import VAEConfig
@@ -157,7 +157,7 @@ def decode_latents_mistakes(latents, vae):
     ]
 
 
-@milestone("VAE: the sampler's latents -> an image (the scaling factor)")
+@milestone("VAE: the sampler's latents -> an image (the scaling factor)", lesson=7)
 def check_decode_latents(candidate=None):
     """decode_latents(latents, vae) -> images (B, 3, H, W) in [0, 1]; latents are the UNet's, z * vae.scaling_factor"""
     vae, latents, tol = reference_network("vae"), fixed_randn(1, 4, 4, 4, seed=25), Tolerance(1e-4, 1e-4)
@@ -206,7 +206,7 @@ def tokenizer_mistakes(text: str, length: int = 77):
     ]
 
 
-@milestone("tokenizer: CLIP byte-level BPE, SD 1.x's 77 ids")
+@milestone("tokenizer: CLIP byte-level BPE, SD 1.x's 77 ids", lesson=8, function="tokenize")
 def check_tokenizer(candidate=None):
     """tokenize(text) -> 77 int ids (list or tensor): 49406, the tokens (at most 75), 49407, then 49407 padding"""
     tokenizer = _tokenizer()
@@ -282,7 +282,7 @@ def check_text_encoder(candidate=None):
 # --- loading ---------------------------------------------------------------------------------------------
 
 
-@milestone("loading: a diffusers unet/ folder (config.json + safetensors)")
+@milestone("loading: a diffusers unet/ folder (config.json + safetensors)", lesson=11)
 def check_load_unet(candidate=None):
     """load_unet(folder) -> nn.Module called as unet(x, t, context), or its state dict; folder is a diffusers unet/
 

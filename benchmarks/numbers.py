@@ -1,0 +1,117 @@
+"""The numbers quoted in the README and the lessons, read from the files their measurements wrote.
+
+A measured number in a Markdown file is written between two markers naming where it comes from:
+
+    the bundled model draws <!--n:shapes.held_out-->95.3%<!--/n--> of the held-out prompts right
+
+The markers are HTML comments, so they do not show on GitHub. Every key is a function below that reads the
+number from the file a command wrote (the training log of `python -m minidiff.course.train shapes`, the JSON of
+`minidiff bench --json`, ...), so that a quoted number cannot drift from its measurement:
+
+    python benchmarks/numbers.py            # check: every marked number equals its source (tests/test_numbers.py)
+    python benchmarks/numbers.py --write    # rewrite the marked numbers from their sources
+"""
+
+import argparse
+import json
+import re
+import sys
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "course").glob("*.md"))]
+MARKED = re.compile(r"<!--n:(?P<key>[\w.:-]+)-->(?P<text>.*?)<!--/n-->", re.S)
+
+
+@cache
+def read_json(relative: str):
+    return json.loads((ROOT / relative).read_text())
+
+
+def train_log() -> dict:
+    """Written by `python -m minidiff.course.train shapes` (weights/shapes/train_log.json)."""
+    return read_json("weights/shapes/train_log.json")
+
+
+def percent(value: float) -> str:
+    """0.953125 -> '95.3%', 1.0 -> '100%'."""
+    text = f"{100 * value:.1f}"
+    return f"{text.removesuffix('.0')}%"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}"
+
+
+def _shapes() -> dict:
+    log = train_log()
+    timings, held, vae = log["timings_s"], log["held_out_adherence"], log["vae_reconstruction_adherence"]
+    return {
+        "shapes.train_min": minutes(timings["total training"]),
+        "shapes.vae_min": minutes(timings["phase 1: vae"]),
+        "shapes.unet_min": minutes(timings["phase 2: unet + text encoder"]),
+        "shapes.vae_steps": str(log["config"]["vae_steps"]),
+        "shapes.steps": str(log["config"]["steps"]),
+        "shapes.batch": str(log["config"]["batch"]),
+        "shapes.held_out": percent(held["all"]),
+        "shapes.held_out_n": str(held["n"]),
+        "shapes.held_out_colour": percent(held["colour"]),
+        "shapes.held_out_shape": percent(held["shape"]),
+        "shapes.held_out_position": percent(held["position"]),
+        "shapes.held_out_size": percent(held["size"]),
+        "shapes.vae_recon": percent(vae["all"]),
+        "shapes.vae_recon_colour": percent(vae["colour"]),
+        "shapes.vae_recon_shape": percent(vae["shape"]),
+        "shapes.weights_mb": f"{log['weights_mb']:.0f}",
+    }
+
+
+def sources() -> dict:
+    """Every key a document may quote, and its value as it must read."""
+    return _shapes()
+
+
+def marked(text: str) -> list[tuple[str, str]]:
+    return [(m["key"], m["text"]) for m in MARKED.finditer(text)]
+
+
+def check(documents=DOCUMENTS) -> list[str]:
+    """One line per marked number that differs from its source or names no source."""
+    values, problems = sources(), []
+    for path in documents:
+        for key, text in marked(path.read_text()):
+            where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+            if key not in values:
+                problems.append(f"{where}: {key!r} names no measurement (see benchmarks/numbers.py)")
+            elif text != values[key]:
+                problems.append(f"{where}: {key} reads {text!r}, its measurement says {values[key]!r}")
+    return problems
+
+
+def write(documents=DOCUMENTS) -> int:
+    """Rewrite every marked number from its source; returns how many changed."""
+    values, changed = sources(), 0
+    for path in documents:
+        text = path.read_text()
+        new = MARKED.sub(lambda m: f"<!--n:{m['key']}-->{values.get(m['key'], m['text'])}<!--/n-->", text)
+        changed += sum(a != b for a, b in zip(marked(text), marked(new)))
+        if new != text:
+            path.write_text(new)
+    return changed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the marked numbers from their sources")
+    args = parser.parse_args(argv)
+    if args.write:
+        print(f"{write()} number(s) rewritten")
+        return 0
+    problems = check()
+    print("\n".join(problems) or "every marked number equals its measurement")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Milestones of guidance and training: classifier-free guidance with its rescale, and the denoising loss.
+
+Notation (Ho & Salimans 2022; Lin et al. 2023; Ho et al. 2020, alg. 1):
+    eps_uncond, eps_cond -> the predictions without and with the prompt; w -> guidance_scale
+    phi                  -> guidance_rescale: mix of the guided prediction rescaled to eps_cond's std, per picture
+    loss                 -> mean (eps_theta(x_t, t, c) - eps)^2 over every element
+"""
+
+import torch
+import torch.nn.functional as F
+
+from minidiff.course.milestones.core import Tolerance, call_candidate, compare, fixed_randn, milestone, signature
+from minidiff.schedule import NoiseSchedule
+
+GUIDANCE = "reread lesson 08 (course/08_text_and_guidance.md, classifier-free guidance)"
+LOSS = "reread lesson 09 (course/09_train_shapes.md, the two phases)"
+
+
+def guided_eps(eps_uncond, eps_cond, guidance_scale, guidance_rescale=0.0, swapped=False, plus_one=False,
+               std_over_batch=False, rescale_uncond=False):
+    """eps_uncond + w (eps_cond - eps_uncond), with Lin et al. 2023's rescale; the flags are known mistakes."""
+    if swapped:
+        eps_uncond, eps_cond = eps_cond, eps_uncond
+    base = eps_cond if plus_one else eps_uncond
+    guided = base + guidance_scale * (eps_cond - eps_uncond)
+    if guidance_rescale > 0:
+        dims = list(range(0 if std_over_batch else 1, guided.ndim))
+        target = eps_uncond if rescale_uncond else eps_cond
+        rescaled = guided * target.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+    return guided
+
+
+def guidance_mistakes(*args):
+    return [
+        (f"the two predictions are swapped: eps = eps_uncond + w (eps_cond - eps_uncond) moves away from the empty "
+         f"prompt, towards the prompt; {GUIDANCE}", lambda: guided_eps(*args, swapped=True)),
+        (f"eps_cond + w (eps_cond - eps_uncond) is a guidance of w + 1: start from eps_uncond; {GUIDANCE}",
+         lambda: guided_eps(*args, plus_one=True)),
+        (f"the rescale's std is per picture (every axis but the batch), not over the whole batch; {GUIDANCE}",
+         lambda: guided_eps(*args, std_over_batch=True)),
+        (f"the rescale matches the std of eps_cond, the prompt's prediction, not eps_uncond's; {GUIDANCE}",
+         lambda: guided_eps(*args, rescale_uncond=True)),
+    ]
+
+
+@milestone("classifier-free guidance, with guidance rescale (Ho & Salimans 2022; Lin et al. 2023)", lesson=8)
+def check_guided_eps(candidate=None):
+    """guided_eps(eps_uncond, eps_cond, guidance_scale, guidance_rescale=0.0) -> eps (B, C, H, W)
+
+    w = 7.5 and 1.0 without rescale, then w = 7.5 with rescale 0.7 (the std per picture), on fixed predictions;
+    the reference restates the pipeline's guidance (Pipeline.guided_model; tests/test_milestones.py checks that).
+    """
+    tol = Tolerance(1e-5, 1e-5)
+    eps_uncond, eps_cond = fixed_randn(2, 4, 8, 8, seed=80), fixed_randn(2, 4, 8, 8, seed=81) * 1.5 + 0.1
+    for scale, rescale in ((7.5, 0.0), (1.0, 0.0), (7.5, 0.7)):
+        args = (eps_uncond, eps_cond, scale, rescale)
+        yours = call_candidate(candidate or guided_eps, signature(check_guided_eps), eps_uncond.clone(),
+                               eps_cond.clone(), scale, guidance_rescale=rescale)
+        compare(yours, guided_eps(*args), tol, f"guidance {scale}, rescale {rescale}", guidance_mistakes(*args))
+    return f"w = 7.5 and 1 without rescale, w = 7.5 with rescale 0.7, within {tol.atol:g} (fp32)"
+
+
+# --- the training loss ------------------------------------------------------------------------------------------
+
+
+def diffusion_loss(unet, text_encoder, ids, latents, schedule, generator, target="eps", sqrt=True, t_from_one=False):
+    """The denoising loss of one batch (minidiff.course.train.diffusion_loss), or a known mistake."""
+    t = torch.randint(schedule.num_train_timesteps, (len(latents),), generator=generator) + int(t_from_one)
+    noise = torch.randn(latents.shape, generator=generator)
+    a = schedule.alphas_cumprod[t.clamp(max=schedule.num_train_timesteps - 1)].float().view(-1, 1, 1, 1)
+    x_t = (a.sqrt() * latents + (1 - a).sqrt() * noise) if sqrt else (a * latents + (1 - a) * noise)
+    wanted = {"eps": noise, "x0": latents, "x_t": x_t}[target]
+    return F.mse_loss(unet(x_t, t, text_encoder(ids)), wanted)
+
+
+@milestone("training: the denoising loss of one batch (Ho et al. 2020, alg. 1)", lesson=9)
+def check_diffusion_loss(candidate=None):
+    """diffusion_loss(unet, text_encoder, ids, latents, schedule, generator) -> scalar; t, then eps, from generator
+
+    A tiny seeded UNet and text encoder (UNetConfig.tiny(), CLIPTextConfig.tiny()), 4 latents (4, 4, 8, 8), SD's
+    schedule; compared with minidiff.course.train.diffusion_loss on a generator with the same seed.
+    """
+    from minidiff.course.milestones.networks import reference_network
+    from minidiff.course.train import diffusion_loss as library_loss
+
+    unet, clip, schedule = reference_network("unet"), reference_network("clip"), NoiseSchedule.sd()
+    latents, ids = fixed_randn(4, 4, 8, 8, seed=82), torch.randint(0, 1000, (4, 77), generator=fixed_gen(83))
+    generator = lambda: fixed_gen(84)  # noqa: E731
+    mistakes = [
+        (f"the target is the noise eps that was added, not the clean latents x_0; {LOSS}",
+         lambda: diffusion_loss(unet, clip, ids, latents, schedule, generator(), target="x0")),
+        (f"the target is the noise eps, not the noisy x_t; {LOSS}",
+         lambda: diffusion_loss(unet, clip, ids, latents, schedule, generator(), target="x_t")),
+        (f"missing sqrt: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps; {LOSS}",
+         lambda: diffusion_loss(unet, clip, ids, latents, schedule, generator(), sqrt=False)),
+        (f"t runs over 0 .. T - 1 (torch.randint(T, ...)), not 1 .. T; {LOSS}",
+         lambda: diffusion_loss(unet, clip, ids, latents, schedule, generator(), t_from_one=True)),
+    ]
+    with torch.no_grad():
+        expected = library_loss(unet, clip, ids, latents, schedule, generator())
+        yours = call_candidate(candidate or diffusion_loss, signature(check_diffusion_loss), unet, clip, ids.clone(),
+                               latents.clone(), schedule, generator())
+    yours = yours.detach() if torch.is_tensor(yours) else yours
+    compare(yours, expected, Tolerance(1e-5, 1e-5), "loss", mistakes)
+    return f"loss {float(expected):.6f} on the same draws, within 1e-5 (fp32)"
+
+
+def fixed_gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

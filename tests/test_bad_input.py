@@ -1,0 +1,722 @@
+"""A table of bad inputs, as a careless or hostile user would give them, against the command and the Python API.
+
+Each row is the input and what must come of it: the error class (the command: exit status 2 and one line
+`minidiff: error: ...`) and a fragment of the message. Every row also checks that no traceback is printed,
+that no file is left behind or changed, and that it finishes within ROW_SECONDS (no hang).
+"""
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import minidiff
+from minidiff.cli import main
+from minidiff.course.viz import tiny_pipeline
+from minidiff.errors import CheckpointError, InputError, MinidiffError, OutputError, SamplerError
+from minidiff.hub import WEIGHTS
+from minidiff.load import load_taesd, load_text_encoder, load_tokenizer, load_unet, load_vae
+from minidiff.pipeline import from_pil, load_pipeline
+from minidiff.samplers import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = WEIGHTS / "shapes"
+ROW_SECONDS = 60  # generous on a loaded 2-core machine; a hang is minutes
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# --- files the rows use -------------------------------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (a decompression bomb: the header is all that is read)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs, bad and good, in a folder of their own (outside each row's output folder)."""
+    root = tmp_path_factory.mktemp("inputs")
+    good = root / "good.png"
+    Image.new("RGB", (64, 64), "red").save(good)
+    (root / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("not a picture")
+    (root / "bomb.png").write_bytes(png_claiming(40000, 40000))
+    os.symlink(root / "loop_a", root / "loop_b")
+    os.symlink(root / "loop_b", root / "loop_a")
+    os.mkfifo(root / "fifo.safetensors")
+    os.mkfifo(root / "fifo.png")
+    (root / "folder.png").mkdir()
+    unet_state = load_file(SHAPES / "unet" / "diffusion_pytorch_model.safetensors")
+
+    def model_copy(name, change=None):
+        """A copy of the shapes model with one component changed by change(folder)."""
+        folder = root / name
+        shutil.copytree(SHAPES, folder, ignore=shutil.ignore_patterns("*.png", "train_log.json"))
+        if change:
+            change(folder)
+        return folder
+
+    def evil_names(folder):
+        save_file(unet_state | {"\x1b[2J\x1b]0;pwned\x07evil": torch.zeros(1)},
+                  folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+    def int64_weights(folder):
+        key = next(k for k in unet_state if k.endswith("conv_in.weight"))
+        save_file(unet_state | {key: unet_state[key].to(torch.int64)},
+                  folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+    def config_change(component, **changes):
+        def change(folder):
+            path = folder / component / "config.json"
+            path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+        return change
+
+    def scheduler_change(**changes):
+        def change(folder):
+            path = folder / "scheduler" / "scheduler_config.json"
+            path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+        return change
+
+    def truncate(folder):
+        path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        path.write_bytes(path.read_bytes()[:1000])
+
+    def lfs_pointer(folder):
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").write_text(
+            "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n")
+
+    def pickle_only(folder):
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        torch.save(unet_state, folder / "unet" / "diffusion_pytorch_model.bin")
+
+    def fifo_weights(folder):
+        path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        path.unlink()
+        os.mkfifo(path)
+
+    def loop_weights(folder):
+        path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        path.unlink()
+        os.symlink(path, path)
+
+    def folder_weights(folder):
+        path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        path.unlink()
+        path.mkdir()
+
+    def two_variants(folder):
+        path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        shutil.copy(path, path.with_name("diffusion_pytorch_model.fp16.safetensors"))
+
+    def broken_vocab(folder):
+        (folder / "tokenizer" / "vocab.json").write_text("{not json")
+
+    def vocab_list(folder):
+        (folder / "tokenizer" / "vocab.json").write_text("[1, 2, 3]")
+
+    def no_scheduler(folder):
+        shutil.rmtree(folder / "scheduler")
+
+    def config_not_object(folder):
+        (folder / "unet" / "config.json").write_text("[1, 2]")
+
+    def vae_as_unet(folder):
+        shutil.copy(folder / "vae" / "config.json", folder / "unet" / "config.json")
+
+    models = {
+        "evil_names": model_copy("evil_names", evil_names),
+        "int64": model_copy("int64", int64_weights),
+        "block_out_string": model_copy("block_out_string", config_change("unet", block_out_channels="48,96")),
+        "sample_size_string": model_copy("sample_size_string", config_change("unet", sample_size="8")),
+        "layers_bool": model_copy("layers_bool", config_change("unet", layers_per_block=True)),
+        "vae_channels_negative": model_copy("vae_channels_negative", config_change("vae", latent_channels=-4)),
+        "clip_width_string": model_copy("clip_width_string", config_change("text_encoder", hidden_size="64")),
+        "timesteps_zero": model_copy("timesteps_zero", scheduler_change(num_train_timesteps=0)),
+        "beta_string": model_copy("beta_string", scheduler_change(beta_start="small")),
+        "truncated": model_copy("truncated", truncate),
+        "lfs": model_copy("lfs", lfs_pointer),
+        "pickle_only": model_copy("pickle_only", pickle_only),
+        "fifo_weights": model_copy("fifo_weights", fifo_weights),
+        "loop_weights": model_copy("loop_weights", loop_weights),
+        "folder_weights": model_copy("folder_weights", folder_weights),
+        "two_variants": model_copy("two_variants", two_variants),
+        "broken_vocab": model_copy("broken_vocab", broken_vocab),
+        "vocab_list": model_copy("vocab_list", vocab_list),
+        "no_scheduler": model_copy("no_scheduler", no_scheduler),
+        "config_not_object": model_copy("config_not_object", config_not_object),
+        "vae_as_unet": model_copy("vae_as_unet", vae_as_unet),
+    }
+    (root / "empty_folder").mkdir()
+    (root / "notes.txt").write_text("hello")
+    (root / "empty.safetensors").write_bytes(b"")
+    torch.save({"model": torch.nn.Linear(1, 1)}, root / "object.ckpt")
+    torch.save([1, 2, 3], root / "list.ckpt")
+    (root / "garbage.ckpt").write_bytes(b"\x80\x04garbage")
+    # adapters (minidiff.lora, minidiff.embeddings): a LoRA and an embedding that fit the shapes model, and bad ones
+    to_k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{to_k}.lora_down.weight": torch.zeros(2, 96), f"{to_k}.lora_up.weight": torch.zeros(48, 2)},
+              root / "lora.safetensors")
+    save_file({f"{to_k}.lora_down.weight": torch.zeros(2, 768), f"{to_k}.lora_up.weight": torch.zeros(48, 2)},
+              root / "lora_sd15.safetensors")  # made for SD 1.5's 768-wide text
+    save_file({f"{to_k}.lora_down.weight": torch.zeros(2, 96), f"{to_k}.lora_up.weight": torch.zeros(48, 4)},
+              root / "lora_ranks.safetensors")
+    torch.save({f"{to_k}.lora_down.weight": torch.zeros(2, 96)}, root / "lora.pt")
+    save_file({"<w>": torch.zeros(96)}, root / "embedding.safetensors")
+    save_file({"emb_params": torch.zeros(1, 768)}, root / "embedding_sd15.safetensors")
+    return {"root": root, **{name: root / name for name in os.listdir(root)}, **models}
+
+
+def file_listing(folder: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if not p.is_symlink()}
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+# (id, argv, fragment); "{x}" in an argument is replaced by files[x] (an input) and "@name" by tmp_path/name
+# (an output folder of the row's own). Prepared outputs are listed in PREPARED.
+GENERATE = ["generate", "a red circle", "--steps", "1", "--device", "cpu"]
+CLI_ROWS = [
+    # numbers: type and range
+    ("steps-zero", [*GENERATE, "--steps", "0"], "--steps must be an integer from 1 to 1000"),
+    ("steps-negative", [*GENERATE, "--steps", "-3"], "--steps must be an integer from 1"),
+    ("steps-word", [*GENERATE, "--steps", "ten"], "invalid int value: 'ten'"),
+    ("steps-fraction", [*GENERATE, "--steps", "1.5"], "invalid int value"),
+    ("steps-too-many", [*GENERATE, "--steps", "1001"], "from 1 to 1000"),
+    ("guidance-nan", [*GENERATE, "--guidance", "nan"], "--guidance must be a finite number, got nan"),
+    ("guidance-inf", [*GENERATE, "--guidance", "inf"], "--guidance must be a finite number"),
+    ("guidance-minus-inf", [*GENERATE, "--guidance=-inf"], "--guidance must be a finite number"),
+    ("guidance-word", [*GENERATE, "--guidance", "high"], "invalid float value"),
+    ("seed-negative", [*GENERATE, "--seed", "-1"], "--seed must be an integer from 0"),
+    ("seed-huge", [*GENERATE, "--seed", "9" * 40], "use a seed from 0 to 2**63 - 1"),
+    ("seed-2-64", [*GENERATE, "--seed", str(2**64)], "--seed must be an integer"),
+    ("seed-word", [*GENERATE, "--seed", "lucky"], "invalid int value"),
+    ("size-zero", [*GENERATE, "--size", "0"], "--size 0: each side must be a multiple of 8"),
+    ("size-negative", [*GENERATE, "--size", "-64"], "multiple of 8"),
+    # adapters: --lora FILE[:SCALE], --embedding FILE[:TOKEN]
+    ("lora-missing", [*GENERATE, "--lora", "nowhere.safetensors"], "--lora 'nowhere.safetensors': no such file"),
+    ("lora-scale-word", [*GENERATE, "--lora", "{lora.safetensors}:abc"], "the scale after ':' must be a number"),
+    ("lora-scale-nan", [*GENERATE, "--lora", "{lora.safetensors}:nan"], "must be a number, got 'nan'"),
+    ("lora-pickle", [*GENERATE, "--lora", "{lora.pt}"], "is a pickle file"),
+    ("lora-wrong-base", [*GENERATE, "--lora", "{lora_sd15.safetensors}"], "made for another base model"),
+    ("lora-wrong-rank", [*GENERATE, "--lora", "{lora_ranks.safetensors}"], "rank 2 but lora_up rank 4"),
+    ("lora-not-a-lora", [*GENERATE, "--lora", "{embedding.safetensors}"], "is not a LoRA"),
+    ("embedding-missing", [*GENERATE, "--embedding", "gone.safetensors:<w>"], "no such file"),
+    ("embedding-empty-token", [*GENERATE, "--embedding", "{embedding.safetensors}:"], "the token after ':'"),
+    ("embedding-wrong-base", [*GENERATE, "--embedding", "{embedding_sd15.safetensors}:<w>"], "768 wide"),
+    ("size-not-multiple", [*GENERATE, "--size", "63"], "try 64"),
+    ("size-huge", [*GENERATE, "--size", "100000"], "from 8 to 16384"),
+    ("size-word", [*GENERATE, "--size", "big"], "--size must be N or WIDTHxHEIGHT"),
+    ("size-half-pair", [*GENERATE, "--size", "64x"], "--size must be N or WIDTHxHEIGHT"),
+    ("size-three", [*GENERATE, "--size", "64x64x64"], "--size must be N or WIDTHxHEIGHT"),
+    ("size-zero-height", [*GENERATE, "--size", "64x0"], "multiple of 8"),
+    ("size-odd-width", [*GENERATE, "--size", "65x64"], "multiple of 8"),
+    ("size-empty", [*GENERATE, "--size", ""], "--size must be N or WIDTHxHEIGHT"),
+    ("num-images-zero", [*GENERATE, "--num-images", "0"], "--num-images must be an integer from 1 to 1000"),
+    ("num-images-negative", [*GENERATE, "--num-images", "-2"], "--num-images must be"),
+    ("num-images-million", [*GENERATE, "--num-images", "1000000"], "generate in several runs"),
+    ("num-images-word", [*GENERATE, "--num-images", "many"], "invalid int value"),
+    ("strength-without-image", [*GENERATE, "--strength", "0.5"], "give --image too"),
+    ("strength-above-one", [*GENERATE, "--image", "{good.png}", "--strength", "1.5"],
+     "--strength must be a number from 0.0 to 1.0"),
+    ("strength-negative", [*GENERATE, "--image", "{good.png}", "--strength", "-0.1"], "--strength must be"),
+    ("strength-nan", [*GENERATE, "--image", "{good.png}", "--strength", "nan"], "--strength must be"),
+    ("strength-zero-trace", [*GENERATE, "--image", "{good.png}", "--strength", "0", "--trace", "@t.gif"],
+     "nothing to trace"),
+    ("strength-rounds-to-zero-grid", [*GENERATE, "--image", "{good.png}", "--strength", "0.5", "--grid", "@g.png"],
+     "runs 0 of the 1 steps"),
+    ("early-exit-fraction-over-one", [*GENERATE, "--early-exit", "1.5"], "a whole number of steps"),
+    ("early-exit-zero", [*GENERATE, "--early-exit", "0"], "--early-exit must be a fraction in (0, 1]"),
+    ("early-exit-negative", [*GENERATE, "--early-exit", "-0.5"], "--early-exit must be"),
+    ("early-exit-nan", [*GENERATE, "--early-exit", "nan"], "--early-exit must be"),
+    ("early-exit-inf", [*GENERATE, "--early-exit", "inf"], "--early-exit must be"),
+    ("early-exit-past-steps", [*GENERATE, "--early-exit", "5"], "--early-exit must be an integer from 1 to 1"),
+    # names and choices
+    ("sampler-unknown", [*GENERATE, "--sampler", "dpm"], "unknown sampler 'dpm': use one of ddim"),
+    ("sampler-empty", [*GENERATE, "--sampler", ""], "unknown sampler ''"),
+    ("sampler-escape", [*GENERATE, "--sampler", "\x1b[31mred"], "unknown sampler '\\x1b[31mred'"),
+    ("device-unknown", [*GENERATE, "--device", "gpu9"], "unknown device 'gpu9'"),
+    ("device-cuda-index", [*GENERATE, "--device", "cuda:99"], "cuda"),
+    ("device-number", [*GENERATE, "--device", "-1"], "device"),
+    ("dtype-unknown", [*GENERATE, "--dtype", "float64"], "invalid choice: 'float64'"),
+    ("preview-unknown", [*GENERATE, "--preview", "fast"], "invalid choice: 'fast'"),
+    ("unknown-option", [*GENERATE, "--colour", "red"], "unrecognized arguments: --colour red"),
+    ("no-prompt", ["generate"], "the following arguments are required: prompt"),
+    ("no-command", [], "the following arguments are required: command"),
+    ("unknown-command", ["paint"], "invalid choice: 'paint'"),
+    ("prompt-not-utf8", ["generate", "a red \udcff circle", "--steps", "1"], "is not valid UTF-8 text"),
+    ("negative-not-utf8", [*GENERATE, "--negative", "\udcfe"], "--negative '\\udcfe' is not valid UTF-8"),
+    ("model-not-utf8", [*GENERATE, "--model", "mod\udce9l"], "--model"),
+    ("out-not-utf8", [*GENERATE, "--out", "@\udcffa.png"], "--out"),
+    ("trace-not-utf8", [*GENERATE, "--trace", "@\udcfft.gif"], "is not valid UTF-8"),
+    # outputs: extension, folder, collisions, existing files
+    ("out-is-folder", [*GENERATE, "--out", "@"], "is a folder: give a file name"),
+    ("out-no-extension", [*GENERATE, "--out", "@picture"], "has no extension: name it e.g."),
+    ("out-unknown-extension", [*GENERATE, "--out", "@picture.xyz"], "unknown extension .xyz; use one of"),
+    ("out-psd", [*GENERATE, "--out", "@picture.psd"], "unknown extension .psd"),
+    ("out-missing-folder", [*GENERATE, "--out", "@no/such/folder/a.png"], "does not exist; create it first"),
+    ("out-exists", [*GENERATE, "--out", "@old.png"], "old.png already exists: pass --overwrite"),
+    ("out-numbered-exists", [*GENERATE, "--out", "@many.png", "--num-images", "2"], "many_1.png already exists"),
+    ("out-under-a-file", [*GENERATE, "--out", "@old.png/a.png"], "the folder"),
+    ("out-same-as-trace", [*GENERATE, "--out", "@same.gif", "--trace", "@same.gif"],
+     "--trace and --out both write"),
+    ("out-same-as-grid", [*GENERATE, "--out", "@same.png", "--grid", "@same.png"], "--grid and --out both write"),
+    ("trace-same-as-grid-spelled-apart", [*GENERATE, "--trace", "@x.png", "--grid", "@./x.png"], "both write"),
+    ("trace-jpeg", [*GENERATE, "--trace", "@t.jpg"], "t.jpg: unknown extension .jpg"),
+    ("trace-no-extension", [*GENERATE, "--trace", "@trace"], "has no extension"),
+    ("trace-folder", [*GENERATE, "--trace", "@"], "is a folder"),
+    ("trace-exists", [*GENERATE, "--trace", "@old.gif"], "old.gif already exists"),
+    ("grid-unknown-extension", [*GENERATE, "--grid", "@g.mp4"], "unknown extension .mp4"),
+    ("grid-exists-under-symlink", [*GENERATE, "--grid", "@link.png"], "already exists"),
+    ("out-dangling-symlink", [*GENERATE, "--out", "@dangling.png"], "not a regular file"),
+    # inputs: the starting image
+    ("image-missing", [*GENERATE, "--image", "@nothing.png"], "does not exist: check the path"),
+    ("image-folder", [*GENERATE, "--image", "{folder.png}"], "is a folder"),
+    ("image-fifo", [*GENERATE, "--image", "{fifo.png}"], "is a FIFO, not a regular file"),
+    ("image-symlink-loop", [*GENERATE, "--image", "{loop_a}"], "a symlink loop?"),
+    ("image-empty", [*GENERATE, "--image", "{empty.png}"], "cannot read the input image"),
+    ("image-truncated", [*GENERATE, "--image", "{truncated.png}"], "cannot read the input image"),
+    ("image-text", [*GENERATE, "--image", "{text.png}"], "cannot identify image file"),
+    ("image-bomb", [*GENERATE, "--image", "{bomb.png}"], "more than 64 megapixels"),
+    # the model
+    ("model-unknown-name", [*GENERATE, "--model", "sd99"], "neither a file or folder nor a known model"),
+    ("model-missing-path", [*GENERATE, "--model", "@nothing/model.safetensors"], "neither a file or folder"),
+    ("model-empty-folder", [*GENERATE, "--model", "{empty_folder}"], "neither a diffusers model folder"),
+    ("model-text-file", [*GENERATE, "--model", "{notes.txt}"], "not a weights file minidiff knows"),
+    ("model-empty-safetensors", [*GENERATE, "--model", "{empty.safetensors}"], "damaged or incomplete"),
+    ("model-symlink-loop", [*GENERATE, "--model", "{loop_a}"], "a symlink loop?"),
+    ("model-fifo", [*GENERATE, "--model", "{fifo.safetensors}"], "is a FIFO"),
+    ("model-pickle", [*GENERATE, "--model", "{object.ckpt}"], "pickle file: unpickling can run arbitrary code"),
+    ("model-evil-names", [*GENERATE, "--model", "{evil_names}"], "\\x1b[2J\\x1b]0;pwned\\x07evil"),
+    ("model-int64", [*GENERATE, "--model", "{int64}"], "not floating point: conv_in.weight (torch.int64)"),
+    ("model-config-string-list", [*GENERATE, "--model", "{block_out_string}"],
+     'block_out_channels="48,96" should be a non-empty list of whole numbers'),
+    ("model-config-string-number", [*GENERATE, "--model", "{sample_size_string}"], 'sample_size="8" should be'),
+    ("model-config-bool-count", [*GENERATE, "--model", "{layers_bool}"], "layers_per_block=true should be"),
+    ("model-config-negative", [*GENERATE, "--model", "{vae_channels_negative}"], "latent_channels=-4 should be"),
+    ("model-clip-config-string", [*GENERATE, "--model", "{clip_width_string}"], 'hidden_size="64" should be'),
+    ("model-timesteps-zero", [*GENERATE, "--model", "{timesteps_zero}"], "num_train_timesteps must be an integer"),
+    ("model-beta-string", [*GENERATE, "--model", "{beta_string}"], "beta_start must be a number"),
+    ("model-truncated", [*GENERATE, "--model", "{truncated}"], "damaged or incomplete"),
+    ("model-lfs-pointer", [*GENERATE, "--model", "{lfs}"], "Git LFS pointer"),
+    ("model-pickle-only", [*GENERATE, "--model", "{pickle_only}"], "allow_pickle=True from Python"),
+    ("model-weights-loop", [*GENERATE, "--model", "{loop_weights}"], "a symlink loop?"),
+    ("model-weights-folder", [*GENERATE, "--model", "{folder_weights}"], "is a folder: give the file inside"),
+    ("model-broken-vocab", [*GENERATE, "--model", "{broken_vocab}"], "vocab.json"),
+    ("model-vocab-list", [*GENERATE, "--model", "{vocab_list}"], "tokenizer"),
+    ("model-no-scheduler", [*GENERATE, "--model", "{no_scheduler}"], "no scheduler/scheduler_config.json"),
+    ("model-config-not-object", [*GENERATE, "--model", "{config_not_object}"], "must hold a JSON object"),
+    ("model-vae-config-as-unet", [*GENERATE, "--model", "{vae_as_unet}"], "describes a AutoencoderKL"),
+    # after loading, before the work: sizes against memory, the step grid
+    ("size-past-memory", [*GENERATE, "--size", "16384"], "more than the"),
+    ("steps-past-the-grid", [*GENERATE, "--steps", "1000"], "use fewer steps (or, from Python"),
+    # the other commands
+    ("info-missing", ["info", "@nothing"], "neither a file or folder"),
+    ("download-unknown", ["download", "sd99"], "unknown model 'sd99'"),
+    ("sampler-table-batch-zero", ["sampler-table", "--batch", "0"], "--batch must be an integer from 1"),
+    ("sampler-table-prompts-zero", ["sampler-table", "--prompts", "0"], "--prompts must be"),
+    ("sampler-table-guidance-nan", ["sampler-table", "--guidance", "nan"], "--guidance must be a finite number"),
+    ("sampler-table-seed-negative", ["sampler-table", "--seed", "-5"], "--seed must be"),
+    ("sampler-table-grid-extension", ["sampler-table", "--grid", "@g.xyz"], "unknown extension .xyz"),
+    ("sampler-table-grid-exists", ["sampler-table", "--grid", "@old.png"], "already exists"),
+    ("sampler-table-device", ["sampler-table", "--device", "tpu"], "unknown device"),
+    ("bench-size-zero", ["bench", "--size", "0"], "--size must be an integer from 8"),
+    ("bench-size-odd", ["bench", "--config", "tiny", "--size", "100"], "multiple of 64"),
+    ("bench-images-zero", ["bench", "--images", "0"], "--images must be"),
+    ("bench-threads-zero", ["bench", "--threads", "0"], "--threads must be"),
+    ("bench-steps-zero", ["bench", "--steps", "0"], "--steps must be"),
+    ("bench-same-outputs", ["bench", "--json", "@r.txt", "--csv", "@r.txt"], "both write"),
+    ("bench-device", ["bench", "--device", "abacus"], "unknown device"),
+    ("profile-rows-zero", ["profile", "--rows", "0"], "--rows must be"),
+    ("profile-trace-extension", ["profile", "--trace", "@p.txt"], "unknown extension .txt"),
+    ("export-onnx-to-file", ["export-onnx", "{notes.txt}"], "is a file, not a folder"),
+    ("export-onnx-missing-folder", ["export-onnx", "@nothing"], "does not exist: create it first"),
+    ("export-onnx-size", ["export-onnx", "@", "--size", "0"], "--size 0"),
+    ("export-onnx-exists", ["export-onnx", "@", "--size", "64"], "unet.onnx already exists"),
+]
+PREPARED = {"old.png": b"old", "old.gif": b"old", "many_1.png": b"old", "target.png": b"old", "unet.onnx": b"old"}
+
+
+def expand(argv, files, out: Path):
+    expanded = []
+    for arg in argv:
+        if arg.startswith("{") and arg.endswith("}"):
+            arg = str(files[arg[1:-1]])
+        elif arg.startswith("{") and "}:" in arg:  # an adapter spec, {file}:tail
+            name, _, tail = arg[1:].partition("}:")
+            arg = f"{files[name]}:{tail}"
+        elif arg.startswith("@"):
+            arg = str(out / arg[1:]) if arg != "@" else str(out)
+        expanded.append(arg)
+    return expanded
+
+
+def prepare(out: Path):
+    for name, data in PREPARED.items():
+        (out / name).write_bytes(data)
+    os.symlink(out / "target.png", out / "link.png")
+    os.symlink(out / "nowhere.png", out / "dangling.png")
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [row[1:] for row in CLI_ROWS], ids=[row[0] for row in CLI_ROWS])
+def test_command_refuses_with_one_line(files, tmp_path, monkeypatch, capsys, argv, fragment):
+    out = tmp_path / "out"
+    out.mkdir()
+    prepare(out)
+    monkeypatch.chdir(out)
+    before = file_listing(out), file_listing(files["root"])
+    start = time.monotonic()
+    try:
+        status = main(expand(argv, files, out))
+    except SystemExit as exit:  # argparse
+        status = exit.code
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line and "s/it]" not in line]
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith("minidiff: error: "), err
+    assert "Traceback" not in err
+    assert fragment in lines[0], lines[0]
+    assert "\x1b" not in err and "\x07" not in err  # nothing from a file reaches the terminal raw
+    assert (file_listing(out), file_listing(files["root"])) == before  # nothing written, nothing replaced
+    assert elapsed < ROW_SECONDS
+
+
+def test_the_table_covers_enough(files):
+    assert len(CLI_ROWS) + len(API_ROWS) + len(SUBPROCESS_ROWS) + len(NUMBER_ROWS) >= 150
+
+
+# --- numbers from the model: NaN from the UNet or the VAE is an error, never a black image with exit 0 --------
+
+
+def nan_unet(monkeypatch):
+    from minidiff.unet import UNet
+
+    original = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+
+
+def nan_vae(monkeypatch):
+    from minidiff.vae import AutoencoderKL
+
+    original = AutoencoderKL._decode
+    monkeypatch.setattr(AutoencoderKL, "_decode", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+
+
+NUMBER_ROWS = [
+    ("unet-nan", nan_unet, [], "the model returned NaN or inf at step 0"),
+    ("vae-nan-fp16-with-trace", nan_vae, ["--dtype", "float16", "--trace", "t.gif"], "also after its float32 redo"),
+]
+
+
+@pytest.mark.parametrize(("break_it", "extra", "fragment"), [row[1:] for row in NUMBER_ROWS],
+                         ids=[row[0] for row in NUMBER_ROWS])
+def test_nan_is_an_error_and_writes_nothing(tmp_path, monkeypatch, capsys, break_it, extra, fragment):
+    break_it(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    status = main([*GENERATE, "--out", "image.png", *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("minidiff")]
+    assert status == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- in a subprocess: signals, hangs, bytes that are not UTF-8 ---------------------------------------------------
+
+SIGTERM_WHILE_WRITING = """
+import os, signal, sys
+from minidiff.files import atomic_save
+def save(path):
+    with open(path, "wb") as f:
+        f.write(b"GIF89a half")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+        f.write(b"never")
+atomic_save(sys.argv[1], save)
+"""
+
+
+def run(args, cwd, timeout=60):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, timeout=timeout)
+
+
+SUBPROCESS_ROWS = ["sigterm-while-writing", "fifo-weights", "prompt-bytes"]
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
+    result = run([sys.executable, "-c", SIGTERM_WHILE_WRITING, str(tmp_path / "t.gif")], tmp_path)
+    assert result.returncode == -signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fifo_as_weights_is_refused_without_hanging(files, tmp_path):
+    result = run([sys.executable, "-m", "minidiff", *GENERATE, "--model", str(files["fifo_weights"]), "--out", "a.png"],
+                 tmp_path, timeout=ROW_SECONDS)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "is a FIFO, not a regular file" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_prompt_that_is_not_utf8(tmp_path):
+    argv = [b"generate", b"a red \xff circle", b"--steps", b"1", b"--out", b"a.png"]
+    result = run([sys.executable.encode(), b"-m", b"minidiff", *argv], tmp_path)
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == 2 and "minidiff: error: the prompt" in err and "not valid UTF-8" in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the Python API ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def model_ok(x, t):
+    return torch.zeros_like(x)
+
+
+def call(**options):
+    return lambda ctx: ctx["pipe"]("a red circle", **({"steps": 1, "progress": False} | options))
+
+
+def sample_with(**options):
+    noise = options.pop("noise", torch.randn(1, 4, 8, 8))
+    model = options.pop("model", model_ok)
+    return lambda ctx: sample(model, noise, **({"steps": 2} | options))
+
+
+def optimize_with(**options):
+    return lambda ctx: minidiff.optimize(ctx["pipe"], **options)
+
+
+def load_with(**options):
+    return lambda ctx: load_pipeline(**({"path_or_name": "shapes", "device": "cpu"} | options))
+
+
+def loader(function, name, **options):
+    return lambda ctx: function(ctx["files"][name] if name in ctx["files"] else name, **options)
+
+
+API_ROWS = [
+    # Pipeline.__call__: types and ranges of every argument
+    ("prompt-none", lambda ctx: ctx["pipe"](None, steps=1), InputError, "prompt must be a string or a non-empty list"),
+    ("prompt-int", lambda ctx: ctx["pipe"](123, steps=1), InputError, "got 123 (int)"),
+    ("prompt-dict", lambda ctx: ctx["pipe"]({"a": 1}, steps=1), InputError, "(dict)"),
+    ("prompt-empty-list", lambda ctx: ctx["pipe"]([], steps=1), InputError, "non-empty list"),
+    ("prompt-list-of-ints", lambda ctx: ctx["pipe"]([1, 2], steps=1), InputError, "prompt must be a string"),
+    ("prompt-surrogate", lambda ctx: ctx["pipe"]("\udcff", steps=1), InputError, "not valid UTF-8"),
+    ("negative-int", call(negative_prompt=5), InputError, "negative_prompt must be a string"),
+    ("negative-count", call(negative_prompt=["a", "b"]), MinidiffError, "1 prompts but 2 negative prompts"),
+    ("steps-zero", call(steps=0), InputError, "steps must be an integer from 1 to 1000, got 0"),
+    ("steps-string", call(steps="5"), InputError, "got '5' (str)"),
+    ("steps-float", call(steps=1.5), InputError, "steps must be an integer"),
+    ("steps-bool", call(steps=True), InputError, "got True (bool)"),
+    ("steps-too-many", call(steps=5000), InputError, "from 1 to 1000"),
+    ("sampler-unknown", call(sampler="dpm"), InputError, "unknown sampler 'dpm'"),
+    ("sampler-none", call(sampler=None), InputError, "unknown sampler None"),
+    ("guidance-string", call(guidance_scale="7"), InputError, "guidance_scale must be a finite number"),
+    ("guidance-nan", call(guidance_scale=float("nan")), InputError, "got nan"),
+    ("guidance-inf", call(guidance_scale=float("inf")), InputError, "got inf"),
+    ("guidance-rescale-nan", call(guidance_rescale=float("nan")), InputError, "guidance_rescale must be a number"),
+    ("guidance-rescale-two", call(guidance_rescale=2.0), InputError, "from 0.0 to 1.0"),
+    ("seed-negative", call(seed=-1), InputError, "seed must be an integer from 0"),
+    ("seed-float", call(seed=1.5), InputError, "seed must be an integer"),
+    ("seed-string", call(seed="1"), InputError, "got '1' (str)"),
+    ("seed-huge", call(seed=2**70), InputError, "2**63 - 1"),
+    ("height-string", call(height="64"), InputError, "height must be an integer"),
+    ("height-zero", call(height=0), InputError, "height must be a positive multiple of 8"),
+    ("height-odd", call(height=60), InputError, "try 64"),
+    ("height-negative", call(height=-64), InputError, "multiple of 8"),
+    ("width-float", call(width=64.0), InputError, "width must be an integer"),
+    ("size-past-memory", call(height=65536, width=65536), InputError, "more than the"),
+    ("num-images-zero", call(num_images=0), InputError, "num_images must be an integer from 1"),
+    ("num-images-string", call(num_images="2"), InputError, "(str)"),
+    ("num-images-huge", call(num_images=10**6), InputError, "generate in several calls"),
+    ("image-int", call(image=123), InputError, "must be a path"),
+    ("image-missing", call(image="/no/such/picture.png"), InputError, "does not exist"),
+    ("image-folder", lambda ctx: ctx["pipe"]("x", steps=1, image=ctx["files"]["folder.png"]), InputError, "folder"),
+    ("image-truncated", lambda ctx: ctx["pipe"]("x", steps=1, image=ctx["files"]["truncated.png"]), InputError,
+     "truncated.png"),
+    ("strength-string", call(strength="0.5", image=Image.new("RGB", (64, 64))), InputError, "strength must be"),
+    ("strength-nan", call(strength=float("nan"), image=Image.new("RGB", (64, 64))), InputError, "got nan"),
+    ("strength-zero-trace", call(strength=0.0, trace=True, image=Image.new("RGB", (64, 64))), InputError,
+     "nothing to trace"),
+    ("early-exit-over", call(early_exit=1.5), SamplerError, "early_exit must be a fraction in (0, 1]"),
+    ("early-exit-string", call(early_exit="half"), SamplerError, "early_exit must be"),
+    ("preview-unknown", call(preview="fast"), MinidiffError, "preview must be 'vae' or 'taesd'"),
+    ("preview-taesd-missing", call(preview="taesd"), MinidiffError, "needs a TAESD"),
+    ("callback-not-callable", call(callback=5), InputError, "callback must be a function"),
+    ("trace-string", call(trace="yes"), InputError, "trace must be True or False"),
+    ("progress-string", call(progress="no"), InputError, "progress must be True or False"),
+    ("latents-small", call(latents=torch.randn(1, 4, 4, 4)), InputError, "which is a 32x32 px image"),
+    ("latents-channels", call(latents=torch.randn(1, 3, 8, 8)), InputError, "pass latents of shape (1, 4, 8, 8)"),
+    ("latents-batch", call(latents=torch.randn(2, 4, 8, 8)), InputError, "1 image(s)"),
+    ("latents-int", call(latents=torch.zeros(1, 4, 8, 8, dtype=torch.int64)), InputError, "float tensor"),
+    ("latents-list", call(latents=[[0.0]]), InputError, "got list"),
+    ("latents-nan", call(latents=torch.full((1, 4, 8, 8), float("nan"))), InputError, "latents hold NaN"),
+    ("sampler-option-unknown", call(flavour=1), SamplerError, "has no option 'flavour'"),
+    ("timesteps-empty", call(timesteps=[]), SamplerError, "empty"),
+    ("timesteps-out-of-range", call(timesteps=[5000, 1]), SamplerError, "custom timesteps must be integers"),
+    ("eta-two", call(sampler="ddim", eta=2.0), SamplerError, "eta must be a number from 0"),
+    ("karras-ddim", call(sampler="ddim", karras=True), SamplerError, "karras=True is for the samplers"),
+    ("spacing-unknown", call(spacing="random"), SamplerError, "unknown timestep spacing"),
+    # sample(): the samplers' front end
+    ("sample-unknown-sampler", sample_with(sampler="x"), SamplerError, "unknown sampler 'x'"),
+    ("sample-model-not-callable", sample_with(model=5), SamplerError, "model must be a function"),
+    ("sample-noise-list", sample_with(noise=[1.0]), SamplerError, "noise must be a floating-point tensor"),
+    ("sample-noise-int", sample_with(noise=torch.zeros(1, 4, 8, 8, dtype=torch.int32)), SamplerError,
+     "floating-point"),
+    ("sample-noise-scalar", sample_with(noise=torch.tensor(1.0)), SamplerError, "a batch of latents"),
+    ("sample-noise-empty", sample_with(noise=torch.zeros(0, 4, 8, 8)), SamplerError, "a batch of latents"),
+    ("sample-noise-nan", sample_with(noise=torch.full((1, 4, 8, 8), float("nan"))), SamplerError,
+     "noise holds NaN"),
+    ("sample-noise-inf", sample_with(noise=torch.full((1, 4, 8, 8), float("inf"))), SamplerError, "or inf"),
+    ("sample-model-wrong-shape", sample_with(model=lambda x, t: torch.zeros(1, 1, 1, 1)), SamplerError,
+     "the model returned (1, 1, 1, 1) for x_t of shape (1, 4, 8, 8)"),
+    ("sample-model-channels", sample_with(model=lambda x, t: torch.zeros(1, 8, 8, 8)), SamplerError, "out_channels"),
+    ("sample-model-not-tensor", sample_with(model=lambda x, t: 0.0), SamplerError, "the model returned float"),
+    ("sample-model-nan", sample_with(model=lambda x, t: x * float("nan")), SamplerError,
+     "the model returned NaN or inf"),
+    ("sample-steps-zero", sample_with(steps=0), SamplerError, "steps must be an integer from 1"),
+    ("sample-steps-string", sample_with(steps="2"), SamplerError, "steps must be an integer"),
+    ("sample-early-exit", sample_with(early_exit=2.5), SamplerError, "early_exit"),
+    ("sample-karras-string", sample_with(karras="yes"), SamplerError, "karras must be True or False"),
+    ("sample-callback", sample_with(callback="print"), SamplerError, "callback must be a function"),
+    ("sample-schedule", sample_with(schedule="sd"), SamplerError, "schedule must be a minidiff NoiseSchedule"),
+    ("sample-prediction", sample_with(prediction_type="x0"), SamplerError, "unknown prediction_type"),
+    ("sample-option", sample_with(sampler="euler", eta=0.5), SamplerError, "euler has no option 'eta'"),
+    # optimize()
+    ("optimize-compile-string", optimize_with(compile="yes"), MinidiffError, "compile must be True or False"),
+    ("optimize-tile-small", optimize_with(vae_tile_size=4), MinidiffError, "vae_tile_size is a size in latent"),
+    ("optimize-tile-bool", optimize_with(vae_tile_size=True), MinidiffError, "vae_tile_size"),
+    ("optimize-attention", optimize_with(attention="flash9"), MinidiffError, "unknown attention backend"),
+    ("optimize-attention-int", optimize_with(attention=5), MinidiffError, "attention must be 'sdpa' or 'naive'"),
+    ("optimize-slice-zero", optimize_with(attention_slice=0), MinidiffError, "slice_size must be a positive"),
+    ("optimize-slice-float", optimize_with(attention_slice=2.5), MinidiffError, "whole number of queries"),
+    ("optimize-compile-options", optimize_with(compile_options=5), MinidiffError, "compile_options must be a dict"),
+    ("optimize-freeze-alone", optimize_with(freeze=True), MinidiffError, "use it with compile=True"),
+    ("optimize-cuda-graphs-cpu", optimize_with(cuda_graphs=True), MinidiffError, "needs the model on a CUDA GPU"),
+    ("optimize-not-a-model", lambda ctx: minidiff.optimize(5), MinidiffError, "takes a Pipeline or a UNet"),
+    # load_pipeline: checked before anything loads
+    ("load-unknown-option", load_with(turbo=True), InputError, "load_pipeline() has no option 'turbo'"),
+    ("load-dtype-string", load_with(dtype="float64"), InputError, "unknown dtype 'float64'"),
+    ("load-dtype-int8", load_with(dtype=torch.int8), InputError, "unknown dtype torch.int8"),
+    ("load-device-int", load_with(device=3), InputError, "device must be a string"),
+    ("load-device-unknown", load_with(device="gpu"), InputError, "unknown device 'gpu'"),
+    ("load-allow-pickle-string", load_with(allow_pickle="yes"), InputError, "allow_pickle must be True or False"),
+    ("load-path-none", load_with(path_or_name=None), InputError, "path_or_name must be a path"),
+    ("load-path-int", load_with(path_or_name=5), InputError, "path_or_name must be a path"),
+    ("load-path-empty", load_with(path_or_name=""), InputError, "path_or_name must be a path"),
+    ("load-variant-int", load_with(variant=16), InputError, "variant must be a string"),
+    ("load-prediction", load_with(prediction_type="x0"), InputError, "unknown prediction_type 'x0'"),
+    ("load-taesd-int", load_with(taesd=1), InputError, "taesd must be a path"),
+    ("load-unknown-model", load_with(path_or_name="sd99"), MinidiffError, "neither a file or folder"),
+    ("load-pickle-opt-in-object", lambda ctx: load_pipeline(ctx["files"]["object.ckpt"], allow_pickle=True),
+     CheckpointError, "it holds something other than tensors"),
+    ("load-pickle-opt-in-list", lambda ctx: load_pipeline(ctx["files"]["list.ckpt"], allow_pickle=True),
+     CheckpointError, "it holds a list, not a dict of tensors"),
+    ("load-pickle-opt-in-garbage", lambda ctx: load_pipeline(ctx["files"]["garbage.ckpt"], allow_pickle=True),
+     CheckpointError, "could not be read with torch.load(weights_only=True)"),
+    # the loaders
+    ("unet-none", lambda ctx: load_unet(None), InputError, "the model must be a path"),
+    ("unet-missing", loader(load_unet, "/no/such/unet"), CheckpointError, "no such file or folder"),
+    ("unet-fifo", loader(load_unet, "fifo.safetensors"), InputError, "is a FIFO"),
+    ("unet-loop", loader(load_unet, "loop_a"), InputError, "a symlink loop?"),
+    ("unet-pickle", loader(load_unet, "object.ckpt"), CheckpointError, "allow_pickle=True from Python"),
+    ("unet-pickle-opt-in", loader(load_unet, "object.ckpt", allow_pickle=True), CheckpointError,
+     "minidiff reads only tensors from a pickle"),
+    ("unet-evil-names", loader(load_unet, "evil_names"), CheckpointError, "1 unexpected key(s): \\x1b[2J"),
+    ("unet-int64", loader(load_unet, "int64"), CheckpointError, "not floating point"),
+    ("unet-two-variants", loader(load_unet, "two_variants", variant="bf16"), CheckpointError,
+     "choose one with variant='fp16' or None"),
+    ("unet-config-string", loader(load_unet, "block_out_string"), CheckpointError, "block_out_channels=\"48,96\""),
+    ("unet-empty-safetensors", loader(load_unet, "empty.safetensors"), CheckpointError, "damaged or incomplete"),
+    ("unet-text", loader(load_unet, "notes.txt"), CheckpointError, "not a weights file"),
+    ("unet-vae-config", loader(load_unet, "vae_as_unet"), CheckpointError, "load it with load_vae"),
+    ("vae-negative-channels", loader(load_vae, "vae_channels_negative"), CheckpointError, "latent_channels=-4"),
+    ("vae-folder", loader(load_vae, "empty_folder"), CheckpointError, "neither a diffusers model folder"),
+    ("text-encoder-string", loader(load_text_encoder, "clip_width_string"), CheckpointError, 'hidden_size="64"'),
+    ("tokenizer-broken", loader(load_tokenizer, "broken_vocab"), CheckpointError, "the tokenizer in"),
+    ("tokenizer-list", loader(load_tokenizer, "vocab_list"), CheckpointError, "tokenizer"),
+    ("taesd-empty-folder", loader(load_taesd, "empty_folder"), CheckpointError, "holds no TAESD"),
+    # images and export
+    ("from-pil-bomb", lambda ctx: from_pil(ctx["files"]["bomb.png"]), InputError, "more than 64 megapixels"),
+    ("from-pil-truncated", lambda ctx: from_pil(ctx["files"]["truncated.png"]), InputError,
+     "cannot read the input image"),
+    ("from-pil-empty", lambda ctx: from_pil(ctx["files"]["empty.png"]), InputError, "cannot read the input image"),
+    ("from-pil-fifo", lambda ctx: from_pil(ctx["files"]["fifo.png"]), InputError, "is a FIFO"),
+    ("export-to-file", lambda ctx: minidiff.export.export_pipeline(ctx["pipe"], ctx["files"]["notes.txt"]),
+     MinidiffError, "is a file, not a folder"),
+    ("export-missing-folder", lambda ctx: minidiff.export.export_pipeline(ctx["pipe"], "/no/such/folder"),
+     MinidiffError, "does not exist: create it first"),
+    ("export-height-string", lambda ctx: minidiff.export.export_pipeline(ctx["pipe"], ctx["files"]["root"], "64"),
+     InputError, "height must be an integer"),
+    ("export-not-a-pipeline", lambda ctx: minidiff.export.export_pipeline(5, ctx["files"]["root"]),
+     MinidiffError, "takes a minidiff Pipeline"),
+    # outputs written through minidiff.files
+    ("check-writable-exists", lambda ctx: minidiff.files.check_writable(ctx["files"]["notes.txt"], overwrite=False),
+     OutputError, "already exists: pass --overwrite"),
+    ("check-writable-folder", lambda ctx: minidiff.files.check_writable(ctx["files"]["empty_folder"]),
+     OutputError, "it is a folder"),
+    ("atomic-save-missing-folder", lambda ctx: minidiff.files.atomic_save("/no/such/folder/a.png", print),
+     OutputError, "does not exist"),
+]
+
+
+@pytest.mark.parametrize(("action", "error", "fragment"), [row[1:] for row in API_ROWS],
+                         ids=[row[0] for row in API_ROWS])
+def test_python_api_refuses_with_a_named_error(files, pipe, action, error, fragment):
+    import minidiff.export  # noqa: F401
+    import minidiff.files  # noqa: F401
+
+    before = file_listing(files["root"])
+    start = time.monotonic()
+    with pytest.raises(error) as raised:
+        action({"pipe": pipe, "files": files})
+    message = str(raised.value)
+    assert fragment in message, message
+    assert "\n" not in message and "\x1b" not in message
+    assert "weights_only=False" not in message  # torch's advice is not minidiff's
+    assert file_listing(files["root"]) == before
+    assert time.monotonic() - start < ROW_SECONDS
+
+
+def test_a_refused_overwrite_is_allowed_with_the_flag_and_outputs_get_normal_permissions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "image.png").write_bytes(b"old")
+    assert main([*GENERATE, "--out", "image.png", "--trace", "trace.png", "--overwrite"]) == 0
+    assert Image.open(tmp_path / "image.png").size == (64, 64)
+    assert Image.open(tmp_path / "trace.png").format == "PNG"  # the extension decides: an animated PNG
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "image.png").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "trace.png"]
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root may write any file: read-only means nothing to it")
+def test_a_read_only_output_is_not_replaced(tmp_path, capsys):
+    path = tmp_path / "image.png"
+    path.write_bytes(b"old")
+    path.chmod(0o444)
+    assert main([*GENERATE, "--out", str(path), "--overwrite"]) == 2
+    assert "is read-only" in capsys.readouterr().err and path.read_bytes() == b"old"

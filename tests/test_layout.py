@@ -1,0 +1,138 @@
+"""The layout is the architecture: the library apart from the course and the benchmarks, no import cycles, no
+reference library imported, every module readable in one sitting, and an installed wheel that works offline."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "minidiff"
+LIBRARY_MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "course" not in p.relative_to(PACKAGE).parts)
+ALL_MODULES = sorted(PACKAGE.rglob("*.py"))
+ORACLES = ("diffusers", "transformers", "peft", "onnxruntime", "openvino", "optimum")
+MAX_LINES = 450
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    """(module imported, line) for every import statement in the file, at any depth (inside functions too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from minidiff.course import shapes` imports the submodule minidiff.course.shapes
+            found += [(f"{node.module}.{alias.name}", node.lineno) for alias in node.names]
+            found.append((node.module, node.lineno))
+    return found
+
+
+def internal_graph(modules) -> dict[str, set[str]]:
+    """module -> the minidiff modules it imports (only names that are modules)."""
+    names = {module_name(path) for path in ALL_MODULES}
+    return {module_name(path): {name for name, _ in imports(path) if name in names and name != module_name(path)}
+            for path in modules}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` as a list of modules, or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return stack[stack.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_in_minidiff():
+    """A package's __init__ importing its submodules is the package's own wiring, not a cycle."""
+    graph = internal_graph(ALL_MODULES)
+    for name, targets in graph.items():
+        graph[name] = {t for t in targets if not name.startswith(t + ".")}  # a submodule importing its parent package
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_library_never_imports_the_course():
+    offenders = [f"{module_name(p)} imports {name} (line {line})" for p in LIBRARY_MODULES
+                 for name, line in imports(p) if name == "minidiff.course" or name.startswith("minidiff.course.")]
+    assert not offenders, "the library must not depend on the course: " + "; ".join(offenders)
+
+
+def test_no_reference_library_is_imported_anywhere_in_minidiff():
+    """diffusers, transformers and the other oracles are for tests and benchmarks/: not even a function-local import."""
+    offenders = [f"{p.relative_to(ROOT)}:{line} imports {name}" for p in ALL_MODULES
+                 for name, line in imports(p) if name.split(".")[0] in ORACLES]
+    assert not offenders, "; ".join(offenders)
+
+
+@pytest.mark.parametrize("path", ALL_MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_module_is_readable_in_one_sitting(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (at most {MAX_LINES}): two concepts?"
+
+
+def test_pyproject_lists_every_package_and_ships_the_weights():
+    pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11+; minidiff supports 3.10)
+    listed = set(re.findall(r'"([\w.]+)"', re.search(r"^packages = \[(.*?)\]", pyproject, re.M | re.S).group(1)))
+    packages = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert listed - {"minidiff.weights"} == packages
+    assert re.search(r'^"minidiff.weights" = "weights"$', pyproject, re.M)
+
+
+def test_the_manifest_and_the_bundled_model_are_found_through_one_place():
+    from minidiff import hub
+
+    assert hub.MANIFEST == hub.WEIGHTS / "manifest.json" and hub.KNOWN_MODELS
+    assert (hub.bundled_path("shapes") / "model_index.json").is_file()
+    stray = [f"{p.relative_to(ROOT)}:{i}" for p in ALL_MODULES if p.name != "hub.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if '/ "weights"' in line]
+    assert not stray, f"only hub.py may know where weights/ is: {stray}"
+
+
+@pytest.mark.slow
+def test_a_wheel_installed_outside_the_checkout_generates_offline(tmp_path):
+    """`pip install .` (not editable): the wheel carries the manifest and the shapes model, and generates from any
+    folder with the network off."""
+    wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    work.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True,
+                   capture_output=True)
+    (wheel,) = wheels.glob("minidiff-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True,
+                   capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "NO_PROXY": "*",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    code = ("import minidiff.cli, minidiff.hub, sys; print(minidiff.hub.WEIGHTS); "
+            "sys.exit(minidiff.cli.main(['generate', 'a red circle', '--steps', '2', '--out', 'image.png']))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == str(target / "minidiff" / "weights")
+    assert (work / "image.png").stat().st_size > 0

@@ -1,0 +1,301 @@
+"""The course workbook: `minidiff course init`, `minidiff milestones --workbook`, and the milestones of the
+functions it holds, each catching planted wrong versions (the cases of issue 16 among them) by name.
+
+The solutions (minidiff/course/solutions) are checked like a student's code, against the milestones' references,
+which restate the library (checked here too). Tolerances: fp32 unless stated.
+"""
+
+import ast
+import math
+
+import pytest
+import torch
+
+from minidiff.cli import main as cli_main
+from minidiff.course import workbook
+from minidiff.course.milestones import MILESTONES, check, checklist
+from minidiff.course.milestones.core import in_lesson_order
+from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
+from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
+from minidiff.course.solutions import lesson_02, lesson_03, lesson_04, lesson_08
+from minidiff.schedule import NoiseSchedule
+
+WORKBOOK_MILESTONES = [name for name, chosen in MILESTONES.items() if chosen.lesson is not None]
+
+
+@pytest.fixture
+def no_shapes_model(monkeypatch, tmp_path):
+    """dpmpp_20 without its shapes-model part (minutes on a CPU; test_milestones.py runs it): the Gaussian judge."""
+    monkeypatch.setattr(checklist, "SHAPES_WEIGHTS", tmp_path / "no-shapes-model")
+
+
+def failure(name, candidate) -> str:
+    result = check(name, candidate)
+    assert result.status == "fail", f"the planted bug passed {name}: {result}"
+    return result.detail
+
+
+# --- the workbook and its blanks ---------------------------------------------------------------------------------
+
+
+def test_every_blank_has_the_solutions_signature_and_docstring():
+    for lesson in workbook.lessons():
+        solution = ast.parse((workbook.SOLUTIONS / workbook.file_name(lesson)).read_text())
+        blank = ast.parse(workbook.blank_source(lesson))
+        pairs = list(zip(workbook._functions(solution), workbook._functions(blank), strict=True))
+        assert pairs, f"lesson {lesson} has no function to write"
+        for filled, empty in pairs:
+            assert ast.dump(filled.args) == ast.dump(empty.args) and filled.name == empty.name
+            assert ast.get_docstring(filled) == ast.get_docstring(empty)
+            assert len(empty.body) == 2 and f"lesson {lesson:02d}: write {empty.name}" in ast.unparse(empty.body[1])
+
+
+def test_every_workbook_function_has_a_milestone_and_every_milestone_a_function():
+    for name in WORKBOOK_MILESTONES:
+        chosen = MILESTONES[name]
+        module = __import__(f"minidiff.course.solutions.lesson_{chosen.lesson:02d}", fromlist=["x"])
+        assert callable(getattr(module, chosen.function, None)), f"{name}: no {chosen.function} in its lesson"
+        assert chosen.signature.startswith(f"{chosen.function}("), name
+    functions = {(lesson, node.name) for lesson in workbook.lessons() for node in
+                 workbook._functions(ast.parse((workbook.SOLUTIONS / workbook.file_name(lesson)).read_text()))}
+    assert functions == {(MILESTONES[n].lesson, MILESTONES[n].function) for n in WORKBOOK_MILESTONES}
+    lessons = [MILESTONES[name].lesson for name in in_lesson_order()]
+    assert lessons == sorted(lessons)
+
+
+def test_blank_workbook_is_all_to_do(tmp_path, capsys):
+    assert cli_main(["course", "init", str(tmp_path / "W")]) == 0
+    capsys.readouterr()
+    assert cli_main(["milestones", "--workbook", str(tmp_path / "W")]) == 1
+    out = capsys.readouterr().out
+    for name in WORKBOOK_MILESTONES:
+        assert f"○ {name} " in out, name
+    assert "✓" not in out.split("\n", 1)[1] and "✗" not in out.split("\n", 1)[1]
+    assert f"workbook: 0 passed, 0 failed, {len(WORKBOOK_MILESTONES)} to do" in out
+    assert "lesson 03: 0 passed, 0 failed, 3 to do" in out and "to do: write ddim_sample in lesson_03.py" in out
+
+
+def test_solutions_workbook_passes_every_milestone(tmp_path, capsys, no_shapes_model):
+    assert cli_main(["course", "init", str(tmp_path / "W"), "--solutions"]) == 0
+    capsys.readouterr()
+    assert cli_main(["milestones", "--workbook", str(tmp_path / "W")]) == 0
+    out = capsys.readouterr().out
+    for name in WORKBOOK_MILESTONES:
+        assert f"✓ {name} " in out, name
+    assert f"workbook: {len(WORKBOOK_MILESTONES)} passed, 0 failed" in out
+
+
+def test_a_half_done_workbook(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "W"
+    workbook.init(folder)
+    path = folder / "lesson_01.py"
+    text = path.read_text()
+    text = text.replace('raise NotImplementedError("lesson 01: write betas in lesson_01.py")',
+                        "return torch.linspace(beta_start, beta_end, num_train_timesteps)")  # linear: wrong
+    text = text.replace('raise NotImplementedError("lesson 01: write add_noise in lesson_01.py")',
+                        "return math.sqrt(alpha_bar_t) * x0 + math.sqrt(1 - alpha_bar_t) * noise")
+    path.write_text(text)
+    monkeypatch.chdir(tmp_path)  # the workbook/ folder is found from the current folder... when it is named so
+    (tmp_path / "W").rename(tmp_path / "workbook")
+    assert cli_main(["milestones", "--only", "betas", "alphas_cumprod", "add_noise"]) == 1
+    out = capsys.readouterr().out
+    assert "✗ betas" in out and "scaled_linear" in out and "✓ add_noise" in out
+    assert "○ alphas_cumprod" in out and "lesson 01: 1 passed, 1 failed, 1 to do" in out
+
+
+def test_a_function_that_calls_a_blank_is_to_do(tmp_path):
+    workbook.init(tmp_path)
+    path = tmp_path / "lesson_03.py"
+    blank = 'raise NotImplementedError("lesson 03: write ddim_sample in lesson_03.py")'
+    path.write_text(path.read_text().replace(blank, "return ddim_step(x_T, model(x_T, 981), 0.5, 0.6)"))
+    module = workbook.load(tmp_path)[3]
+    assert module.__blanks__ == {"ddim_step", "timesteps"}
+    result = check("ddim_50", module.ddim_sample)
+    assert result.status == "todo" and "write ddim_step" in result.detail and not result
+
+
+def test_workbook_errors(tmp_path, capsys, monkeypatch):
+    workbook.init(tmp_path / "W")
+    assert cli_main(["course", "init", str(tmp_path / "W")]) == 2
+    assert "already holds lesson_01.py" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(workbook.ENVIRONMENT_VARIABLE, raising=False)
+    assert cli_main(["milestones"]) == 2
+    err = capsys.readouterr().err
+    assert "no workbook in" in err and "minidiff course init workbook" in err and "--reference" in err
+    (tmp_path / "W" / "lesson_05.py").write_text("def attention(q, k, v):\n    return q\n")
+    (tmp_path / "W" / "lesson_06.py").write_text("x = 1\n")
+    assert cli_main(["milestones", "--workbook", str(tmp_path / "W"), "--only", "attention", "resblock"]) == 1
+    out = capsys.readouterr().out
+    assert "✗ attention" in out and "lesson_06.py has no function resblock" in out
+
+
+def test_use_falls_back_to_the_reference_and_says_so(tmp_path, monkeypatch):
+    lines = []
+    monkeypatch.setenv(workbook.ENVIRONMENT_VARIABLE, str(tmp_path))
+    workbook.init(tmp_path)
+    mine = workbook.use(3, report=lines.append)
+    assert mine.ddim_step is lesson_03.ddim_step and "the reference runs for: ddim_step" in lines[0]
+    path = tmp_path / "lesson_03.py"
+    path.write_text(path.read_text().replace('raise NotImplementedError("lesson 03: write timesteps in lesson_03.py")',
+                                             "return [981]"))
+    mine = workbook.use(3, report=lines.append)
+    assert mine.timesteps(1) == [981] and "yours: timesteps" in lines[1]
+    monkeypatch.delenv(workbook.ENVIRONMENT_VARIABLE)
+    monkeypatch.chdir(tmp_path / "..")
+    mine = workbook.use(1, report=lines.append)
+    assert mine.add_noise is __import__("minidiff.course.solutions.lesson_01", fromlist=["x"]).add_noise
+    assert "no workbook found" in lines[-1] and "minidiff course init workbook" in lines[-1]
+
+
+# --- the references restate the library ----------------------------------------------------------------------
+
+
+def test_reference_dpmpp_is_the_librarys():
+    from minidiff.course.gaussian import GaussianEpsModel
+    from minidiff.samplers import sample
+
+    model, noise = GaussianEpsModel(), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for spacing in ("leading", "trailing", "linspace"):
+        grid = NoiseSchedule.sd().timesteps(20, spacing).tolist()
+        ours = _dpmpp_variant(model, noise, model.schedule.alphas_cumprod, grid)
+        torch.testing.assert_close(ours, sample(model, noise, "dpmpp_2m", 20, timesteps=grid), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_guidance_and_loss_are_the_pipelines_and_trainings():
+    from minidiff.course.milestones.networks import reference_network
+    from minidiff.course.train import diffusion_loss as library_loss
+    from minidiff.course.viz import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    context, uncond = pipe.encode_prompt(["a red circle"]), pipe.encode_prompt([""])
+    x = torch.randn(1, pipe.latent_channels(), 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eps_uncond, eps_cond = pipe.unet(x, 500, uncond), pipe.unet(x, 500, context)
+        for scale, rescale in ((7.5, 0.0), (7.5, 0.7)):
+            torch.testing.assert_close(guided_eps(eps_uncond, eps_cond, scale, rescale),
+                                       pipe.guided_model(context, uncond, scale, rescale)(x, 500), atol=1e-5, rtol=1e-5)
+        unet, clip = reference_network("unet"), reference_network("clip")
+        latents, ids = torch.randn(2, 4, 8, 8), torch.randint(0, 1000, (2, 77))
+        torch.testing.assert_close(diffusion_loss(unet, clip, ids, latents, NoiseSchedule.sd(), torch.Generator()),
+                                   library_loss(unet, clip, ids, latents, NoiseSchedule.sd(), torch.Generator()))
+
+
+# --- planted wrong versions: each caught, its mistake named ------------------------------------------------------
+
+
+def ddim_on(grid_of):
+    """A DDIM sampler (no spacing argument) around the correct step, on the grid grid_of(steps)."""
+    def sampler(model, x, alphas_cumprod, steps):
+        grid = grid_of(steps)
+        for i, t in enumerate(grid):
+            t_prev = grid[i + 1] if i + 1 < len(grid) else 0
+            x = lesson_03.ddim_step(x, model(x, t), alphas_cumprod[t], alphas_cumprod[t_prev])
+        return x
+    return sampler
+
+
+def ddim_asking_about_t_prev(model, x, alphas_cumprod, steps, spacing="leading", steps_offset=1):
+    grid = lesson_03.timesteps(steps, spacing, steps_offset)
+    for i, t in enumerate(grid):
+        t_prev = grid[i + 1] if i + 1 < len(grid) else 0
+        x = lesson_03.ddim_step(x, model(x, t_prev), alphas_cumprod[t], alphas_cumprod[t_prev])
+    return x
+
+
+def ddim_to_alpha_one(model, x, alphas_cumprod, steps, spacing="leading", steps_offset=1):
+    grid = lesson_03.timesteps(steps, spacing, steps_offset)
+    for i, t in enumerate(grid):
+        a_prev = alphas_cumprod[grid[i + 1]] if i + 1 < len(grid) else torch.tensor(1.0)
+        x = lesson_03.ddim_step(x, model(x, t), alphas_cumprod[t], a_prev)
+    return x
+
+
+def dpmpp(**mistake):
+    def sampler(model, x, alphas_cumprod, steps, spacing="leading", steps_offset=1):
+        return _dpmpp_variant(model, x, alphas_cumprod, lesson_03.timesteps(steps, spacing, steps_offset), **mistake)
+    return sampler
+
+
+def ddpm(**mistake):
+    from minidiff.course.milestones.sampling import _ddpm_with
+
+    return lambda x_t, eps, a_t, a_prev, noise: _ddpm_with(x_t, eps, a_t, a_prev, noise, **mistake)
+
+
+def grid(wrong):
+    return lambda steps, spacing="leading", steps_offset=1, num_train_timesteps=1000: wrong(
+        lesson_03.timesteps(steps, spacing, steps_offset, num_train_timesteps), steps, spacing, steps_offset)
+
+
+PLANTED = [
+    ("betas", lambda T, b0, b1: torch.linspace(b0, b1, T), "scaled_linear"),
+    ("betas", lambda T, b0, b1: torch.linspace(b0**0.5, b1**0.5, T), "the square is missing"),
+    ("betas", lambda T, b0, b1: (b0**0.5 + torch.arange(T) * (b1**0.5 - b0**0.5) / T) ** 2, "torch.linspace"),
+    ("pred_x0", lambda out, x, a, kind: (x - math.sqrt(1 - a) * out) / math.sqrt(a), "treats its output as eps"),
+    ("pred_x0", lambda out, x, a, kind: lesson_02.pred_x0(-out, x, a, kind) if kind == "epsilon" else
+     lesson_02.pred_x0(out, x, a, kind), "sign"),
+    ("pred_x0", lambda out, x, a, kind: (x - (1 - a) * out) / a if kind == "epsilon" else
+     lesson_02.pred_x0(out, x, a, kind), "missing sqrt"),
+    ("ddpm_step", ddpm(std=lambda v: v), "its square root belongs"),
+    ("ddpm_step", ddpm(alpha_of_jump=False), "alpha_bar where alpha belongs"),
+    ("ddpm_step", ddpm(posterior=False), "fixed large"),
+    ("ddpm_step", ddpm(beta_from_jump=False), "beta_t of the jump"),
+    ("ddpm_step", ddpm(sign=-1.0), "sign"),
+    ("timesteps", grid(lambda g, n, s, o: [t - o for t in g]), "off by one"),
+    ("timesteps", grid(lambda g, n, s, o: g[::-1]), "noisiest first"),
+    ("timesteps", grid(lambda g, n, s, o: lesson_03.timesteps(n, "leading", o)), "pass spacing and steps_offset"),
+    ("ddim_50", ddim_on(lambda n: list(range(0, 1000, 1000 // n))[::-1]), "off by one"),
+    ("ddim_50", ddim_asking_about_t_prev, "the timestep the step lands on"),
+    ("ddim_50", ddim_to_alpha_one, "set_alpha_to_one=False"),
+    ("euler_step", lambda x, d, s, n: x + d * (s - n), "sign"),
+    ("euler_step", lambda x, d, s, n: x + d * n, "not sigma_next"),
+    ("dpmpp_2m_step", lambda *a: _dpmpp_with(*a, r_inverted=True), "inverted"),
+    ("dpmpp_2m_step", lambda *a: _dpmpp_with(*a, half=False), "D1 / 2, not D1"),
+    ("dpmpp_2m_step", lambda *a: _dpmpp_with(*a, full_log_snr=True), "half the log-SNR"),
+    ("dpmpp_20", dpmpp(r_inverted=True), "inverted"),
+    ("dpmpp_20", dpmpp(second_order=False), "second-order term is missing"),
+    ("dpmpp_20", dpmpp(half=False), "D1 / 2, not D1"),
+    ("dpmpp_20", dpmpp(to_zero=False), "stops at alpha_bar_0"),
+    ("guided_eps", lambda u, c, w, guidance_rescale=0.0: guided_eps(u, c, w, guidance_rescale, swapped=True),
+     "swapped"),
+    ("guided_eps", lambda u, c, w, guidance_rescale=0.0: guided_eps(u, c, w, guidance_rescale, plus_one=True),
+     "w + 1"),
+    ("guided_eps", lambda u, c, w, guidance_rescale=0.0: guided_eps(u, c, w, guidance_rescale, std_over_batch=True),
+     "per picture"),
+    ("diffusion_loss", lambda *a: diffusion_loss(*a, target="x0"), "not the clean latents"),
+    ("diffusion_loss", lambda *a: diffusion_loss(*a, sqrt=False), "missing sqrt"),
+    ("diffusion_loss", lambda *a: diffusion_loss(*a, t_from_one=True), "0 .. T - 1"),
+]
+
+
+@pytest.mark.parametrize("name, candidate, named", PLANTED, ids=[f"{p[0]}-{i}" for i, p in enumerate(PLANTED)])
+def test_planted_mistakes_are_caught_and_named(name, candidate, named, no_shapes_model):
+    message = failure(name, candidate)
+    assert "hint:" in message and named in message, message
+    assert "reread lesson" in message, message  # the section to go back to
+
+
+def test_the_cases_of_the_issue(no_shapes_model):
+    """Issue 16's "Why": DDIM on 980 ... 0, DDIM asking about t_prev, a correct DPM++ on a leading grid, r inverted."""
+    message = failure("ddim_50", ddim_on(lambda n: list(range(0, 1000, 1000 // n))[::-1]))
+    assert message.startswith("leading grid with steps_offset=1 (SD's; your sampler takes no spacing), step 0: your "
+                              "model was asked about t=980, the reference about t=981")
+    message = failure("ddim_50", ddim_asking_about_t_prev)
+    assert "step 0: your model was asked about t=961, the reference about t=981" in message
+    assert check("dpmpp_20", lambda m, x, a, steps: lesson_04.dpmpp_2m_sample(m, x, a, steps)).status == "pass"
+    assert check("dpmpp_20", lesson_04.dpmpp_2m_sample).status == "pass"  # on every grid of the course
+    message = failure("dpmpp_20", dpmpp(r_inverted=True))
+    assert message.startswith("leading grid with steps_offset=1, step 2 (t=851): the x_t your model was given")
+    assert "hint: the step ratio is inverted" in message
+
+
+def test_a_sampler_that_ignores_spacing_fails_on_the_other_grids(no_shapes_model):
+    message = failure("ddim_50", lambda model, x, a, steps, spacing="leading", steps_offset=1:
+                      lesson_03.ddim_sample(model, x, a, steps))
+    assert message.startswith("leading grid with steps_offset=0, step 0: your model was asked about t=981, the "
+                               "reference about t=980")
+
+
+def test_cfg_milestone_passes_the_lessons_guidance():
+    assert check("guided_eps", lesson_08.guided_eps).status == "pass"
