@@ -321,3 +321,34 @@ def single_file_prediction_type(path: Path, unet_state: dict) -> str:
     raise CheckpointError(f"{path} is an SD 2.x checkpoint, and the weights do not say what it predicts: pass "
                           "prediction_type='v_prediction' (the 768 px models, e.g. v2-1_768-ema-pruned) or "
                           "'epsilon' (the 512 px base models)")
+
+
+# --- SDXL's text encoders in the original single file (sd_xl_base_1.0.safetensors) ------------------------------
+
+
+def is_sdxl_file(state: dict) -> bool:
+    """An original SDXL checkpoint (base or refiner): its text encoders live under conditioner.embedders.N."""
+    return any(key.startswith("conditioner.embedders.") for key in state)
+
+
+def single_file_text_encoder(state: dict, part: str, source) -> tuple:
+    """(keymap component, prefix) of text_encoder or text_encoder_2 in an original file; CheckpointError if absent."""
+    prefixes = PREFIXES
+    has = lambda name: any(key.startswith(prefixes[name]) for key in state)
+    if not is_sdxl_file(state):
+        if part == "text_encoder_2":
+            raise CheckpointError(f"{source} is not an SDXL checkpoint: it has one text encoder, no text_encoder_2")
+        return ("open_clip", prefixes["open_clip"]) if has("open_clip") else ("clip", prefixes["clip"])
+    if part == "text_encoder_2":
+        for name in ("open_clip_sdxl", "open_clip_sdxl_refiner"):
+            if has(name):
+                return "open_clip", prefixes[name]
+        raise CheckpointError(f"{source} has no second text encoder ({prefixes['open_clip_sdxl']}*, OpenCLIP "
+                              "ViT-bigG): SDXL needs both; the file is incomplete")
+    if has("clip_sdxl"):
+        return "clip", prefixes["clip_sdxl"]
+    if has("open_clip_sdxl_refiner"):
+        raise CheckpointError(f"{source} is the SDXL refiner (OpenCLIP bigG alone, no CLIP ViT-L): it refines a base "
+                              "model's latents; load the base model (sd_xl_base_1.0, `minidiff download sdxl`)")
+    raise CheckpointError(f"{source} has no first text encoder ({prefixes['clip_sdxl']}*, CLIP ViT-L): "
+                          "SDXL needs both; the file is incomplete")

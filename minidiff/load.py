@@ -29,7 +29,6 @@ from minidiff.checks import check_input_file, check_path_like, shown
 from minidiff.config import from_diffusers, to_diffusers
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.schedule import NoiseSchedule, check_prediction_type
-from minidiff.sdxl import is_sdxl_file, single_file_text_encoder
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
@@ -379,7 +378,8 @@ def load_vae(path, dtype=None, device=None, variant=None, config=None, allow_pic
     if found is None:
         standalone = "encoder.down.0.block.0.conv1.weight" in state  # the VAE alone, without a prefix
         prefix = "" if standalone else keymap.PREFIXES["vae"]
-        scale = {"scaling_factor": VAEConfig.sdxl().scaling_factor} if is_sdxl_file(state) else {}  # not in weights
+        sdxl = keymap.is_sdxl_file(state)
+        scale = {"scaling_factor": VAEConfig.sdxl().scaling_factor} if sdxl else {}  # not in the weights
         state = original_part(state, prefix, source)
         config = config or from_diffusers(VAEConfig, inferred(keymap.infer_vae_config, source, state) | scale)
         state = converted(state, "vae", to_diffusers(config), prefix)
@@ -397,7 +397,7 @@ def load_text_encoder(path, dtype=None, device=None, variant=None, config=None, 
 
     state, found, _, source = read_component(path, part, variant, allow_pickle)
     if found is None:
-        component, prefix = single_file_text_encoder(state, part, source)
+        component, prefix = keymap.single_file_text_encoder(state, part, source)
         open_clip, projected = component == "open_clip", prefix.startswith("conditioner.")
         state = original_part(state, prefix, source)
         preset = CLIPTextConfig.sdxl_bigg() if open_clip and projected else \
@@ -443,7 +443,7 @@ def is_sdxl(path: Path, allow_pickle: bool = False) -> bool:
     if path.is_dir():
         index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
         return (path / "text_encoder_2").is_dir() or "text_encoder_2" in index or "XL" in index.get("_class_name", "")
-    return is_sdxl_file(read_checkpoint(path, allow_pickle))
+    return keymap.is_sdxl_file(read_checkpoint(path, allow_pickle))
 
 
 def load_taesd(path, dtype=None, device=None, allow_pickle=False):

@@ -35,7 +35,7 @@ from minidiff.checks import (
 )
 from minidiff.errors import InputError, MinidiffError
 from minidiff.samplers import SAMPLERS, sample
-from minidiff.sdxl import TextConditioning, encode_text, time_ids
+from minidiff.sdxl import SDXLConditioning
 
 MAX_IMAGE_PIXELS = 64 * 2**20  # an input image larger than this (8192 x 8192) is refused before it is decoded
 
@@ -118,12 +118,15 @@ class Pipeline:
     """Stable Diffusion from its parts: tokenizer, text encoder, UNet, VAE (or TAESD), noise schedule."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule, prediction_type="epsilon", taesd=None,
-                 spacing="leading", steps_offset=1, source=None, guidance_scale: float = 7.5):
+                 spacing="leading", steps_offset=1, source=None, guidance_scale: float = 7.5,
+                 sdxl: SDXLConditioning | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.schedule, self.prediction_type, self.taesd = schedule, prediction_type, taesd
         self.spacing, self.steps_offset, self.source = spacing, steps_offset, source
         self.guidance_scale = guidance_scale  # the default w: SD's 7.5, or what a model was tuned for
         self.vae_tile_size = None  # decode in tiles of this many latent pixels (set by minidiff.speed.optimize)
+        self.sdxl = sdxl  # SDXL: the second text encoder, pooled text and size/crop ids (minidiff.sdxl); else None
+        self.text_encoder_2 = sdxl.text_encoder_2 if sdxl is not None else None
 
     def describe(self) -> str:
         """Architecture, parameter counts, dtype and source, for `minidiff info`."""
@@ -175,10 +178,12 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list) -> torch.Tensor:
-        """Token ids -> the text encoder's hidden states; warns when a prompt is cut at 77 tokens."""
-        ids = self.tokenizer(prompts)
+        """Token ids -> the text encoder's hidden states (SDXL: both encoders' and the pooled embedding); warns when
+        a prompt is cut at 77 tokens."""
         warn_if_truncated(self.tokenizer, prompts)
-        return self.text_encoder(ids.to(self.device)).to(self.dtype)
+        if self.sdxl is not None:
+            return self.sdxl.encode(self.text_encoder, self.tokenizer, prompts, self.device, self.dtype)
+        return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
@@ -197,6 +202,10 @@ class Pipeline:
 
     def guided_model(self, context, uncond, guidance_scale: float, guidance_rescale: float = 0.0):
         """The function (x_t, t) -> prediction the samplers call: one batched UNet call for CFG."""
+        if self.sdxl is not None:  # the same guidance, with SDXL's added conditioning
+            return self.sdxl.guided_model(self.unet, context, uncond, guidance_scale, lambda pred_uncond, pred_cond:
+                                          rescale_guidance(pred_uncond + guidance_scale * (pred_cond - pred_uncond),
+                                                           pred_cond, guidance_rescale))
         if guidance_scale <= 1.0:  # no guidance: the conditional prediction alone
             return lambda x, t: self.unet(x, t, context)
         both = torch.cat([uncond, context])
@@ -217,7 +226,10 @@ class Pipeline:
                  early_exit=None, preview: str | None = None, callback=None, trace: bool = False,
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
                  progress: bool = True, **sampler_options) -> GenerationResult:
-        """Generate images. See the module docstring for the symbols; returns a GenerationResult."""
+        """Generate images. See the module docstring for the symbols; returns a GenerationResult. SDXL also takes
+        original_size, crop_top_left, target_size (and the refiner's aesthetic scores): see minidiff.sdxl."""
+        if self.sdxl is not None:
+            self.sdxl.start_call(negative_prompt, sampler_options)  # takes SDXL's size/crop options out
         prompts = prompt_list("prompt", prompt)
         negatives = [""] * len(prompts) if negative_prompt is None else prompt_list("negative_prompt", negative_prompt)
         if isinstance(negative_prompt, str):
@@ -350,73 +362,6 @@ def rescale_guidance(guided, pred_cond, guidance_rescale: float):
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
-class SDXLPipeline(Pipeline):
-    """Stable Diffusion XL: Pipeline with the second text encoder, the pooled embedding and the micro-conditioning.
-
-    Sampling, img2img, traces and early exit are Pipeline's; only the conditioning that reaches the UNet differs."""
-
-    def __init__(self, unet, vae, text_encoder, tokenizer, schedule, text_encoder_2=None, tokenizer_2=None,
-                 force_zeros_for_empty_prompt: bool = True, **options):
-        super().__init__(unet, vae, text_encoder, tokenizer, schedule, **options)
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        self.micro_conditioning = {}  # the current call's original_size, crop_top_left, target_size, scores
-        self.zero_uncond = False  # the current call's unconditional branch is zeros
-
-    def time_id_count(self) -> int:
-        """6 for the base model (sizes and crop), 5 for the refiner (an aesthetic score for the target size)."""
-        config = self.unet.config
-        pooled_width = self.text_encoder_2.config.projection_dim
-        return (config.projection_class_embeddings_input_dim - pooled_width) // config.addition_time_embed_dim
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list) -> TextConditioning:
-        warn_if_truncated(self.tokenizer_2, prompts)
-        text = encode_text((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), prompts,
-                           self.device)
-        return TextConditioning(text.context.to(self.dtype), text.pooled.to(self.dtype))
-
-    def added_cond_kwargs(self, pooled, x, uncond: bool = False) -> dict:
-        """{"text_embeds", "time_ids"} for latents x: sizes default to the image being made (8 x latent size)."""
-        size = (8 * x.shape[-2], 8 * x.shape[-1])
-        micro = self.micro_conditioning
-        score = None
-        if self.time_id_count() == 5:
-            score = micro.get("negative_aesthetic_score" if uncond else "aesthetic_score")
-        ids = time_ids(micro.get("original_size") or size, micro.get("crop_top_left") or (0, 0),
-                       micro.get("target_size") or size, score)
-        return {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype).expand(len(pooled), -1)}
-
-    def guided_model(self, context, uncond, guidance_scale: float, guidance_rescale: float = 0.0):
-        """Pipeline.guided_model with SDXL's added conditioning: one batched UNet call for CFG."""
-        if guidance_scale <= 1.0:
-            return lambda x, t: self.unet(x, t, context.context, added_cond_kwargs=self.added_cond_kwargs(
-                context.pooled, x))
-        if self.zero_uncond:
-            uncond = TextConditioning(torch.zeros_like(context.context), torch.zeros_like(context.pooled))
-
-        def model(x, t):
-            negative, positive = self.added_cond_kwargs(uncond.pooled, x, True), self.added_cond_kwargs(
-                context.pooled, x)
-            added = {key: torch.cat([negative[key], positive[key]]) for key in positive}
-            pred_uncond, pred_cond = self.unet(torch.cat([x, x]), t, torch.cat([uncond.context, context.context]),
-                                               added_cond_kwargs=added).chunk(2)
-            return rescale_guidance(pred_uncond + guidance_scale * (pred_cond - pred_uncond), pred_cond,
-                                    guidance_rescale)
-
-        return model
-
-    def __call__(self, prompt, negative_prompt=None, *, original_size=None, crop_top_left=None, target_size=None,
-                 aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, **options):
-        """Pipeline.__call__, plus SDXL's micro-conditioning: original_size and target_size (height, width) default to
-        the image size, crop_top_left to (0, 0); aesthetic scores are read by the refiner only."""
-        self.micro_conditioning = dict(original_size=original_size, crop_top_left=crop_top_left,
-                                       target_size=target_size, aesthetic_score=aesthetic_score,
-                                       negative_aesthetic_score=negative_aesthetic_score)
-        self.zero_uncond = negative_prompt is None and self.force_zeros_for_empty_prompt
-        return super().__call__(prompt, negative_prompt, **options)
-
-
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -459,15 +404,12 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     parts = load_components(path, dtype=dtype, device=device, variant=variant, prediction_type=prediction_type,
                             allow_pickle=allow_pickle)
     tiny = load_taesd(resolve(taesd), dtype=dtype, device=device, allow_pickle=allow_pickle) if taesd else None
-    options = dict(prediction_type=parts.prediction_type, taesd=tiny, source=str(path_or_name),
-                   spacing=parts.scheduler_config.get("timestep_spacing", "leading"),
-                   steps_offset=parts.scheduler_config.get("steps_offset", 1),
-                   guidance_scale=KNOWN_MODELS.get(str(path_or_name), {}).get("guidance_scale", 7.5))
-    if parts.text_encoder_2 is not None:  # SDXL
-        options |= dict(text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
-                        force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt)
-    pipeline_class = SDXLPipeline if parts.text_encoder_2 is not None else Pipeline
-    pipe = pipeline_class(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule, **options)
+    sdxl = None if parts.text_encoder_2 is None else SDXLConditioning(parts.text_encoder_2, parts.tokenizer_2,
+                                                                       parts.force_zeros_for_empty_prompt)
+    pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule,
+                    parts.prediction_type, tiny, parts.scheduler_config.get("timestep_spacing", "leading"),
+                    parts.scheduler_config.get("steps_offset", 1), source=str(path_or_name),
+                    guidance_scale=KNOWN_MODELS.get(str(path_or_name), {}).get("guidance_scale", 7.5), sdxl=sdxl)
     if speed_options:
         optimize(pipe, **speed_options)
     return pipe

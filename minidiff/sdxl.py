@@ -15,15 +15,14 @@ What changes from SD 1.x, and where it lives:
                  embedding (the model_index.json option force_zeros_for_empty_prompt, on for the base model)
 
 Notation: context -> c (B, L, 2048); pooled -> the "text_embeds" of added_cond_kwargs; time_ids -> its "time_ids".
-The pipeline that uses them is minidiff.pipeline.SDXLPipeline.
+minidiff.pipeline.Pipeline holds an SDXLConditioning for an SDXL model and hands it these steps.
 """
 
 from typing import NamedTuple
 
 import torch
 
-from minidiff import keymap
-from minidiff.errors import CheckpointError, MinidiffError
+from minidiff.errors import MinidiffError
 
 
 class TextConditioning(NamedTuple):
@@ -58,32 +57,52 @@ def time_ids(original_size, crop_top_left, target_size, aesthetic_score=None) ->
     return torch.tensor((*original_size, *crop_top_left, *last), dtype=torch.float32)
 
 
-# --- the original single file (sd_xl_base_1.0.safetensors) -----------------------------------------------------
+class SDXLConditioning:
+    """What SDXL adds to a Pipeline: the second text encoder and tokenizer, the pooled embedding in the UNet's
+    added_cond_kwargs, the size/crop ids of each call, and zeros for a missing negative prompt."""
 
+    def __init__(self, text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt: bool = True):
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.micro = {}  # the current call's original_size, crop_top_left, target_size, aesthetic scores
+        self.zero_uncond = False  # the current call has no negative prompt: the unconditional branch is zeros
 
-def is_sdxl_file(state: dict) -> bool:
-    """An original SDXL checkpoint (base or refiner): its text encoders live under conditioner.embedders.N."""
-    return any(key.startswith("conditioner.embedders.") for key in state)
+    def start_call(self, negative_prompt, options: dict) -> None:
+        """Take a pipeline call's micro-conditioning out of its keyword `options` (defaults: the image's own size,
+        no crop; aesthetic scores 6 and 2.5, read by the refiner only)."""
+        defaults = dict(original_size=None, crop_top_left=(0, 0), target_size=None, aesthetic_score=6.0,
+                        negative_aesthetic_score=2.5)
+        self.micro = {name: options.pop(name, default) for name, default in defaults.items()}
+        self.zero_uncond = negative_prompt is None and self.force_zeros_for_empty_prompt
 
+    def encode(self, text_encoder, tokenizer, prompts: list, device, dtype) -> TextConditioning:
+        text = encode_text((text_encoder, self.text_encoder_2), (tokenizer, self.tokenizer_2), prompts, device)
+        return TextConditioning(text.context.to(dtype), text.pooled.to(dtype))
 
-def single_file_text_encoder(state: dict, part: str, source) -> tuple:
-    """(keymap component, prefix) of text_encoder or text_encoder_2 in an original file; CheckpointError if absent."""
-    prefixes = keymap.PREFIXES
-    has = lambda name: any(key.startswith(prefixes[name]) for key in state)
-    if not is_sdxl_file(state):
-        if part == "text_encoder_2":
-            raise CheckpointError(f"{source} is not an SDXL checkpoint: it has one text encoder, no text_encoder_2")
-        return ("open_clip", prefixes["open_clip"]) if has("open_clip") else ("clip", prefixes["clip"])
-    if part == "text_encoder_2":
-        for name in ("open_clip_sdxl", "open_clip_sdxl_refiner"):
-            if has(name):
-                return "open_clip", prefixes[name]
-        raise CheckpointError(f"{source} has no second text encoder ({prefixes['open_clip_sdxl']}*, OpenCLIP "
-                              "ViT-bigG): SDXL needs both; the file is incomplete")
-    if has("clip_sdxl"):
-        return "clip", prefixes["clip_sdxl"]
-    if has("open_clip_sdxl_refiner"):
-        raise CheckpointError(f"{source} is the SDXL refiner (OpenCLIP bigG alone, no CLIP ViT-L): it refines a base "
-                              "model's latents; load the base model (sd_xl_base_1.0, `minidiff download sdxl`)")
-    raise CheckpointError(f"{source} has no first text encoder ({prefixes['clip_sdxl']}*, CLIP ViT-L): "
-                          "SDXL needs both; the file is incomplete")
+    def added_cond_kwargs(self, unet_config, pooled, x, uncond: bool = False) -> dict:
+        """{"text_embeds", "time_ids"} for latents x: sizes default to the image being made (8 x latent size)."""
+        size, micro = (8 * x.shape[-2], 8 * x.shape[-1]), self.micro
+        ids = ((unet_config.projection_class_embeddings_input_dim - pooled.shape[-1])
+               // unet_config.addition_time_embed_dim)
+        score = micro["negative_aesthetic_score" if uncond else "aesthetic_score"] if ids == 5 else None  # refiner
+        values = time_ids(micro["original_size"] or size, micro["crop_top_left"] or (0, 0),
+                          micro["target_size"] or size, score)
+        return {"text_embeds": pooled, "time_ids": values.to(pooled.device, pooled.dtype).expand(len(pooled), -1)}
+
+    def guided_model(self, unet, context: TextConditioning, uncond, guidance_scale: float, combine):
+        """(x_t, t) -> prediction: one batched UNet call on [uncond, cond], combined by `combine(pred_uncond,
+        pred_cond)` (the pipeline's guidance); the conditional prediction alone when guidance_scale <= 1."""
+        added = lambda pooled, x, negative=False: self.added_cond_kwargs(unet.config, pooled, x, negative)
+        if guidance_scale <= 1.0:
+            return lambda x, t: unet(x, t, context.context, added_cond_kwargs=added(context.pooled, x))
+        if self.zero_uncond:
+            uncond = TextConditioning(torch.zeros_like(context.context), torch.zeros_like(context.pooled))
+
+        def model(x, t):
+            negative, positive = added(uncond.pooled, x, True), added(context.pooled, x)
+            both = {key: torch.cat([negative[key], positive[key]]) for key in positive}
+            pred_uncond, pred_cond = unet(torch.cat([x, x]), t, torch.cat([uncond.context, context.context]),
+                                          added_cond_kwargs=both).chunk(2)
+            return combine(pred_uncond, pred_cond)
+
+        return model

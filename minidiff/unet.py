@@ -11,9 +11,8 @@ Notation:
     context  -> c, the text encoder's hidden states (B, L, cross_attention_dim)
     emb      -> the timestep embedding MLP(PE(t)) added inside every ResnetBlock
     output   -> eps_theta(x_t, t, c), or v_theta for v-prediction models (SD 2.x 768)
-    added_cond_kwargs -> SDXL's extra conditioning (Podell et al. 2023, section 2.2), diffusers' names:
-                "text_embeds" the pooled text embedding (B, 1280), "time_ids" the six size and crop numbers
-                (B, 6); each time id gets its own sinusoidal PE, and MLP([text_embeds, PE(time_ids)]) is added to emb
+    added_cond_kwargs -> SDXL (Podell et al. 2023): "text_embeds" pooled text (B, 1280), "time_ids" sizes, crop (B, 6);
+                MLP([text_embeds, PE(each time id)]) is added to emb
 
 Shape legend: B batch, C channels, H W latent height and width, L text tokens.
 """
@@ -46,8 +45,7 @@ class UNetConfig:
     freq_shift: int = 0  # timestep embedding frequency shift (0 for SD)
     sample_size: int = 64  # latent size it was trained at (64 -> 512 px images, 96 -> 768 px)
     transformer_layers_per_block: int | tuple[int, ...] = 1  # transformer blocks in each Transformer2D, per stage
-    # SDXL's "text_time" conditioning: MLP([pooled text, PE(each time id)]) added to the timestep embedding
-    addition_embed_type: str | None = None  # None (SD 1.x/2.x) or "text_time" (SDXL)
+    addition_embed_type: str | None = None  # None (SD 1.x/2.x) or "text_time" (SDXL: MLP([pooled, PE(ids)]) + emb)
     addition_time_embed_dim: int | None = None  # PE width of each time id (SDXL: 256)
     projection_class_embeddings_input_dim: int | None = None  # that MLP's input: pooled + ids x PE (1280 + 6 x 256)
 
@@ -85,9 +83,8 @@ class UNetConfig:
 
     @classmethod
     def sdxl(cls) -> "UNetConfig":
-        """SDXL base 1.0 (Podell et al. 2023): three stages, the first without attention, 1, 2 and 10 transformer
-        blocks per Transformer2D, two text encoders' states side by side (768 + 1280 = 2048), size/crop
-        conditioning; 2,567,463,684 parameters."""
+        """SDXL base 1.0: 3 stages, the first without attention, 1/2/10 blocks per Transformer2D, both text encoders'
+        states side by side (768 + 1280 = 2048), size/crop conditioning; 2,567,463,684 parameters."""
         return cls(block_out_channels=(320, 640, 1280), cross_attention=(False, True, True),
                    num_attention_heads=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
                    sample_size=128, transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
