@@ -40,6 +40,22 @@ from minidiff.sdxl import SDXLConditioning
 MAX_IMAGE_PIXELS = 64 * 2**20  # an input image larger than this (8192 x 8192) is refused before it is decoded
 
 
+def guided(model_call, context, guidance_scale: float, guidance_rescale: float = 0.0):
+    """(x_t, t) -> prediction with classifier-free guidance, from one call model_call(x, t, context) on the batch
+    [x, x]: `context` holds the uncond and the cond states, in that order (see the notation above)."""
+
+    def model(x, t):
+        pred_uncond, pred_cond = model_call(torch.cat([x, x]), t, context).chunk(2)
+        pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        if guidance_rescale > 0:
+            dims = list(range(1, pred.ndim))
+            rescaled = pred * (pred_cond.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))
+            pred = guidance_rescale * rescaled + (1 - guidance_rescale) * pred
+        return pred
+
+    return model
+
+
 @dataclass
 class TraceStep:
     """One sampler step, decoded: the latent x_t (x_inter) and the model's clean prediction pred_x0."""
@@ -202,20 +218,14 @@ class Pipeline:
 
     def guided_model(self, context, uncond, guidance_scale: float, guidance_rescale: float = 0.0):
         """The function (x_t, t) -> prediction the samplers call: one batched UNet call for CFG."""
-        if self.sdxl is not None:  # the same guidance, with SDXL's added conditioning
-            return self.sdxl.guided_model(self.unet, context, uncond, guidance_scale, lambda pred_uncond, pred_cond:
-                                          rescale_guidance(pred_uncond + guidance_scale * (pred_cond - pred_uncond),
-                                                           pred_cond, guidance_rescale))
+        if self.sdxl is not None:  # the same guidance; the UNet call adds SDXL's pooled text and size/crop ids
+            if guidance_scale <= 1.0:
+                return lambda x, t: self.sdxl.unet_call(self.unet)(x, t, context)
+            both = self.sdxl.batch(uncond, context)
+            return guided(self.sdxl.unet_call(self.unet, halves=True), both, guidance_scale, guidance_rescale)
         if guidance_scale <= 1.0:  # no guidance: the conditional prediction alone
             return lambda x, t: self.unet(x, t, context)
-        both = torch.cat([uncond, context])
-
-        def model(x, t):
-            pred_uncond, pred_cond = self.unet(torch.cat([x, x]), t, both).chunk(2)
-            return rescale_guidance(pred_uncond + guidance_scale * (pred_cond - pred_uncond), pred_cond,
-                                    guidance_rescale)
-
-        return model
+        return guided(self.unet, torch.cat([uncond, context]), guidance_scale, guidance_rescale)
 
     # --- the call ------------------------------------------------------------------------------
 
@@ -351,15 +361,6 @@ def warn_if_truncated(tokenizer, prompts: list) -> None:
         if dropped:
             warnings.warn(f"the prompt is longer than the text encoder's 77 positions: its last {dropped} "
                           f"token(s) were dropped ({prompt[:40]!r}...)", stacklevel=4)
-
-
-def rescale_guidance(guided, pred_cond, guidance_rescale: float):
-    """Lin et al. 2023, eq. 16: mix in the guided prediction rescaled to the conditional one's std (phi = 0: none)."""
-    if guidance_rescale <= 0:
-        return guided
-    dims = list(range(1, guided.ndim))
-    rescaled = guided * (pred_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

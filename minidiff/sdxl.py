@@ -89,20 +89,23 @@ class SDXLConditioning:
                           micro["target_size"] or size, score)
         return {"text_embeds": pooled, "time_ids": values.to(pooled.device, pooled.dtype).expand(len(pooled), -1)}
 
-    def guided_model(self, unet, context: TextConditioning, uncond, guidance_scale: float, combine):
-        """(x_t, t) -> prediction: one batched UNet call on [uncond, cond], combined by `combine(pred_uncond,
-        pred_cond)` (the pipeline's guidance); the conditional prediction alone when guidance_scale <= 1."""
-        added = lambda pooled, x, negative=False: self.added_cond_kwargs(unet.config, pooled, x, negative)
-        if guidance_scale <= 1.0:
-            return lambda x, t: unet(x, t, context.context, added_cond_kwargs=added(context.pooled, x))
+    def batch(self, uncond: TextConditioning, context: TextConditioning) -> TextConditioning:
+        """[uncond, cond] in one batch, as guidance runs it; zeros for uncond when the call has no negative prompt."""
         if self.zero_uncond:
             uncond = TextConditioning(torch.zeros_like(context.context), torch.zeros_like(context.pooled))
+        return TextConditioning(*(torch.cat(pair) for pair in zip(uncond, context)))
 
-        def model(x, t):
-            negative, positive = added(uncond.pooled, x, True), added(context.pooled, x)
-            both = {key: torch.cat([negative[key], positive[key]]) for key in positive}
-            pred_uncond, pred_cond = unet(torch.cat([x, x]), t, torch.cat([uncond.context, context.context]),
-                                          added_cond_kwargs=both).chunk(2)
-            return combine(pred_uncond, pred_cond)
+    def unet_call(self, unet, halves: bool = False):
+        """(x, t, text) -> unet(x, t, text.context, added_cond_kwargs=...); halves: the batch is [uncond, cond]
+        (the refiner gives the two halves different aesthetic scores)."""
 
-        return model
+        def call(x, t, text: TextConditioning):
+            if not halves:
+                return unet(x, t, text.context, added_cond_kwargs=self.added_cond_kwargs(unet.config, text.pooled, x))
+            pooled_uncond, pooled_cond = text.pooled.chunk(2)
+            negative, positive = (self.added_cond_kwargs(unet.config, pooled, x[:len(pooled)], uncond)
+                                  for pooled, uncond in ((pooled_uncond, True), (pooled_cond, False)))
+            added = {key: torch.cat([negative[key], positive[key]]) for key in positive}
+            return unet(x, t, text.context, added_cond_kwargs=added)
+
+        return call
