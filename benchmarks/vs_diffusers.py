@@ -32,8 +32,8 @@ class DiffusersUNet(nn.Module):
         self.model = build(skeleton, dict(state), "random weights", dtype, device)
         self.config = config  # minidiff's UNetConfig, which FastUNet exposes
 
-    def forward(self, x, t, context):
-        return self.model(x, t, context, return_dict=False)[0]
+    def forward(self, x, t, context, added_cond_kwargs=None):
+        return self.model(x, t, context, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
 
 def diffusers_unet(config, state: dict, dtype, device, rung) -> DiffusersUNet:

@@ -46,6 +46,7 @@ from minidiff.load import build, meta_model
 from minidiff.pipeline import guided
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
+from minidiff.sdxl import WithAddedConditioning
 from minidiff.speed import FastUNet, reuse_freed_memory, reuse_memory_available, timestep_tensor
 from minidiff.taesd import TAESD
 from minidiff.tokenizer import MAX_LENGTH
@@ -197,6 +198,7 @@ class Setup:
     x: torch.Tensor  # (2 images, C, h, w): the CFG batch
     context: torch.Tensor  # (2 images, 77, D): [uncond, cond]
     noise: torch.Tensor  # (images, C, h, w): the sampler's x_T
+    added: dict | None = None  # SDXL: {"text_embeds": (2 images, pooled), "time_ids": (2 images, 6)}
 
 
 def make_setup(config, size: int, images: int, steps: int, repeats: int, device, seed: int) -> Setup:
@@ -213,8 +215,19 @@ def make_setup(config, size: int, images: int, steps: int, repeats: int, device,
     state = {k: v.to(device) for k, v in random_weights(meta_model(UNet, config), generator).items()}
     h = size // 8
     randn = lambda *shape: torch.randn(shape, generator=generator).to(device)
+    added = None
+    if config.addition_embed_type == "text_time":  # SDXL: a pooled text embedding and the size/crop ids of the image
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": randn(2 * images, pooled),
+                 "time_ids": torch.tensor([size, size, 0, 0, size, size], device=device).repeat(2 * images, 1)}
     return Setup(config, device, h, images, steps, repeats, state, randn(2 * images, config.in_channels, h, h),
-                 randn(2 * images, MAX_LENGTH, config.cross_attention_dim), randn(images, config.in_channels, h, h))
+                 randn(2 * images, MAX_LENGTH, config.cross_attention_dim), randn(images, config.in_channels, h, h),
+                 added)
+
+
+def with_added(unet: nn.Module, setup: Setup) -> nn.Module:
+    """The UNet as the bench calls it: SDXL's added conditioning bound when its config has one."""
+    return unet if setup.added is None else WithAddedConditioning(unet, setup.added)
 
 
 def build_decoders(setup: Setup, dtype, rung: Rung, compile_options):
@@ -243,11 +256,11 @@ def unets(setup: Setup, rung: Rung, peers: dict, compile_options: dict):
         state = {k: v.to(setup.device) for k, v in random_weights(skeleton, torch.Generator().manual_seed(2)).items()}
     options = dict(channels_last=rung.channels_last, compile=rung.compile, freeze=rung.freeze,
                    cuda_graphs=rung.cuda_graphs, compile_options=compile_options)
-    ours = FastUNet(with_weights(UNet, config, state, rung.dtype, setup.device), **options)
+    ours = FastUNet(with_added(with_weights(UNet, config, state, rung.dtype, setup.device), setup), **options)
     theirs = {}
     for name, factory in peers.items():
         peer = factory(config, state, rung.dtype, setup.device, rung)
-        theirs[name] = FastUNet(peer, **options) if isinstance(peer, nn.Module) else peer
+        theirs[name] = FastUNet(with_added(peer, setup), **options) if isinstance(peer, nn.Module) else peer
     return ours, theirs
 
 
@@ -340,7 +353,7 @@ def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repea
     setup = make_setup(config, size, images, steps, repeats, device, seed)
     compile_options = compile_options or {}
     with torch.no_grad():
-        reference_out = with_weights(UNet, setup.config, setup.state, torch.float32, setup.device)(
+        reference_out = with_added(with_weights(UNet, setup.config, setup.state, torch.float32, setup.device), setup)(
             setup.x, timestep_tensor(500, setup.x), setup.context)
     header = (f"minidiff bench: UNet {config if isinstance(config, str) else 'custom'} with RANDOM weights (the "
               f"timings are real, the images noise); {size}x{size} px = {setup.latent_size}x{setup.latent_size} "
@@ -420,21 +433,18 @@ def write_results(path, results: list) -> None:
         def save(tmp):
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-                writer.writeheader()
-                writer.writerows(rows)
+                writer.writeheader(), writer.writerows(rows)
         atomic_save(path, save)
     else:
         raise MinidiffError(f"cannot tell the format of {path}: name it .json or .csv")
-
-
-# --- the profile ---------------------------------------------------------------------------------------
 
 
 def profile_unet(config="sd15", size: int = 256, images: int = 1, device=None, dtype=torch.float32,
                  channels_last: bool = False, rows: int = 25, seed: int = 0):
     """torch.profiler on one UNet step (after a warm-up call): (the table of the top operators, the profiler)."""
     setup = make_setup(config, size, images, 1, 1, device, seed)
-    unet = FastUNet(with_weights(UNet, setup.config, setup.state, dtype, setup.device), channels_last=channels_last)
+    unet = FastUNet(with_added(with_weights(UNet, setup.config, setup.state, dtype, setup.device), setup),
+                    channels_last=channels_last)
     x, context = setup.x.to(dtype), setup.context.to(dtype)
     with torch.no_grad():
         return measure.profile(lambda: unet(x, 500, context), setup.device, "unet step", rows)

@@ -222,9 +222,13 @@ def cmd_models(args):
 
 
 def cmd_info(args):
+    from minidiff.hub import KNOWN_MODELS, describe_known, local_path
     from minidiff.pipeline import load_pipeline
 
     check_text("the model", args.model)
+    if args.model in KNOWN_MODELS and "architecture" in KNOWN_MODELS[args.model] and local_path(args.model) is None:
+        print(describe_known(args.model))  # not downloaded: the architecture from the config alone
+        return
     pipe = load_pipeline(args.model)
     print(pipe.describe())
 

@@ -10,6 +10,8 @@ Notation:
     num_attention_heads  -> h; each head has d / h channels
     intermediate_size    -> the MLP width (4 d)
     skip_last_layers     -> "clip skip" k: stop after the first N - k layers, then apply the final norm
+    projection_dim       -> SDXL's OpenCLIP ViT-bigG also has a text_projection (d -> projection_dim, no bias) of
+                            the pooled state: the final-normed last layer at the end-of-text token
 
 Attribute names are the keys of the published `text_encoder/` files (text_model.encoder.layers.0.self_attn.q_proj
 ...; transformers >= 5 drops "text_model." in memory and when saving), so they load with a plain `load_state_dict`.
@@ -40,6 +42,7 @@ class CLIPTextConfig:
     num_attention_heads: int = 12  # h
     hidden_act: str = "quick_gelu"  # quick_gelu (OpenAI) | gelu (OpenCLIP)
     layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # text_projection width (CLIPTextModelWithProjection, SDXL's 2nd); None: none
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -60,6 +63,12 @@ class CLIPTextConfig:
         return cls(
             hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"
         )
+
+    @classmethod
+    def sdxl_bigg(cls) -> "CLIPTextConfig":
+        """SDXL's second encoder: OpenCLIP ViT-bigG/14's text tower, all 32 layers and its projection, 695M."""
+        return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280)
 
     @classmethod
     def tiny(cls) -> "CLIPTextConfig":
@@ -148,6 +157,15 @@ class CLIPTextTransformer(nn.Module):
             x = layer(x, causal_mask)
         return self.final_layer_norm(x)
 
+    def hidden_states(self, input_ids: torch.Tensor) -> list:
+        """The embeddings' output and every layer's, without the final norm (transformers' hidden_states)."""
+        states = [self.embeddings(input_ids)]
+        length = input_ids.shape[1]
+        causal_mask = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        for layer in self.encoder.layers:
+            states.append(layer(states[-1], causal_mask))
+        return states
+
 
 class CLIPTextModel(nn.Module):
     """CLIP's text transformer (Radford et al. 2021) with the checkpoint layout of transformers."""
@@ -156,12 +174,29 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.config = config
         self.text_model = CLIPTextTransformer(config)
+        if config.projection_dim is not None:  # CLIPTextModelWithProjection's key: text_projection.weight
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def forward(self, input_ids: torch.Tensor, skip_last_layers: int = 0) -> torch.Tensor:
         """(B, L) token ids -> (B, L, hidden_size) last_hidden_state, final layer norm applied.
 
         skip_last_layers: "clip skip" k, the output of layer N - k instead of N (k = 1: the penultimate).
         """
+        self.check(input_ids, skip_last_layers)
+        return self.text_model(input_ids, skip_last_layers)
+
+    def penultimate_and_pooled(self, input_ids: torch.Tensor) -> tuple:
+        """SDXL's conditioning: (B, L, d) the output of layer N - 1 (no final norm), and the pooled (B, d) state,
+        the final-normed last layer at the end-of-text token (the largest id, as transformers finds it for these
+        configs), through text_projection when the model has one (B, projection_dim)."""
+        self.check(input_ids, 0)
+        states = self.text_model.hidden_states(input_ids)
+        last = self.text_model.final_layer_norm(states[-1])
+        pooled = last[torch.arange(len(input_ids), device=last.device), input_ids.argmax(dim=-1)]
+        return states[-2], (pooled if self.config.projection_dim is None else self.text_projection(pooled))
+
+    def check(self, input_ids: torch.Tensor, skip_last_layers: int) -> None:
+        """MinidiffError unless input_ids are (B, L) token ids this encoder can read."""
         config = self.config
         if input_ids.ndim != 2 or input_ids.is_floating_point() or input_ids.is_complex():
             raise MinidiffError(
@@ -180,4 +215,3 @@ class CLIPTextModel(nn.Module):
                 f"skip_last_layers={skip_last_layers} must lie in 0..{config.num_hidden_layers - 1} for this "
                 f"{config.num_hidden_layers}-layer text encoder (1 = penultimate layer)"
             )
-        return self.text_model(input_ids, skip_last_layers)

@@ -89,17 +89,22 @@ def to_diffusers(config) -> dict:
 
 # --- the UNet: UNet2DConditionModel ------------------------------------------------------------------------------
 
+def _per_stage(value, kind=tuple):
+    """A per-stage list as `kind`, a single int as it is."""
+    return kind(value) if isinstance(value, (list, tuple)) else value
+
+
 def unet_from_diffusers(config: dict) -> UNetConfig:
     """From a diffusers `unet/config.json` dict; CheckpointError names any option minidiff lacks."""
     for key, value in config.items():
         if key.startswith("_") or key in _READ or key in _NO_EFFECT:  # _class_name, _diffusers_version
             continue
         if key not in _OFF:
-            raise CheckpointError(f"unet config option {key!r} is unknown to minidiff: not an SD 1.x/2.x UNet?")
+            raise CheckpointError(f"unet config option {key!r} is unknown to minidiff: not an SD 1.x/2.x/XL UNet?")
         if not _is_off(value, _OFF[key]):
             raise CheckpointError(
                 f"unet config option {key}={value!r} is not supported by minidiff "
-                f"(it implements SD 1.x/2.x UNets, where {key}={_OFF[key]!r})"
+                f"(it implements SD 1.x/2.x/XL UNets, where {key}={_OFF[key]!r})"
             )
     get = lambda key: config.get(key, _READ[key])
     down, up = list(get("down_block_types")), list(get("up_block_types"))
@@ -108,6 +113,17 @@ def unet_from_diffusers(config: dict) -> UNetConfig:
             f"unsupported unet blocks down={down} up={up}: minidiff builds CrossAttnDownBlock2D/DownBlock2D "
             "stages with the mirrored CrossAttnUpBlock2D/UpBlock2D stages"
         )
+    if get("addition_embed_type") not in (None, "text_time"):
+        raise CheckpointError(f"unet addition_embed_type {get('addition_embed_type')!r} is not supported: minidiff "
+                              "implements None (SD 1.x/2.x) and 'text_time' (SDXL)")
+    depth = get("transformer_layers_per_block")
+    if isinstance(depth, (list, tuple)) and len(depth) != len(down):
+        raise CheckpointError(f"transformer_layers_per_block={list(depth)} has {len(depth)} entries for {len(down)} "
+                              "stages: give one per stage, or one number for all")
+    if get("addition_embed_type") == "text_time" and not (get("addition_time_embed_dim")
+                                                          and get("projection_class_embeddings_input_dim")):
+        raise CheckpointError("addition_embed_type='text_time' needs addition_time_embed_dim and "
+                              "projection_class_embeddings_input_dim (SDXL: 256 and 2816)")
     if get("mid_block_type") not in ("UNetMidBlock2DCrossAttn", None):
         raise CheckpointError(f"unsupported mid_block_type {get('mid_block_type')!r}: use UNetMidBlock2DCrossAttn")
     # diffusers calls the number of heads `attention_head_dim` (a historical misnomer it keeps for old configs)
@@ -127,6 +143,10 @@ def unet_from_diffusers(config: dict) -> UNetConfig:
         flip_sin_to_cos=get("flip_sin_to_cos"),
         freq_shift=get("freq_shift"),
         sample_size=_single(get("sample_size") or UNetConfig.sample_size, "sample_size"),
+        transformer_layers_per_block=_per_stage(get("transformer_layers_per_block")),
+        addition_embed_type=get("addition_embed_type"),
+        addition_time_embed_dim=get("addition_time_embed_dim"),
+        projection_class_embeddings_input_dim=get("projection_class_embeddings_input_dim"),
     )
 
 
@@ -150,6 +170,10 @@ def unet_to_diffusers(unet: UNetConfig) -> dict:
         "flip_sin_to_cos": unet.flip_sin_to_cos,
         "freq_shift": unet.freq_shift,
         "sample_size": unet.sample_size,
+        "transformer_layers_per_block": _per_stage(unet.transformer_layers_per_block, list),
+        "addition_embed_type": unet.addition_embed_type,
+        "addition_time_embed_dim": unet.addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": unet.projection_class_embeddings_input_dim,
     }
 
 
@@ -162,11 +186,10 @@ _NO_EFFECT = {"dropout", "upcast_attention", "addition_embed_type_num_heads"}
 # options minidiff does not implement, with the value that switches them off (as in SD 1.x/2.x)
 _OFF = {
     "center_input_sample": False, "only_cross_attention": False, "mid_block_only_cross_attention": None,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
     "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None, "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False, "class_embed_type": None,
+    "num_class_embeds": None, "class_embeddings_concat": False, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
     "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default", "cross_attention_norm": None,
@@ -275,26 +298,30 @@ def clip_from_diffusers(config: dict) -> CLIPTextConfig:
     """Read a transformers `text_encoder/config.json` dict."""
     config = config.get("text_config", config)  # a full CLIPConfig nests the text tower
     architectures = config.get("architectures") or ["CLIPTextModel"]
-    if architectures != ["CLIPTextModel"]:
+    if architectures not in (["CLIPTextModel"], ["CLIPTextModelWithProjection"]):
         raise CheckpointError(
             f"text encoder architecture {architectures} is not supported: minidiff reads CLIPTextModel "
-            "(SD 1.x/2.x); CLIPTextModelWithProjection (SDXL's second encoder) adds a text_projection"
+            "(SD 1.x/2.x, SDXL's first) and CLIPTextModelWithProjection (SDXL's second: with a text_projection)"
         )
     if config.get("hidden_act") not in ACTIVATIONS:
         raise CheckpointError(
             f"text encoder hidden_act {config.get('hidden_act')!r} is not supported: "
             f"minidiff implements {', '.join(ACTIVATIONS)}"
         )
-    names = [field.name for field in fields(CLIPTextConfig)]
+    names = [field.name for field in fields(CLIPTextConfig) if field.name != "projection_dim"]
     missing = [name for name in names if name not in config]
     if missing:
         raise CheckpointError(f"text encoder config.json lacks {', '.join(missing)}: is it a CLIP text config?")
-    return CLIPTextConfig(**{name: config[name] for name in names})
+    projected = architectures == ["CLIPTextModelWithProjection"]  # transformers' default projection_dim: 512
+    return CLIPTextConfig(**{name: config[name] for name in names},
+                          projection_dim=config.get("projection_dim", 512) if projected else None)
 
 
 def clip_to_diffusers(clip: CLIPTextConfig) -> dict:
     """The keyword arguments of transformers.CLIPTextConfig for the same model."""
-    return {**asdict(clip), "architectures": ["CLIPTextModel"]}
+    if clip.projection_dim is None:
+        return {**{k: v for k, v in asdict(clip).items() if k != "projection_dim"}, "architectures": ["CLIPTextModel"]}
+    return {**asdict(clip), "architectures": ["CLIPTextModelWithProjection"]}
 
 
 _READERS = {UNetConfig: unet_from_diffusers, VAEConfig: vae_from_diffusers, TAESDConfig: taesd_from_diffusers,

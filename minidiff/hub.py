@@ -18,8 +18,10 @@ WEIGHTS = next((folder for folder in (PACKAGE / "weights", PACKAGE.parent / "wei
                 if (folder / "manifest.json").is_file()), PACKAGE.parent / "weights")
 MANIFEST = WEIGHTS / "manifest.json"
 KNOWN_MODELS = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
-OPTIONAL = ("tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json")  # fetched if the repo has them
-WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+OPTIONAL = tuple(f"{folder}/{file}" for folder in ("tokenizer", "tokenizer_2")  # fetched if the repo has them
+                 for file in ("special_tokens_map.json", "tokenizer_config.json"))
+WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 
 
 def entry(name: str) -> dict:
@@ -40,9 +42,9 @@ def files(name: str, variant: str | None = None) -> list:
         return ["config.json", "diffusion_pytorch_model.safetensors"]
     needed = ["model_index.json"]
     for component in model["components"]:
-        if component == "tokenizer":
-            needed += ["tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
-                       "tokenizer/tokenizer_config.json"]
+        if component.startswith("tokenizer"):  # SDXL has tokenizer and tokenizer_2
+            needed += [f"{component}/{file}" for file in ("vocab.json", "merges.txt", "special_tokens_map.json",
+                                                          "tokenizer_config.json")]
         elif component == "scheduler":
             needed.append("scheduler/scheduler_config.json")
         else:
@@ -114,3 +116,30 @@ def download(name: str, variant: str | None = None, cache_dir=None) -> Path:
         return Path(snapshot_download(model["repo"], allow_patterns=wanted, cache_dir=cache_dir))
     except Exception as error:  # network, authentication (gated repositories), disk space
         raise MinidiffError(f"could not download {name} from {model['repo']}: {error}") from None
+
+
+def describe_known(name: str) -> str:
+    """Architecture and parameter counts of a known model from its manifest presets alone (models built on the meta
+    device: nothing downloaded, no memory used), for `minidiff info` before `minidiff download`."""
+    import torch
+
+    from minidiff.clip import CLIPTextConfig, CLIPTextModel
+    from minidiff.unet import UNet, UNetConfig
+    from minidiff.vae import AutoencoderKL, VAEConfig
+
+    model = entry(name)
+    if "architecture" not in model:
+        raise MinidiffError(f"{name} is not downloaded and the manifest has no architecture for it: run "
+                            f"`minidiff download {name}`, then `minidiff info {name}`")
+    kinds = {"unet": (UNet, UNetConfig), "vae": (AutoencoderKL, VAEConfig), "text_encoder": (CLIPTextModel,
+             CLIPTextConfig), "text_encoder_2": (CLIPTextModel, CLIPTextConfig)}
+    lines = [f"model:       {name} ({model['repo']}), not downloaded: from the config alone",
+             f"prediction:  {model['prediction_type']}", f"image size:  {model['image_size']} px"]
+    for part, preset in model["architecture"].items():
+        model_class, config_class = kinds[part]
+        with torch.device("meta"):
+            module = model_class(getattr(config_class, preset)())
+        count = sum(p.numel() for p in module.parameters())
+        lines.append(f"{part + ':':16s}{type(module).__name__} ({config_class.__name__}.{preset}()), "
+                     f"{count:,} parameters")
+    return "\n".join(lines)

@@ -6,6 +6,11 @@ A checkpoint such as `v1-5-pruned-emaonly.safetensors` holds three networks unde
     first_stage_model.*            the VAE (ldm model.py): encoder.down.N.block.M, mid.block_1, mid.attn_1, ...
     cond_stage_model.transformer.* SD 1.x text encoder: Hugging Face CLIP, with or without `text_model.`
     cond_stage_model.model.*       SD 2.x text encoder: OpenCLIP, transformer.resblocks.N with fused q/k/v
+SDXL's file (sd_xl_base_1.0.safetensors) keeps the UNet and VAE prefixes (its UNet adds label_emb, the size/crop
+MLP) and holds two text encoders:
+    conditioner.embedders.0.transformer.*  CLIP ViT-L, the Hugging Face layout (text_encoder)
+    conditioner.embedders.1.model.*        OpenCLIP ViT-bigG, all 32 layers and its text_projection (text_encoder_2;
+                                           the refiner has it alone, as conditioner.embedders.0.model.*)
 
 Each map is a list of rules `(original prefix, diffusers prefix, renames)`, one per block, computed from the
 config: a key is converted by its longest matching prefix, then `renames` apply to the rest of the key
@@ -31,6 +36,9 @@ PREFIXES = {  # component -> its prefix in an original single-file checkpoint
     "vae": "first_stage_model.",
     "clip": "cond_stage_model.transformer.",
     "open_clip": "cond_stage_model.model.",
+    "clip_sdxl": "conditioner.embedders.0.transformer.",
+    "open_clip_sdxl": "conditioner.embedders.1.model.",
+    "open_clip_sdxl_refiner": "conditioner.embedders.0.model.",
 }
 
 UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -48,6 +56,8 @@ def unet_rules(config: dict) -> list:
     down, up, per_block = config["down_block_types"], config["up_block_types"], config["layers_per_block"]
     rules = [("time_embed.0", "time_embedding.linear_1", {}), ("time_embed.2", "time_embedding.linear_2", {}),
              ("input_blocks.0.0", "conv_in", {}), ("out.0", "conv_norm_out", {}), ("out.2", "conv_out", {})]
+    if config.get("addition_embed_type") == "text_time":  # SDXL's MLP of the pooled text and the size/crop ids
+        rules += [("label_emb.0.0", "add_embedding.linear_1", {}), ("label_emb.0.2", "add_embedding.linear_2", {})]
     index = 1  # input_blocks.0 is conv_in; then each stage's resnets, then its downsampler
     for stage, kind in enumerate(down):
         for j in range(per_block):
@@ -107,9 +117,11 @@ def clip_rules(legacy: bool = True) -> list:
     return [("text_model", "text_model", {})] + [(name, f"text_model.{name}", {}) for name in names]
 
 
-def open_clip_rules(num_layers: int) -> list:
-    """SD 2.x: OpenCLIP ViT-H/14's text tower -> CLIPTextModel, for the first `num_layers` resblocks."""
-    rules = [("token_embedding", "text_model.embeddings.token_embedding", {}),
+def open_clip_rules(num_layers: int, projected: bool = False) -> list:
+    """SD 2.x: OpenCLIP ViT-H/14's text tower -> CLIPTextModel, for the first `num_layers` resblocks; SDXL
+    (projected): ViT-bigG/14's whole tower -> CLIPTextModelWithProjection."""
+    rules = [("text_projection", "text_projection.weight", {})] if projected else []
+    rules += [("token_embedding", "text_model.embeddings.token_embedding", {}),
              ("positional_embedding", "text_model.embeddings.position_embedding.weight", {}),
              ("ln_final", "text_model.final_layer_norm", {})]
     return rules + [(f"transformer.resblocks.{i}", f"text_model.encoder.layers.{i}", OPEN_CLIP_LAYER)
@@ -171,11 +183,14 @@ def from_original(state: dict, component: str, config: dict) -> tuple[dict, dict
     if component == "vae":
         state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # the training loss's networks
     if component == "open_clip":
-        state = {k: v for k, v in state.items() if k not in OPEN_CLIP_UNUSED}
+        unused = OPEN_CLIP_UNUSED[1:] if config.get("projection_dim") else OPEN_CLIP_UNUSED  # SDXL keeps the projection
+        state = {k: v for k, v in state.items() if k not in unused}
         unused = f"transformer.resblocks.{config['num_hidden_layers']}."  # the last resblock: SD skips it
         state = {k: v for k, v in state.items() if not k.startswith(unused)}
     out, unmatched = rename(state, _rules(component, config))
     for key in list(out):
+        if component == "open_clip" and key == "text_projection.weight":
+            out[key] = out[key].T.contiguous()  # OpenCLIP multiplies x @ P; a linear layer stores P^T
         if component == "vae" and ".mid_block.attentions.0.to_" in key and out[key].ndim == 4:
             out[key] = out[key][:, :, 0, 0]  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
         if key.endswith((".in_proj_weight", ".in_proj_bias")):
@@ -191,7 +206,8 @@ def to_original(state: dict, component: str, config: dict) -> dict:
 
     For open_clip the unused last resblock and text_projection are not written."""
     if component in ("clip", "open_clip"):  # transformers >= 5.6 saves CLIPTextModel without `text_model.`
-        state = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in state.items()}
+        state = {(k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}"): v
+                 for k, v in state.items()}
     state = dict(state)
     for key in [k for k in state if component == "open_clip" and k.endswith((".q_proj.weight", ".q_proj.bias"))]:
         base, kind = key.rsplit(".q_proj.", 1)
@@ -201,6 +217,8 @@ def to_original(state: dict, component: str, config: dict) -> dict:
     out, unmatched = rename(state, invert(rules))
     if unmatched:
         raise KeyError(f"no rule for {list(unmatched)[:5]} ({len(unmatched)} keys)")
+    if "text_projection" in out:
+        out["text_projection"] = out["text_projection"].T.contiguous()
     for key in out:
         if component == "vae" and ".mid.attn_1." in key and key.endswith("weight") and out[key].ndim == 2:
             out[key] = out[key][:, :, None, None]  # linear (C, C) -> 1x1 conv (C, C, 1, 1)
@@ -215,7 +233,7 @@ def _rules(component: str, config: dict) -> list:
     if component == "clip":
         return clip_rules()
     if component == "open_clip":
-        return open_clip_rules(config["num_hidden_layers"])
+        return open_clip_rules(config["num_hidden_layers"], bool(config.get("projection_dim")))
     if component in ("taesd_encoder", "taesd_decoder"):
         return taesd_rules(component.split("_")[1])
     raise ValueError(f"unknown component {component!r}")
@@ -235,19 +253,27 @@ def infer_unet_config(state: dict, prediction_type) -> dict:
     attention = [f"input_blocks.{i}.1.proj_in.weight" in state for i in starts]
     to_k = next(v for k, v in state.items() if k.endswith("attn2.to_k.weight"))
     proj_in = next(v for k, v in state.items() if k.endswith("proj_in.weight"))
-    depth = len({k.split(".")[4] for k in state if k.startswith(f"input_blocks.{starts[attention.index(True)]}.1."
-                                                                 "transformer_blocks.")})
+    # transformer blocks per Transformer2D in each stage (1 where a stage has no attention, as diffusers writes it)
+    blocks = lambda start: len({k[len(start):].split(".")[0] for k in state if k.startswith(start)})
+    depths = [blocks(f"input_blocks.{i}.1.transformer_blocks.") for i in starts]  # 0 where a stage has no attention
+    used = {d for d in depths if d} | {blocks("middle_block.1.transformer_blocks.")} - {0}
     context = to_k.shape[1]
-    # not in the weights: SD 1.x uses 8 heads, SD 2.x (OpenCLIP context, 1024) heads of 64 channels
-    heads = [c // 64 for c in channels] if context == 1024 else [8] * stages
+    added = state.get("label_emb.0.0.weight")  # SDXL: the MLP of [pooled text, PE(time ids)]
+    # not in the weights: SD 1.x uses 8 heads; SD 2.x (OpenCLIP context, 1024) and SDXL heads of 64 channels
+    heads = [c // 64 for c in channels] if context == 1024 or added is not None else [8] * stages
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
     return {
         "in_channels": first.shape[1], "out_channels": state["out.2.weight"].shape[0], "down_block_types": down,
         "up_block_types": [kind.replace("Down", "Up") for kind in reversed(down)], "block_out_channels": channels,
         "layers_per_block": per_block, "attention_head_dim": heads, "cross_attention_dim": context,
-        "use_linear_projection": proj_in.ndim == 2, "transformer_layers_per_block": depth,
+        "use_linear_projection": proj_in.ndim == 2,
+        "transformer_layers_per_block": used.pop() if len(used) == 1 else [d or 1 for d in depths],
         "mid_block_type": "UNetMidBlock2DCrossAttn" if "middle_block.1.proj_in.weight" in state else None,
-        "sample_size": 96 if prediction_type == "v_prediction" else 64,  # 768 px v-models, 512 px otherwise
+        # 1024 px SDXL, 768 px v-models, 512 px otherwise
+        "sample_size": 128 if added is not None else 96 if prediction_type == "v_prediction" else 64,
+        # SDXL: each time id gets a 256-wide PE (not in the weights: the official value)
+        **({"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": added.shape[1]} if added is not None else {}),
     }
 
 
@@ -264,12 +290,16 @@ def infer_vae_config(state: dict) -> dict:
     }
 
 
-def infer_text_config(state: dict, open_clip: bool) -> dict:
-    """The transformers config of the text encoder in an original checkpoint (keys without the prefix)."""
+def infer_text_config(state: dict, open_clip: bool, projected: bool = False) -> dict:
+    """The transformers config of the text encoder in an original checkpoint (keys without the prefix).
+
+    projected: SDXL's OpenCLIP ViT-bigG, kept whole with its text_projection (SD 2.x drops the last layer)."""
     if open_clip:  # SD 2.x: OpenCLIP ViT-H/14 without its last resblock
         vocab, width = state["token_embedding.weight"].shape
         layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks."))
-        return {"vocab_size": vocab, "hidden_size": width, "num_hidden_layers": layers - 1, "hidden_act": "gelu",
+        extra = {"projection_dim": state["text_projection"].shape[1]} if projected else {}
+        return {**extra, "vocab_size": vocab, "hidden_size": width, "hidden_act": "gelu",
+                "num_hidden_layers": layers if projected else layers - 1,
                 "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                 "num_attention_heads": width // 64, "max_position_embeddings": state["positional_embedding"].shape[0]}
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
@@ -284,10 +314,41 @@ def single_file_prediction_type(path: Path, unet_state: dict) -> str:
     """SD 1.x predicts eps; SD 2.x 768 px models predict v, and only the file name can tell which one this is."""
     context = next(v.shape[1] for k, v in unet_state.items() if k.endswith("attn2.to_k.weight"))
     name = path.name.lower()
-    if context != 1024 or "512" in name or "base" in name:
+    if context != 1024 or "label_emb.0.0.weight" in unet_state or "512" in name or "base" in name:
         return "epsilon"
     if "768" in name:
         return "v_prediction"
     raise CheckpointError(f"{path} is an SD 2.x checkpoint, and the weights do not say what it predicts: pass "
                           "prediction_type='v_prediction' (the 768 px models, e.g. v2-1_768-ema-pruned) or "
                           "'epsilon' (the 512 px base models)")
+
+
+# --- SDXL's text encoders in the original single file (sd_xl_base_1.0.safetensors) ------------------------------
+
+
+def is_sdxl_file(state: dict) -> bool:
+    """An original SDXL checkpoint (base or refiner): its text encoders live under conditioner.embedders.N."""
+    return any(key.startswith("conditioner.embedders.") for key in state)
+
+
+def single_file_text_encoder(state: dict, part: str, source) -> tuple:
+    """(keymap component, prefix) of text_encoder or text_encoder_2 in an original file; CheckpointError if absent."""
+    prefixes = PREFIXES
+    has = lambda name: any(key.startswith(prefixes[name]) for key in state)
+    if not is_sdxl_file(state):
+        if part == "text_encoder_2":
+            raise CheckpointError(f"{source} is not an SDXL checkpoint: it has one text encoder, no text_encoder_2")
+        return ("open_clip", prefixes["open_clip"]) if has("open_clip") else ("clip", prefixes["clip"])
+    if part == "text_encoder_2":
+        for name in ("open_clip_sdxl", "open_clip_sdxl_refiner"):
+            if has(name):
+                return "open_clip", prefixes[name]
+        raise CheckpointError(f"{source} has no second text encoder ({prefixes['open_clip_sdxl']}*, OpenCLIP "
+                              "ViT-bigG): SDXL needs both; the file is incomplete")
+    if has("clip_sdxl"):
+        return "clip", prefixes["clip_sdxl"]
+    if has("open_clip_sdxl_refiner"):
+        raise CheckpointError(f"{source} is the SDXL refiner (OpenCLIP bigG alone, no CLIP ViT-L): it refines a base "
+                              "model's latents; load the base model (sd_xl_base_1.0, `minidiff download sdxl`)")
+    raise CheckpointError(f"{source} has no first text encoder ({prefixes['clip_sdxl']}*, CLIP ViT-L): "
+                          "SDXL needs both; the file is incomplete")

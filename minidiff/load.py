@@ -6,7 +6,8 @@ Three layouts are read:
                         a component folder works on its own too: load_unet("sd15/unet")
     an original file    v1-5-pruned-emaonly.safetensors, v2-1_768-ema-pruned.safetensors: the three networks in
                         one file in the CompVis layout; the architecture is read from the tensor shapes, and the
-                        keys are converted by minidiff.keymap
+                        keys are converted by minidiff.keymap; SDXL's sd_xl_base_1.0.safetensors has two text
+                        encoders (text_encoder and text_encoder_2, as in its diffusers folder)
     TAESD               madebyollin's taesd_encoder.safetensors + taesd_decoder.safetensors, or its diffusers folder
 
 Strict: every missing, unexpected or wrong-shape key is named in a CheckpointError with what it likely means.
@@ -31,10 +32,11 @@ from minidiff.schedule import NoiseSchedule, check_prediction_type
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-                "taesd": "diffusion_pytorch_model"}
+                "text_encoder_2": "model", "taesd": "diffusion_pytorch_model"}
 LOADER = {"unet": "load_unet", "vae": "load_vae", "text_encoder": "load_text_encoder", "taesd": "load_taesd"}
 CLASS_NAME = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
-              "taesd": "AutoencoderTiny"}  # what each component's config.json says it is
+              "text_encoder_2": "CLIPTextModelWithProjection", "taesd": "AutoencoderTiny"}  # what config.json says
+TEXT_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection"}  # either may be read by load_text_encoder
 
 
 # --- reading files ---------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def read_config(folder: Path, name: str) -> dict:
     """folder/config.json, checked to describe a `name` (diffusers' _class_name, transformers' architectures)."""
     config = read_json(folder / "config.json")
     found = config.get("_class_name") or (config.get("architectures") or [None])[0]
-    if found and found != CLASS_NAME[name]:
+    if found and found != CLASS_NAME[name] and not {found, CLASS_NAME[name]} <= TEXT_CLASSES:
         other = next((LOADER[k] for k, v in CLASS_NAME.items() if v == found), None)
         raise CheckpointError(f"{shown(folder / 'config.json')} describes a {shown(found)}, not a {CLASS_NAME[name]}"
                               + (f": load it with {other}" if other else ""))
@@ -285,8 +287,8 @@ def with_prefix_of(state: dict, model_keys, prefix: str = "text_model.") -> dict
     """Add or drop `prefix` so the keys match the model's (transformers >= 5.6 saves CLIP without text_model.)."""
     model_has = any(key.startswith(prefix) for key in model_keys)
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer in old files
-    if model_has:
-        return {(k if k.startswith(prefix) else prefix + k): v for k, v in state.items()}
+    if model_has:  # text_projection (SDXL's second encoder) sits beside text_model, never under it
+        return {(k if k.startswith((prefix, "text_projection.")) else prefix + k): v for k, v in state.items()}
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
@@ -376,27 +378,31 @@ def load_vae(path, dtype=None, device=None, variant=None, config=None, allow_pic
     if found is None:
         standalone = "encoder.down.0.block.0.conv1.weight" in state  # the VAE alone, without a prefix
         prefix = "" if standalone else keymap.PREFIXES["vae"]
+        sdxl = keymap.is_sdxl_file(state)
+        scale = {"scaling_factor": VAEConfig.sdxl().scaling_factor} if sdxl else {}  # not in the weights
         state = original_part(state, prefix, source)
-        config = config or from_diffusers(VAEConfig, inferred(keymap.infer_vae_config, source, state))
+        config = config or from_diffusers(VAEConfig, inferred(keymap.infer_vae_config, source, state) | scale)
         state = converted(state, "vae", to_diffusers(config), prefix)
     else:
         config = config or from_diffusers(VAEConfig, found)
     return build(meta_model(AutoencoderKL, config), state, source, dtype, device)
 
 
-def load_text_encoder(path, dtype=None, device=None, variant=None, config=None, allow_pickle=False):
+def load_text_encoder(path, dtype=None, device=None, variant=None, config=None, allow_pickle=False,
+                      part="text_encoder"):
     """The CLIP text encoder of a diffusers model (or its text_encoder/ folder) or of an original single file
-    (SD 1.x: CLIP ViT-L/14; SD 2.x: OpenCLIP ViT-H/14 without its last layer). dtype: default float32."""
+    (SD 1.x: CLIP ViT-L/14; SD 2.x: OpenCLIP ViT-H/14 without its last layer). dtype: default float32.
+    part="text_encoder_2": SDXL's second encoder, OpenCLIP ViT-bigG/14 with its text_projection."""
     from minidiff.clip import CLIPTextConfig, CLIPTextModel
 
-    state, found, _, source = read_component(path, "text_encoder", variant, allow_pickle)
+    state, found, _, source = read_component(path, part, variant, allow_pickle)
     if found is None:
-        open_clip = any(key.startswith(keymap.PREFIXES["open_clip"]) for key in state)
-        component = "open_clip" if open_clip else "clip"
-        prefix = keymap.PREFIXES[component]
+        component, prefix = keymap.single_file_text_encoder(state, part, source)
+        open_clip, projected = component == "open_clip", prefix.startswith("conditioner.")
         state = original_part(state, prefix, source)
-        preset = CLIPTextConfig.sd21() if open_clip else CLIPTextConfig.sd15()
-        shapes = inferred(keymap.infer_text_config, source, state, open_clip)
+        preset = CLIPTextConfig.sdxl_bigg() if open_clip and projected else \
+            CLIPTextConfig.sd21() if open_clip else CLIPTextConfig.sd15()
+        shapes = inferred(keymap.infer_text_config, source, state, open_clip, open_clip and projected)
         config = config or from_diffusers(CLIPTextConfig, to_diffusers(preset) | shapes)
         state = converted(state, component, to_diffusers(config), prefix)
     else:
@@ -405,14 +411,14 @@ def load_text_encoder(path, dtype=None, device=None, variant=None, config=None, 
     return build(model, with_prefix_of(state, model.state_dict()), source, dtype, device)
 
 
-def load_tokenizer(path, allow_pickle=False):
+def load_tokenizer(path, allow_pickle=False, part="tokenizer"):
     """The tokenizer/ folder of a diffusers model; for an original single file, the CLIP vocabulary shipped with
-    minidiff (SD 2.x pads with "!", SD 1.x with <|endoftext|>)."""
+    minidiff (SD 2.x and SDXL's tokenizer_2 pad with "!", SD 1.x and SDXL's first tokenizer with <|endoftext|>)."""
     from minidiff.tokenizer import CLIPTokenizer
 
     path = locate(path)
     if path.is_dir():
-        folder = component_folder(path, "tokenizer")
+        folder = component_folder(path, part)
         for name in ("vocab.json", "merges.txt", "tokenizer.json"):
             if (folder / name).exists():
                 check_input_file(folder / name, "the tokenizer file", max_bytes=256 * 2**20)
@@ -425,8 +431,19 @@ def load_tokenizer(path, allow_pickle=False):
                                   f"{shown(error)}): restore vocab.json and merges.txt from the model's "
                                   "repository") from None
     state = read_checkpoint(path, allow_pickle)
-    open_clip = any(key.startswith(keymap.PREFIXES["open_clip"]) for key in state)
+    open_clip = any(key.startswith(keymap.PREFIXES["open_clip"]) for key in state) or part == "tokenizer_2"
     return CLIPTokenizer.sd21() if open_clip else CLIPTokenizer.sd15()
+
+
+# --- SDXL ---------------------------------------------------------------------------------------------------------
+
+
+def is_sdxl(path: Path, allow_pickle: bool = False) -> bool:
+    """A diffusers folder with a second text encoder (or listing one in model_index.json), or an SDXL single file."""
+    if path.is_dir():
+        index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+        return (path / "text_encoder_2").is_dir() or "text_encoder_2" in index or "XL" in index.get("_class_name", "")
+    return keymap.is_sdxl_file(read_checkpoint(path, allow_pickle))
 
 
 def load_taesd(path, dtype=None, device=None, allow_pickle=False):
@@ -466,6 +483,9 @@ class Components:
     schedule: NoiseSchedule
     prediction_type: str
     scheduler_config: dict  # the diffusers scheduler_config.json (timestep_spacing, steps_offset, ...)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's OpenCLIP ViT-bigG (with text_projection)
+    tokenizer_2: object = None  # SDXL's second tokenizer (pads with "!")
+    force_zeros_for_empty_prompt: bool = True  # SDXL: no negative prompt -> zeros (model_index.json)
 
 
 def load_components(path, dtype=None, device=None, variant=None, prediction_type=None, allow_pickle=False):
@@ -478,6 +498,18 @@ def load_components(path, dtype=None, device=None, variant=None, prediction_type
         raise CheckpointError(f"{path} has no scheduler/scheduler_config.json: pass the model folder itself")
     found = found or {"timestep_spacing": "leading", "steps_offset": 1}  # what SD 1.x/2.x ship with
     found = found | {"prediction_type": unet.prediction_type}
+    schedule = NoiseSchedule.from_config(found)
+    if not is_sdxl(path, allow_pickle):
+        return Components(unet, load_vae(path, **options), load_text_encoder(path, **options),
+                          load_tokenizer(path, allow_pickle), schedule, unet.prediction_type, found)
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    for part, problem in (("text_encoder_2", "an SDXL folder without text_encoder_2/ (OpenCLIP ViT-bigG): SDXL needs "
+                           "both text encoders; download it again"), ("text_encoder", "the SDXL refiner (bigG alone):"
+                           " it refines a base model's latents; load the base model")):
+        if path.is_dir() and not (path / part).is_dir():
+            raise CheckpointError(f"{path} is {problem} (`minidiff download sdxl`)")
     return Components(unet, load_vae(path, **options), load_text_encoder(path, **options),
-                      load_tokenizer(path, allow_pickle), NoiseSchedule.from_config(found),
-                      unet.prediction_type, found)
+                      load_tokenizer(path, allow_pickle), schedule, unet.prediction_type, found,
+                      load_text_encoder(path, part="text_encoder_2", **options),
+                      load_tokenizer(path, allow_pickle, part="tokenizer_2"),
+                      index.get("force_zeros_for_empty_prompt", True))

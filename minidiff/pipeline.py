@@ -35,6 +35,7 @@ from minidiff.checks import (
 )
 from minidiff.errors import InputError, MinidiffError
 from minidiff.samplers import SAMPLERS, sample
+from minidiff.sdxl import SDXLConditioning
 
 MAX_IMAGE_PIXELS = 64 * 2**20  # an input image larger than this (8192 x 8192) is refused before it is decoded
 
@@ -133,12 +134,15 @@ class Pipeline:
     """Stable Diffusion from its parts: tokenizer, text encoder, UNet, VAE (or TAESD), noise schedule."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule, prediction_type="epsilon", taesd=None,
-                 spacing="leading", steps_offset=1, source=None, guidance_scale: float = 7.5):
+                 spacing="leading", steps_offset=1, source=None, guidance_scale: float = 7.5,
+                 sdxl: SDXLConditioning | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.schedule, self.prediction_type, self.taesd = schedule, prediction_type, taesd
         self.spacing, self.steps_offset, self.source = spacing, steps_offset, source
         self.guidance_scale = guidance_scale  # the default w: SD's 7.5, or what a model was tuned for
         self.vae_tile_size = None  # decode in tiles of this many latent pixels (set by minidiff.speed.optimize)
+        self.sdxl = sdxl  # SDXL: the second text encoder, pooled text and size/crop ids (minidiff.sdxl); else None
+        self.text_encoder_2 = sdxl.text_encoder_2 if sdxl is not None else None
 
     def describe(self) -> str:
         """Architecture, parameter counts, dtype and source, for `minidiff info`."""
@@ -146,8 +150,8 @@ class Pipeline:
                  f"schedule:    {self.schedule.beta_schedule} {self.schedule.beta_start}..{self.schedule.beta_end}, "
                  f"{self.spacing} spacing, steps_offset {self.steps_offset}",
                  f"image size:  {self.default_size()} px (latent {self.unet.config.sample_size})"]
-        for name in ("unet", "vae", "text_encoder", "taesd"):
-            module = getattr(self, name)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "taesd"):
+            module = getattr(self, name, None)
             if module is not None:
                 count = sum(p.numel() for p in module.parameters())
                 dtype = next(module.parameters()).dtype
@@ -190,17 +194,12 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list) -> torch.Tensor:
-        """Token ids -> the text encoder's hidden states; warns when a prompt is cut at 77 tokens."""
-        ids = self.tokenizer(prompts)
-        for prompt in prompts:
-            dropped = len(self.tokenizer.dropped_tokens(prompt))
-            if dropped:
-                warnings.warn(
-                    f"the prompt is longer than the text encoder's 77 positions: its last {dropped} "
-                    f"token(s) were dropped ({prompt[:40]!r}...)",
-                    stacklevel=3,
-                )
-        return self.text_encoder(ids.to(self.device)).to(self.dtype)
+        """Token ids -> the text encoder's hidden states (SDXL: both encoders' and the pooled embedding); warns when
+        a prompt is cut at 77 tokens."""
+        warn_if_truncated(self.tokenizer, prompts)
+        if self.sdxl is not None:
+            return self.sdxl.encode(self.text_encoder, self.tokenizer, prompts, self.device, self.dtype)
+        return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
@@ -219,6 +218,11 @@ class Pipeline:
 
     def guided_model(self, context, uncond, guidance_scale: float, guidance_rescale: float = 0.0):
         """The function (x_t, t) -> prediction the samplers call: one batched UNet call for CFG."""
+        if self.sdxl is not None:  # the same guidance; the UNet call adds SDXL's pooled text and size/crop ids
+            if guidance_scale <= 1.0:
+                return lambda x, t: self.sdxl.unet_call(self.unet)(x, t, context)
+            both = self.sdxl.batch(uncond, context)
+            return guided(self.sdxl.unet_call(self.unet, halves=True), both, guidance_scale, guidance_rescale)
         if guidance_scale <= 1.0:  # no guidance: the conditional prediction alone
             return lambda x, t: self.unet(x, t, context)
         return guided(self.unet, torch.cat([uncond, context]), guidance_scale, guidance_rescale)
@@ -232,7 +236,10 @@ class Pipeline:
                  early_exit=None, preview: str | None = None, callback=None, trace: bool = False,
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
                  progress: bool = True, **sampler_options) -> GenerationResult:
-        """Generate images. See the module docstring for the symbols; returns a GenerationResult."""
+        """Generate images. See the module docstring for the symbols; returns a GenerationResult. SDXL also takes
+        original_size, crop_top_left, target_size (and the refiner's aesthetic scores): see minidiff.sdxl."""
+        if self.sdxl is not None:
+            self.sdxl.start_call(negative_prompt, sampler_options)  # takes SDXL's size/crop options out
         prompts = prompt_list("prompt", prompt)
         negatives = [""] * len(prompts) if negative_prompt is None else prompt_list("negative_prompt", negative_prompt)
         if isinstance(negative_prompt, str):
@@ -347,6 +354,15 @@ class Pipeline:
             raise MinidiffError("preview='taesd' needs a TAESD: load_pipeline(..., taesd=path or 'taesd')")
 
 
+def warn_if_truncated(tokenizer, prompts: list) -> None:
+    """Warn when a prompt is cut at the text encoder's 77 positions."""
+    for prompt in prompts:
+        dropped = len(tokenizer.dropped_tokens(prompt))
+        if dropped:
+            warnings.warn(f"the prompt is longer than the text encoder's 77 positions: its last {dropped} "
+                          f"token(s) were dropped ({prompt[:40]!r}...)", stacklevel=4)
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -389,10 +405,12 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     parts = load_components(path, dtype=dtype, device=device, variant=variant, prediction_type=prediction_type,
                             allow_pickle=allow_pickle)
     tiny = load_taesd(resolve(taesd), dtype=dtype, device=device, allow_pickle=allow_pickle) if taesd else None
+    sdxl = None if parts.text_encoder_2 is None else SDXLConditioning(parts.text_encoder_2, parts.tokenizer_2,
+                                                                       parts.force_zeros_for_empty_prompt)
     pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule,
                     parts.prediction_type, tiny, parts.scheduler_config.get("timestep_spacing", "leading"),
                     parts.scheduler_config.get("steps_offset", 1), source=str(path_or_name),
-                    guidance_scale=KNOWN_MODELS.get(str(path_or_name), {}).get("guidance_scale", 7.5))
+                    guidance_scale=KNOWN_MODELS.get(str(path_or_name), {}).get("guidance_scale", 7.5), sdxl=sdxl)
     if speed_options:
         optimize(pipe, **speed_options)
     return pipe

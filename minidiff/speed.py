@@ -145,23 +145,26 @@ class FastUNet(nn.Module):
     def config(self):
         return self.unet.config
 
-    def call(self, x, t, context):
+    def call(self, x, t, context, *added):
+        # SDXL's added conditioning arrives as plain tensors (text_embeds, time_ids): CUDA graphs copy only tensors
+        kwargs = {"added_cond_kwargs": dict(zip(("text_embeds", "time_ids"), added))} if added else {}
         if not self.freeze:
-            return self.run(x, t, context)
+            return self.run(x, t, context, **kwargs)
         # Inductor freezes only graphs compiled without autograd, and reads the flag when it compiles (the first
         # call, or a new input shape): scoped to these calls, not set for the whole process
         from torch._inductor import config as inductor_config  # imported here: seconds of import time
 
         with torch.no_grad(), inductor_config.patch(freezing=True):
-            return self.run(x, t, context)
+            return self.run(x, t, context, **kwargs)
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, added_cond_kwargs: dict | None = None):
         t = timestep_tensor(t, x)
+        added = () if added_cond_kwargs is None else (added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.graphed is not None and x.is_cuda:
-            return self.graphed(x, t, context)
-        return self.call(x, t, context)
+            return self.graphed(x, t, context, *added)
+        return self.call(x, t, context, *added)
 
 
 def check_cuda_graphs(device) -> None:

@@ -11,6 +11,8 @@ Notation:
     context  -> c, the text encoder's hidden states (B, L, cross_attention_dim)
     emb      -> the timestep embedding MLP(PE(t)) added inside every ResnetBlock
     output   -> eps_theta(x_t, t, c), or v_theta for v-prediction models (SD 2.x 768)
+    added_cond_kwargs -> SDXL (Podell et al. 2023): "text_embeds" pooled text (B, 1280), "time_ids" sizes, crop (B, 6);
+                MLP([text_embeds, PE(each time id)]) is added to emb
 
 Shape legend: B batch, C channels, H W latent height and width, L text tokens.
 """
@@ -42,6 +44,10 @@ class UNetConfig:
     flip_sin_to_cos: bool = True  # timestep embedding order [cos, sin] (SD) rather than [sin, cos]
     freq_shift: int = 0  # timestep embedding frequency shift (0 for SD)
     sample_size: int = 64  # latent size it was trained at (64 -> 512 px images, 96 -> 768 px)
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # transformer blocks in each Transformer2D, per stage
+    addition_embed_type: str | None = None  # None (SD 1.x/2.x) or "text_time" (SDXL: MLP([pooled, PE(ids)]) + emb)
+    addition_time_embed_dim: int | None = None  # PE width of each time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # that MLP's input: pooled + ids x PE (1280 + 6 x 256)
 
     @classmethod
     def sd15(cls) -> "UNetConfig":
@@ -76,6 +82,23 @@ class UNetConfig:
                    num_attention_heads=(8, 8, 8), layers_per_block=1, mid_block=False)
 
     @classmethod
+    def sdxl(cls) -> "UNetConfig":
+        """SDXL base 1.0: 3 stages, the first without attention, 1/2/10 blocks per Transformer2D, both text encoders'
+        states side by side (768 + 1280 = 2048), size/crop conditioning; 2,567,463,684 parameters."""
+        return cls(block_out_channels=(320, 640, 1280), cross_attention=(False, True, True),
+                   num_attention_heads=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                   sample_size=128, transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
+                   addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+    @classmethod
+    def sdxl_refiner(cls) -> "UNetConfig":
+        """SDXL refiner 1.0: bigG context alone, 4 blocks per Transformer2D, 5 time ids (with an aesthetic score)."""
+        return cls(block_out_channels=(384, 768, 1536, 1536), cross_attention=(False, True, True, False),
+                   num_attention_heads=(6, 12, 24, 24), cross_attention_dim=1280, use_linear_projection=True,
+                   sample_size=128, transformer_layers_per_block=4, addition_embed_type="text_time",
+                   addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560)
+
+    @classmethod
     def tiny(cls) -> "UNetConfig":
         """A miniature SD 1.x layout (same block types, a few channels) for fast tests."""
         return cls(block_out_channels=(32, 64, 64, 64), num_attention_heads=(2, 4, 4, 4), cross_attention_dim=32,
@@ -85,6 +108,11 @@ class UNetConfig:
     def downsample_factor(self) -> int:
         """Every stage but the last halves H and W."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    def transformer_depth(self, stage: int) -> int:
+        """Transformer blocks per Transformer2D in `stage` (the mid-block has the last stage's)."""
+        depth = self.transformer_layers_per_block
+        return depth[stage] if isinstance(depth, (list, tuple)) else depth
 
 
 
@@ -229,12 +257,13 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2D(nn.Module):
     """A transformer on the feature map's H*W positions: GroupNorm, proj_in, blocks, proj_out, plus the input."""
 
-    def __init__(self, channels: int, heads: int, config: UNetConfig):
+    def __init__(self, channels: int, heads: int, config: UNetConfig, depth: int = 1):
         super().__init__()
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
         project = nn.Linear if config.use_linear_projection else lambda i, o: nn.Conv2d(i, o, 1)
         self.proj_in = project(channels, channels)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, config.cross_attention_dim)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, config.cross_attention_dim)
+                                                 for _ in range(depth)])
         self.proj_out = project(channels, channels)
         self.linear = config.use_linear_projection
 
@@ -281,13 +310,13 @@ class Upsample(nn.Module):
 class DownBlock(nn.Module):
     """An encoder stage: layers_per_block x (resnet [+ transformer]), then Downsample; every output is a skip."""
 
-    def __init__(self, in_channels, out_channels, heads, cross_attention, add_downsample, emb_dim, config):
+    def __init__(self, in_channels, out_channels, heads, cross_attention, add_downsample, emb_dim, config, depth=1):
         super().__init__()
         channels_in = [in_channels] + [out_channels] * (config.layers_per_block - 1)
         self.resnets = nn.ModuleList([ResnetBlock(c, out_channels, emb_dim, config) for c in channels_in])
         # empty (no keys) in an attention-free stage
         self.attentions = nn.ModuleList(
-            [Transformer2D(out_channels, heads, config) for _ in channels_in] if cross_attention else []
+            [Transformer2D(out_channels, heads, config, depth) for _ in channels_in] if cross_attention else []
         )
         self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if add_downsample else None
 
@@ -306,10 +335,10 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """The bottleneck: resnet, transformer, resnet."""
 
-    def __init__(self, channels, heads, emb_dim, config):
+    def __init__(self, channels, heads, emb_dim, config, depth=1):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, emb_dim, config) for _ in range(2)])
-        self.attentions = nn.ModuleList([Transformer2D(channels, heads, config)])
+        self.attentions = nn.ModuleList([Transformer2D(channels, heads, config, depth)])
 
     def forward(self, x, emb, context):
         x = self.resnets[0](x, emb)
@@ -319,7 +348,8 @@ class MidBlock(nn.Module):
 class UpBlock(nn.Module):
     """A decoder stage: (layers_per_block + 1) x (concat a skip, resnet [+ transformer]), then Upsample."""
 
-    def __init__(self, in_channels, skip_channels, out_channels, heads, cross_attention, add_upsample, emb_dim, config):
+    def __init__(self, in_channels, skip_channels, out_channels, heads, cross_attention, add_upsample, emb_dim, config,
+                 depth=1):
         super().__init__()
         layers = config.layers_per_block + 1
         # resnet j sees the previous output plus the skip saved by the mirrored encoder layer
@@ -328,7 +358,7 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock(c, out_channels, emb_dim, config) for c in channels_in])
         # empty (no keys) in an attention-free stage
         self.attentions = nn.ModuleList(
-            [Transformer2D(out_channels, heads, config) for _ in channels_in] if cross_attention else []
+            [Transformer2D(out_channels, heads, config, depth) for _ in channels_in] if cross_attention else []
         )
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if add_upsample else None
 
@@ -351,22 +381,27 @@ class UNet(nn.Module):
                                 f"{attn} must have one entry per stage")
         last, emb_dim = len(channels) - 1, 4 * channels[0]
         self.time_embedding = TimestepEmbedding(channels[0], emb_dim)
+        if config.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop ids -> added to emb
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, emb_dim)
         self.conv_in = Conv3x3(config.in_channels, channels[0])
         self.down_blocks = nn.ModuleList([
-            DownBlock(channels[max(i - 1, 0)], channels[i], heads[i], attn[i], i < last, emb_dim, config)
+            DownBlock(channels[max(i - 1, 0)], channels[i], heads[i], attn[i], i < last, emb_dim, config,
+                      config.transformer_depth(i))
             for i in range(len(channels))
         ])
-        self.mid_block = MidBlock(channels[-1], heads[-1], emb_dim, config) if config.mid_block else None
+        self.mid_block = (MidBlock(channels[-1], heads[-1], emb_dim, config, config.transformer_depth(last))
+                          if config.mid_block else None)
         self.up_blocks = nn.ModuleList([
             UpBlock(channels[min(i + 1, last)], channels[max(i - 1, 0)], channels[i], heads[i], attn[i], i > 0,
-                    emb_dim, config)
+                    emb_dim, config, config.transformer_depth(i))
             for i in reversed(range(len(channels)))
         ])
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = Conv3x3(channels[0], config.out_channels)
 
-    def forward(self, x, t, context):
-        """eps_theta(x_t, t, c) (or v): x (B, in_channels, H, W), t a number or (B,), context (B, L, D)."""
+    def forward(self, x, t, context, added_cond_kwargs: dict | None = None):
+        """eps_theta(x_t, t, c) (or v): x (B, in_channels, H, W), t a number or (B,), context (B, L, D);
+        SDXL also added_cond_kwargs={"text_embeds": (B, 1280), "time_ids": (B, 6)}."""
         self._check_inputs(x, context)
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if t.ndim > 1 or t.numel() not in (1, x.shape[0]):
@@ -376,6 +411,8 @@ class UNet(nn.Module):
         pe = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                 self.config.freq_shift)
         emb = self.time_embedding(pe.to(x.dtype))
+        if self.config.addition_embed_type == "text_time":
+            emb = emb + self.add_embedding(self.text_time_input(added_cond_kwargs, x.shape[0]).to(x.dtype))
 
         h = self.conv_in(x)
         skips = [h]
@@ -389,6 +426,20 @@ class UNet(nn.Module):
             h = block(h, skips[-taken:], emb, context)
             del skips[-taken:]
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def text_time_input(self, added_cond_kwargs, batch: int):
+        """SDXL's [text_embeds, PE(time_id_1), ..., PE(time_id_n)], (B, projection_class_embeddings_input_dim)."""
+        config, added = self.config, added_cond_kwargs or {}
+        text_embeds, time_ids = added.get("text_embeds"), added.get("time_ids")
+        if text_embeds is None or time_ids is None or text_embeds.shape[0] != batch or time_ids.shape[0] != batch \
+                or text_embeds.shape[-1] + time_ids.shape[-1] * config.addition_time_embed_dim \
+                != config.projection_class_embeddings_input_dim:
+            raise MinidiffError(f"this SDXL UNet needs added_cond_kwargs={{'text_embeds': (B, pooled), 'time_ids': "
+                                f"(B, n)}} with B = {batch} and pooled + n x {config.addition_time_embed_dim} = "
+                                f"{config.projection_class_embeddings_input_dim} (see minidiff.sdxl.time_ids)")
+        pe = timestep_embedding(time_ids.flatten(), config.addition_time_embed_dim, config.flip_sin_to_cos,
+                                config.freq_shift)
+        return torch.cat([text_embeds, pe.reshape(batch, -1).to(text_embeds.dtype)], dim=-1)  # (B, pooled + n x PE)
 
     def _check_inputs(self, x, context):
         config = self.config
@@ -407,7 +458,8 @@ class UNet(nn.Module):
                                 "(for guidance, batch [uncond, cond] in both)")
         if context.shape[-1] != config.cross_attention_dim:
             hint = {(1024, 768): ": an SD 2.x text encoder with an SD 1.x UNet?",
-                    (768, 1024): ": an SD 1.x text encoder with an SD 2.x UNet?"}
+                    (768, 1024): ": an SD 1.x text encoder with an SD 2.x UNet?",
+                    (768, 2048): ": SDXL cross-attends to both text encoders' states, concatenated (768 + 1280)"}
             raise MinidiffError(f"context has dim {context.shape[-1]} but this UNet expects "
                                 f"{config.cross_attention_dim}"
                                 + hint.get((context.shape[-1], config.cross_attention_dim), ""))

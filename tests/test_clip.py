@@ -42,7 +42,7 @@ def test_presets_read_from_published_configs():
     "change, message",
     [
         ({"hidden_act": "relu"}, "hidden_act 'relu'"),
-        ({"architectures": ["CLIPTextModelWithProjection"]}, "CLIPTextModelWithProjection"),
+        ({"architectures": ["CLIPVisionModel"]}, "CLIPVisionModel"),  # (WithProjection is SDXL's second encoder)
         ({"hidden_size": None}, "lacks hidden_size"),
     ],
 )

@@ -15,6 +15,8 @@ PARAMETERS = {  # published counts (diffusers UNet2DConditionModel; BK-SDM model
     "bk_sdm_base": 579_384_964,
     "bk_sdm_small": 482_346_884,
     "bk_sdm_tiny": 323_384_964,
+    "sdxl": 2_567_463_684,  # diffusers' count of UNet2DConditionModel.from_config(sdxl unet/config.json)
+    "sdxl_refiner": 2_259_526_660,
 }
 
 
@@ -196,9 +198,10 @@ def test_to_diffusers_round_trips(name):
 
 
 @pytest.mark.parametrize("option, value", [
-    ("addition_embed_type", "text_time"),  # SDXL
+    ("addition_embed_type", "image"),  # Kandinsky-style image conditioning (SDXL's "text_time" is read)
+    ("addition_embed_type", "text_time"),  # without its two dimensions
     ("time_cond_proj_dim", 256),  # LCM-distilled UNets
-    ("transformer_layers_per_block", [1, 2, 10]),
+    ("transformer_layers_per_block", [1, 2, 10]),  # three depths for four stages
     ("class_embed_type", "timestep"),
     ("some_future_option", 3),
 ])
