@@ -13,10 +13,10 @@ import sys
 
 from torch import nn
 
+from minidiff.checkpoint import build, meta_model
 from minidiff.cli import add_bench_arguments, cmd_bench
 from minidiff.config import to_diffusers
 from minidiff.errors import MinidiffError
-from minidiff.load import build, meta_model
 
 INSTALL = 'pip install -e ".[parity]"'
 

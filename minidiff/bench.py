@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from minidiff import measure
+from minidiff.checkpoint import build, meta_model
 from minidiff.errors import MinidiffError
 from minidiff.files import atomic_save
-from minidiff.load import build, meta_model
 from minidiff.pipeline import guided
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
@@ -160,7 +160,7 @@ def random_weights(module: nn.Module, generator: torch.Generator) -> dict:
 
 
 def with_weights(model_class, config, state: dict, dtype, device) -> nn.Module:
-    """model_class(config) built on meta and given `state` in `dtype` (load.build, on a copy: `state` is kept)."""
+    """model_class(config) built on meta and given `state` in `dtype` (checkpoint.build, on a copy: `state` is kept)."""
     return build(meta_model(model_class, config), dict(state), "random weights", dtype, device)
 
 

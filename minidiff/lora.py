@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from minidiff import keymap
+from minidiff.checkpoint import PICKLE_SUFFIXES, read_safetensors
 from minidiff.config import to_diffusers
 from minidiff.errors import CheckpointError, MinidiffError
-from minidiff.load import PICKLE_SUFFIXES, read_safetensors
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}

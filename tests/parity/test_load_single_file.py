@@ -22,10 +22,11 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 
 from minidiff import keymap
+from minidiff.checkpoint import read_safetensors
 from minidiff.clip import CLIPTextConfig
 from minidiff.config import to_diffusers
 from minidiff.errors import CheckpointError
-from minidiff.load import load_components, load_text_encoder, load_unet, load_vae, read_safetensors
+from minidiff.load import load_components, load_text_encoder, load_unet, load_vae
 from minidiff.unet import UNetConfig
 from minidiff.vae import VAEConfig
 
