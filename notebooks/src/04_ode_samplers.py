@@ -37,6 +37,7 @@ from minidiff.course.viz import (
     show_trace,
     to_pil,
 )
+from minidiff.course.workbook import use
 from minidiff.samplers import sample
 
 gaussian = GaussianEpsModel(mu=0.5, s=0.8)  # x0 ~ N(0.5, 0.8^2 I): the exact ODE solution is known
@@ -70,29 +71,36 @@ def slope(model, x, sigma, t):
     return model(x / math.sqrt(1 + sigma**2), t)  # dx/dsigma = eps_theta
 
 
+# your workbook's lesson_04.py (`minidiff course init workbook`); where a function is still blank, the reference
+mine = use(4)
+print(mine.check("euler_step"))
+
+
 def my_euler(model, noise, timesteps, sigmas):
+    """Euler on the sigma grid, each step your euler_step."""
     x = noise * math.sqrt(1 + sigmas[0] ** 2)  # x_T / alpha_T
     for i, t in enumerate(timesteps):
-        x = x + slope(model, x, sigmas[i], t) * (sigmas[i + 1] - sigmas[i])
+        x = mine.euler_step(x, slope(model, x, sigmas[i], t), sigmas[i], sigmas[i + 1])
     return x
 
 
 def my_heun(model, noise, timesteps, sigmas):
+    """Heun: your euler_step to the trial point, then again with the mean of the two slopes."""
     x = noise * math.sqrt(1 + sigmas[0] ** 2)
     for i, t in enumerate(timesteps):
         d = slope(model, x, sigmas[i], t)
-        x_euler = x + d * (sigmas[i + 1] - sigmas[i])
+        x_euler = mine.euler_step(x, d, sigmas[i], sigmas[i + 1])
         if sigmas[i + 1] == 0:  # the last step: Euler (no slope at sigma = 0)
             x = x_euler
         else:
             d_next = slope(model, x_euler, sigmas[i + 1], timesteps[i + 1])
-            x = x + (d + d_next) / 2 * (sigmas[i + 1] - sigmas[i])
+            x = mine.euler_step(x, (d + d_next) / 2, sigmas[i], sigmas[i + 1])
     return x
 
 
 ts, sigmas = gaussian.schedule.sigma_grid(20)  # diffusers' Euler/Heun grid: 20 timesteps, 21 sigmas ending in 0
-for name, mine in (("euler", my_euler), ("heun", my_heun)):
-    ours = mine(gaussian, x_T, ts.tolist(), sigmas.tolist())
+for name, method in (("euler", my_euler), ("heun", my_heun)):
+    ours = method(gaussian, x_T, ts.tolist(), sigmas.tolist())
     library = sample(gaussian, x_T, sampler=name, steps=20)
     print(f"{name}: max |mine - minidiff| = {float((ours - library).abs().max()):.1e}, "
           f"mean |x0 - exact| = {float((ours - exact_x0).abs().mean()):.4f} (fp64, 20 steps)")
@@ -119,7 +127,9 @@ fig = plot_convergence(errors, steps)
 # 20 steps lands as close to DDIM at 50 as DDIM itself cannot at 20.
 
 # %%
-print(check("dpmpp_20"))
+print(check("dpmpp_20"))  # minidiff's own
+print(mine.check("dpmpp_2m_step"))
+print(mine.check("dpmpp_20"))  # yours (lesson_04.py), or to do
 
 # %% [markdown]
 # ## Karras sigmas and custom timestep lists
