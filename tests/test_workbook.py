@@ -6,6 +6,7 @@ which restate the library (checked here too). Tolerances: fp32 unless stated.
 """
 
 import ast
+import contextlib
 import math
 
 import pytest
@@ -14,10 +15,12 @@ import torch
 from minidiff.cli import main as cli_main
 from minidiff.course import notebook, workbook
 from minidiff.course.milestones import MILESTONES, check, checklist
+from minidiff.course.milestones.blocks import _attention_variant, _block_variant, _bpe_variant, _clip_variant
 from minidiff.course.milestones.core import in_lesson_order
 from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
+from minidiff.course.milestones.networks import _rename_variant
 from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
-from minidiff.course.solutions import lesson_02, lesson_03, lesson_04, lesson_08
+from minidiff.course.solutions import lesson_02, lesson_03, lesson_04, lesson_05, lesson_06, lesson_07, lesson_08
 from minidiff.schedule import NoiseSchedule
 
 WORKBOOK_MILESTONES = [name for name, chosen in MILESTONES.items() if chosen.lesson is not None]
@@ -72,7 +75,7 @@ def test_blank_workbook_is_all_to_do(tmp_path, capsys):
         assert f"○ {name} " in out, name
     assert "✓" not in out.split("\n", 1)[1] and "✗" not in out.split("\n", 1)[1]
     assert f"workbook: 0 passed, 0 failed, {len(WORKBOOK_MILESTONES)} to do" in out
-    assert "lesson 03: 0 passed, 0 failed, 3 to do" in out and "to do: write ddim_sample in lesson_03.py" in out
+    assert "lesson 03: 0 passed, 0 failed, 4 to do" in out and "to do: write ddim_sample in lesson_03.py" in out
 
 
 def test_solutions_workbook_passes_every_milestone(tmp_path, capsys, no_shapes_model):
@@ -109,7 +112,7 @@ def test_a_function_that_calls_a_blank_is_to_do(tmp_path):
     blank = 'raise NotImplementedError("lesson 03: write ddim_sample in lesson_03.py")'
     path.write_text(path.read_text().replace(blank, "return ddim_step(x_T, model(x_T, 981), 0.5, 0.6)"))
     module = workbook.load(tmp_path)[3]
-    assert module.__blanks__ == {"ddim_step", "timesteps"}
+    assert module.__blanks__ == {"ddim_step", "timesteps", "ddim_early_exit"}
     result = check("ddim_50", module.ddim_sample)
     assert result.status == "todo" and "write ddim_step" in result.detail and not result
 
@@ -123,7 +126,9 @@ def test_workbook_errors(tmp_path, capsys, monkeypatch):
     assert cli_main(["milestones"]) == 2
     err = capsys.readouterr().err
     assert "no workbook in" in err and "minidiff course init workbook" in err and "--reference" in err
-    (tmp_path / "W" / "lesson_05.py").write_text("def attention(q, k, v):\n    return q\n")
+    path = tmp_path / "W" / "lesson_05.py"
+    path.write_text(path.read_text().replace('raise NotImplementedError("lesson 05: write attention in lesson_05.py")',
+                                             "return q"))
     (tmp_path / "W" / "lesson_06.py").write_text("x = 1\n")
     assert cli_main(["milestones", "--workbook", str(tmp_path / "W"), "--only", "attention", "resblock"]) == 1
     out = capsys.readouterr().out
@@ -299,3 +304,88 @@ def test_a_sampler_that_ignores_spacing_fails_on_the_other_grids(no_shapes_model
 
 def test_cfg_milestone_passes_the_lessons_guidance():
     assert check("guided_eps", lesson_08.guided_eps).status == "pass"
+
+
+# --- the parts of the networks (item 3 of issue 16): each planted mistake caught and named -----------------------
+
+
+@contextlib.contextmanager
+def replaced(module, name, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def with_replaced(function, module, name, value):
+    def run(*args):
+        with replaced(module, name, value):
+            return function(*args)
+    return run
+
+
+def early_exit_returning_x(model, x, alphas_cumprod, steps, stop_after):
+    grid = lesson_03.timesteps(steps)
+    for i, t in enumerate(grid[:stop_after]):
+        t_prev = grid[i + 1] if i + 1 < len(grid) else 0
+        x = lesson_03.ddim_step(x, model(x, t), alphas_cumprod[t], alphas_cumprod[t_prev])
+    return x
+
+
+def no_post_quant_conv(z, params, groups=32):
+    params = {**params, "post_quant_conv.weight": torch.eye(4)[:, :, None, None],
+              "post_quant_conv.bias": torch.zeros(4)}
+    return lesson_07.vae_decode(z, params, groups)
+
+
+def sin_first(t, dim, cos_first=lesson_06.timestep_embedding):
+    cos, sin = cos_first(t, dim).chunk(2, dim=-1)
+    return torch.cat([sin, cos], dim=-1)
+
+
+PLANTED_PARTS = [
+    ("ddim_early_exit", early_exit_returning_x, "x_inter"),
+    ("ddim_early_exit", lambda m, x, a, s, k: lesson_03.ddim_early_exit(m, x, a, s, min(k + 1, s)), "one step late"),
+    ("self_attention", lambda x, p, heads: lesson_05.self_attention(x, p, 1), "one head"),
+    ("self_attention", lambda x, p, heads: _attention_variant(x, x, p, heads, split="reshape"), "split wrongly"),
+    ("self_attention", lambda x, p, heads: _attention_variant(x, x, p, heads, project_out=False), "to_out.0"),
+    ("cross_attention", lambda x, c, p, heads: _attention_variant(x, c, p, heads, head_scale=False), "sqrt(D)"),
+    ("cross_attention", lambda x, c, p, heads: lesson_05.cross_attention(x, c, p, 1), "one head"),
+    ("transformer_block", lambda x, c, p, heads: _block_variant(x, c, p, heads, post_norm=True), "post-norm"),
+    ("transformer_block", lambda x, c, p, heads: _block_variant(x, c, p, heads, cross_first=True), "comes first"),
+    ("transformer_block", lambda x, c, p, heads: _block_variant(x, c, p, heads, gate_first=True), "swapped"),
+    ("transformer_2d", lambda x, c, p, heads, groups=32: lesson_06.transformer_2d(x, c, p, heads, groups) - x,
+     "residual is missing"),
+    ("down_block", lambda *a: (lambda out: (out[0], out[1][:-1]))(lesson_06.down_block(*a)), "downsampler's output"),
+    ("down_block", lambda x, e, c, p, h, g=32: lesson_06.down_block(
+        x, e, c, {k: v for k, v in p.items() if not k.startswith("attentions.")}, h, g), "transformers"),
+    ("mid_block", with_replaced(lesson_06.mid_block, lesson_06, "transformer_2d", lambda x, *a: x), "transformer is"),
+    ("up_block", lambda x, s, *a: lesson_06.up_block(x, s[::-1], *a), "latest first"),
+    ("up_block", lambda x, s, e, c, p, h, g=32: lesson_06.up_block(
+        x, s, e, c, {k: v for k, v in p.items() if not k.startswith("upsamplers.")}, h, g), "upsampler"),
+    ("unet_from_parts", with_replaced(lesson_06.unet, lesson_06, "timestep_embedding", sin_first), "cosines first"),
+    ("vae_resblock", lambda x, p, groups=32: lesson_07.vae_resblock(x, p, groups) - x, "skip is missing"),
+    ("vae_attention", lambda x, p, groups=32: lesson_07.vae_attention(x, p, groups) - x, "residual is missing"),
+    ("vae_decode", no_post_quant_conv, "post_quant_conv"),
+    ("bpe_merge", lambda s, r: _bpe_variant(s, r, "first"), "first known pair"),
+    ("bpe_merge", lambda s, r: _bpe_variant(s, r, "highest"), "highest rank"),
+    ("bpe_merge", lambda s, r: _bpe_variant(s, r, every=False), "only the first occurrence"),
+    ("causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu(), "the future"),
+    ("causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1), "see itself"),
+    ("causal_mask", lambda n: ~torch.ones(n, n, dtype=torch.bool).tril(), "inverted"),
+    ("clip_layer", lambda x, p, heads, mask: lesson_08.clip_layer(x, p, heads, torch.ones_like(mask)), "mask"),
+    ("clip_layer", lambda x, p, heads, mask: _clip_variant(x, p, heads, mask, exact_gelu=True), "quick_gelu"),
+    ("text_encoder_from_parts", with_replaced(lesson_08.text_encoder, lesson_08, "causal_mask",
+                                              lambda n: torch.ones(n, n, dtype=torch.bool)), "no causal mask"),
+    ("rename_keys", lambda s, r: _rename_variant(s, r, renames=False), "renames inside the block"),
+]
+
+
+@pytest.mark.parametrize("name, candidate, named", PLANTED_PARTS,
+                         ids=[f"{p[0]}-{i}" for i, p in enumerate(PLANTED_PARTS)])
+def test_planted_mistakes_in_the_parts_are_caught_and_named(name, candidate, named):
+    message = failure(name, candidate)
+    assert "hint:" in message and named in message, message
+    assert "reread lesson" in message, message

@@ -26,6 +26,7 @@ import torch
 
 from minidiff.course import shapes
 from minidiff.course.viz import DatasetEpsModel, StepRecorder, course_pipeline, image_grid, show_trace, to_pil
+from minidiff.course.workbook import use
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
 
@@ -81,27 +82,27 @@ print("which picture:", nearest.indices.tolist())
 # generator, so the result must match the library's to float rounding.
 
 # %%
+# your workbook's lesson_02.py (`minidiff course init workbook`); where a function is still blank, the reference
+mine = use(2)
+for name in ("pred_x0", "pred_eps", "ddpm_step"):
+    print(mine.check(name))
+
+
 def my_ddpm(model, x, timesteps, alphas_cumprod, generator):
+    """The DDPM loop around your ddpm_step: a noise draw per step, in the library's order."""
     for i, t in enumerate(timesteps):
         abar = float(alphas_cumprod[t])
         abar_prev = float(alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
-        alpha, beta = abar / abar_prev, 1 - abar / abar_prev
-        eps = model(x, t)
-        pred_x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
-        mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * pred_x0 + (
-            math.sqrt(alpha) * (1 - abar_prev) / (1 - abar)) * x
-        if t > 0:
-            posterior_var = (1 - abar_prev) / (1 - abar) * beta
-            mean = mean + math.sqrt(posterior_var) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        x = mean
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = mine.ddpm_step(x, model(x, t), abar, abar_prev, noise)
     return x
 
 
 schedule = NoiseSchedule.sd()
-mine = my_ddpm(model, noise, schedule.timesteps(50).tolist(), schedule.alphas_cumprod,
+ours = my_ddpm(model, noise, schedule.timesteps(50).tolist(), schedule.alphas_cumprod,
                torch.Generator().manual_seed(1))
 library = sample(model, noise, sampler="ddpm", steps=50, generator=torch.Generator().manual_seed(1))
-print(f"max |mine - minidiff| after 50 DDPM steps: {float((mine - library).abs().max()):.2e} (fp32)")
+print(f"max |mine - minidiff| after 50 DDPM steps: {float((ours - library).abs().max()):.2e} (fp32)")
 
 # %% [markdown]
 # ## What the network predicts: $\epsilon$ or $v$

@@ -36,6 +36,7 @@ from minidiff.course.viz import (
     show_trace,
     to_pil,
 )
+from minidiff.course.workbook import use
 from minidiff.samplers import sample
 
 gaussian = GaussianEpsModel(mu=0.5, s=0.8)  # x0 ~ N(0.5, 0.8^2 I): the exact ODE solution is known
@@ -69,29 +70,36 @@ def slope(model, x, sigma, t):
     return model(x / math.sqrt(1 + sigma**2), t)  # dx/dsigma = eps_theta
 
 
+# your workbook's lesson_04.py (`minidiff course init workbook`); where a function is still blank, the reference
+mine = use(4)
+print(mine.check("euler_step"))
+
+
 def my_euler(model, noise, timesteps, sigmas):
+    """Euler on the sigma grid, each step your euler_step."""
     x = noise * math.sqrt(1 + sigmas[0] ** 2)  # x_T / alpha_T
     for i, t in enumerate(timesteps):
-        x = x + slope(model, x, sigmas[i], t) * (sigmas[i + 1] - sigmas[i])
+        x = mine.euler_step(x, slope(model, x, sigmas[i], t), sigmas[i], sigmas[i + 1])
     return x
 
 
 def my_heun(model, noise, timesteps, sigmas):
+    """Heun: your euler_step to the trial point, then again with the mean of the two slopes."""
     x = noise * math.sqrt(1 + sigmas[0] ** 2)
     for i, t in enumerate(timesteps):
         d = slope(model, x, sigmas[i], t)
-        x_euler = x + d * (sigmas[i + 1] - sigmas[i])
+        x_euler = mine.euler_step(x, d, sigmas[i], sigmas[i + 1])
         if sigmas[i + 1] == 0:  # the last step: Euler (no slope at sigma = 0)
             x = x_euler
         else:
             d_next = slope(model, x_euler, sigmas[i + 1], timesteps[i + 1])
-            x = x + (d + d_next) / 2 * (sigmas[i + 1] - sigmas[i])
+            x = mine.euler_step(x, (d + d_next) / 2, sigmas[i], sigmas[i + 1])
     return x
 
 
 ts, sigmas = gaussian.schedule.sigma_grid(20)  # diffusers' Euler/Heun grid: 20 timesteps, 21 sigmas ending in 0
-for name, mine in (("euler", my_euler), ("heun", my_heun)):
-    ours = mine(gaussian, x_T, ts.tolist(), sigmas.tolist())
+for name, method in (("euler", my_euler), ("heun", my_heun)):
+    ours = method(gaussian, x_T, ts.tolist(), sigmas.tolist())
     library = sample(gaussian, x_T, sampler=name, steps=20)
     print(f"{name}: max |mine - minidiff| = {float((ours - library).abs().max()):.1e}, "
           f"mean |x0 - exact| = {float((ours - exact_x0).abs().mean()):.4f} (fp64, 20 steps)")
@@ -137,9 +145,9 @@ r = h_prev / h
 D = (1 + 1 / (2 * r)) * now["pred_x0"] - 1 / (2 * r) * before["pred_x0"]
 x = before["x"] * math.sqrt(1 + now["sigma"] ** 2)  # the VP latent before step i, as x = x_t / alpha_t
 x_next = after["sigma"] / now["sigma"] * x + (1 - after["sigma"] / now["sigma"]) * D
-mine = x_next / math.sqrt(1 + after["sigma"] ** 2)  # back to the VP latent
+my_step = x_next / math.sqrt(1 + after["sigma"] ** 2)  # back to the VP latent
 print(f"step {i}: h = {h:.3f}, r = {r:.3f}, D = {1 + 1 / (2 * r):.3f} pred_x0_i - {1 / (2 * r):.3f} pred_x0_(i-1)")
-print(f"max |my step - the library's x_inter| = {float((mine - now['x']).abs().max()):.1e} (fp64)")
+print(f"max |my step - the library's x_inter| = {float((my_step - now['x']).abs().max()):.1e} (fp64)")
 
 # %% [markdown]
 # That is why DPM++ 2M is the default for 20-step generation. The `dpmpp_20` milestone checks that DPM++ 2M at 20
@@ -151,6 +159,7 @@ ddim_50 = sample(gaussian, x_T, sampler="ddim", steps=50)
 for name in ("ddim", "dpmpp_2m"):
     x_20 = sample(gaussian, x_T, sampler=name, steps=20)
     print(f"{name:8s} 20 steps: mean |x0 - DDIM 50| = {float((x_20 - ddim_50).abs().mean()):.4f}")
+print(mine.check("dpmpp_2m_step"))  # your lesson_04.py step, or to do (the whole sampler: `minidiff milestones`)
 
 # %% [markdown]
 # ## Karras sigmas and custom timestep lists

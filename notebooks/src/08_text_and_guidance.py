@@ -23,6 +23,7 @@ from IPython.display import display
 from minidiff.course import shapes
 from minidiff.course.milestones import check
 from minidiff.course.viz import course_pipeline, plot_curves, show_images, show_trace
+from minidiff.course.workbook import use
 from minidiff.tokenizer import CLIPTokenizer
 
 tokenizer = CLIPTokenizer.default()
@@ -51,12 +52,11 @@ print(f"a {len(tokenizer.encode(long_prompt))}-token prompt loses its last {len(
 # the reference on a set of awkward prompts:
 
 # %%
-def my_tokenize(text):
-    ids = [49406, *tokenizer.encode(text)[:75], 49407]
-    return ids + [49407] * (77 - len(ids))  # SD 1.x pads with the end token
-
-
-print(check("tokenizer", my_tokenize))
+# your workbook's lesson_08.py (`minidiff course init workbook`); where a function is still blank, the reference
+mine = use(8)
+print(mine.tokenize("a big red circle")[:8], "...")
+for name in ("tokenizer", "bpe_merge"):
+    print(mine.check(name))
 
 # %% [markdown]
 # ## The text encoder is causal
@@ -72,6 +72,9 @@ difference = (a - b).abs().amax(dim=-1)
 print("max |a - b| per position:", [f"{d:.1e}" for d in difference[:8].tolist()], "...")
 print("tokens:", ["<start>", *[tokenizer.id_to_token[i] for i in tokenizer.encode("a big red circle")], "<end>"])
 print(check("text_encoder"))
+# your causal mask, CLIP layer and the text encoder built from them (lesson_08.py)
+for name in ("causal_mask", "clip_layer", "text_encoder_from_parts"):
+    print(mine.check(name))
 
 # %% [markdown]
 # ## Classifier-free guidance
@@ -82,18 +85,13 @@ print(check("text_encoder"))
 # pipeline runs both in one batched UNet call. Re-implement it and compare:
 
 # %%
-def my_guided_eps(unet, x, t, context, uncond, guidance_scale):
-    eps_uncond = unet(x, t, uncond)
-    eps_cond = unet(x, t, context)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-
-
 with torch.no_grad():
     context, uncond = pipe.encode_prompt([prompt]), pipe.encode_prompt([""])
     x = torch.randn(1, pipe.latent_channels(), 8, 8, generator=torch.Generator().manual_seed(0))
-    mine = my_guided_eps(pipe.unet, x, 500, context, uncond, 7.5)
+    ours = mine.guided_eps(pipe.unet(x, 500, uncond), pipe.unet(x, 500, context), 7.5)  # your guided_eps
     library = pipe.guided_model(context, uncond, 7.5)(x, 500)
-print(f"max |mine - pipeline| = {float((mine - library).abs().max()):.1e} (fp32; one batched call against two)")
+print(f"max |mine - pipeline| = {float((ours - library).abs().max()):.1e} (fp32; one batched call against two)")
+print(mine.check("guided_eps"))
 
 # %% [markdown]
 # ## A guidance-scale grid

@@ -25,6 +25,7 @@ from minidiff import hub, keymap
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.config import to_diffusers
 from minidiff.course.viz import show_images, show_trace
+from minidiff.course.workbook import use
 from minidiff.errors import CheckpointError
 from minidiff.load import load_unet
 from minidiff.pipeline import load_pipeline
@@ -133,6 +134,20 @@ for diffusers_key in examples:
                     and v.shape == unet.state_dict()[diffusers_key].shape
                     and torch.equal(v, unet.state_dict()[diffusers_key]))
     print(f"{diffusers_key:62s} <- {original}")
+
+# %% [markdown]
+# Your turn, in your workbook's lesson_11.py: `rename_keys(state, rules)` takes the UNet's original names back to
+# diffusers' through the same rules (`keymap.unet_rules(config)`), and `load_unet(folder)` reads a diffusers
+# `unet/` folder. Where a function is still blank, the reference runs (and says so).
+
+# %%
+mine = use(11)
+prefix = keymap.PREFIXES["unet"]
+original_unet = {key[len(prefix):]: value for key, value in single.items() if key.startswith(prefix)}
+renamed = mine.rename_keys(original_unet, keymap.unet_rules(to_diffusers(unet.config)))
+print(f"{len(renamed)} UNet keys renamed; exactly the diffusers names: {set(renamed) == set(unet.state_dict())}")
+for name in ("rename_keys", "load_unet"):
+    print(mine.check(name))
 
 # %% [markdown]
 # ## Load both, generate, compare

@@ -316,3 +316,41 @@ def check_load_unet(candidate=None):
             output = call_candidate(loaded.eval(), call, x, t, context)
             error = compare(output, reference(x, t, context), Tolerance(1e-4, 1e-4), "output of the loaded UNet")
     return f"all {len(state)} tensors exactly as stored; output within 1e-4 (largest |diff| {error:.1e})"
+
+
+def _rename_variant(state: dict, rules: list, renames=True) -> dict:
+    """keymap.rename, or its known mistake: the renames inside a block (in_layers.0 -> norm1, ...) not applied."""
+    from minidiff.keymap import rename
+
+    return rename(state, rules if renames else [(old, new, {}) for old, new, _ in rules])[0]
+
+
+@milestone("loading: an original single-file UNet renamed through the key map", lesson=11)
+def check_rename_keys(candidate=None):
+    """rename_keys(state, rules) -> {diffusers key: tensor}; rules: minidiff.keymap.unet_rules(config) triples
+
+    The tiny seeded UNet's weights under the original (ldm) names, model.diffusion_model. removed, and its rules;
+    every key must come back to its diffusers name with its tensor.
+    """
+    from minidiff.keymap import rename, to_original, unet_rules
+
+    unet = reference_network("unet")
+    config = to_diffusers(unet.config)
+    state, rules = unet.state_dict(), unet_rules(config)
+    original = to_original(state, "unet", config)
+    section = "reread lesson 11 (course/11_official_weights.md, the original single-file layout)"
+    mistakes = [(f"the renames inside the block were not applied (in_layers.0 -> norm1, ...); {section}", False)]
+    yours = call_candidate(candidate or (lambda s, r: rename(s, r)[0]), signature(check_rename_keys), dict(original),
+                           list(rules))
+    if not isinstance(yours, dict):
+        raise Mismatch(f"yours returned a {type(yours).__name__}; expected a dict {{diffusers key: tensor}}")
+    missing, unexpected = sorted(set(state) - set(yours)), sorted(set(yours) - set(state))
+    if missing or unexpected:
+        named = next((text for text, inner in mistakes if set(_rename_variant(original, rules, inner)) == set(yours)),
+                     None)
+        raise Mismatch(f"{len(missing)} diffusers keys missing (e.g. {', '.join(missing[:2]) or '-'}), "
+                       f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'})"
+                       + (f"\n  hint: {named}" if named else ""))
+    for key, value in state.items():
+        compare(yours[key], value, Tolerance(0, 0, "exact, as stored"), f"tensor {key}")
+    return f"all {len(state)} keys renamed, every tensor as stored"

@@ -53,3 +53,18 @@ def ddim_sample(model, x_T, alphas_cumprod, steps, spacing="leading", steps_offs
         t_prev = grid[i + 1] if i + 1 < len(grid) else 0
         x = ddim_step(x, model(x, t), alphas_cumprod[t], alphas_cumprod[t_prev])
     return x
+
+
+def ddim_early_exit(model, x_T, alphas_cumprod, steps, stop_after, spacing="leading", steps_offset=1):
+    """Deterministic DDIM on timesteps(steps, spacing, steps_offset) that stops after step `stop_after` (1 ..
+    steps) and returns that step's predicted x_0, (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), not x_t:
+    the picture the network already sees, without the steps that would only refine it."""
+    grid = timesteps(steps, spacing, steps_offset, len(alphas_cumprod))
+    x = x_T
+    for i, t in enumerate(grid[:stop_after]):
+        eps = model(x, t)
+        alpha_bar_t = float(alphas_cumprod[t])
+        x0 = (x - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
+        t_prev = grid[i + 1] if i + 1 < len(grid) else 0
+        x = ddim_step(x, eps, alphas_cumprod[t], alphas_cumprod[t_prev])
+    return x0

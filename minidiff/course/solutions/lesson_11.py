@@ -4,6 +4,9 @@ Notation (course/11_official_weights.md):
     folder   -> a diffusers component folder: config.json and diffusion_pytorch_model.safetensors
     state    -> {key: tensor}; the keys are diffusers' (down_blocks.0.resnets.0.conv1.weight, ...), equal to
                 minidiff's attribute names, so loading is load_state_dict with strict=True
+    rules    -> the key map of an original single-file checkpoint (minidiff.keymap.unet_rules(config)): a list of
+                (original prefix, diffusers prefix, renames), e.g. ("input_blocks.1.0", "down_blocks.0.resnets.0",
+                {"in_layers.0": "norm1", "in_layers.2": "conv1", ...})
 """
 
 import json
@@ -22,3 +25,33 @@ def load_unet(folder):
     unet = UNet(unet_from_diffusers(json.loads((folder / "config.json").read_text())))
     unet.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")), strict=True)
     return unet.eval()
+
+
+def _longest(parts, table):
+    """The longest leading run of the dotted `parts` that is a key of `table`, and the parts after it."""
+    for cut in range(len(parts), 0, -1):
+        if ".".join(parts[:cut]) in table:
+            return ".".join(parts[:cut]), parts[cut:]
+    return None, parts
+
+
+def rename_keys(state, rules):
+    """An original single-file state dict (prefix model.diffusion_model. removed) -> diffusers keys, by `rules`.
+
+    For each key, the rule whose original prefix is the longest match on whole dotted parts (input_blocks.1 is
+    not a prefix of input_blocks.10.0.in_layers.0.weight) replaces that prefix with its diffusers prefix; then the
+    longest of its renames that matches the start of the rest replaces that part:
+    input_blocks.1.0.in_layers.0.weight -> down_blocks.0.resnets.0 + norm1 + weight. Keys no rule matches are left
+    out. The tensors are not copied.
+    """
+    table = {old: (new, renames) for old, new, renames in rules}
+    renamed = {}
+    for key, value in state.items():
+        head, rest = _longest(key.split("."), table)
+        if head is None:
+            continue
+        new, renames = table[head]
+        inner, tail = _longest(rest, renames)
+        rest = [renames[inner], *tail] if inner is not None else rest
+        renamed[".".join([new, *rest])] = value
+    return renamed
