@@ -25,8 +25,8 @@ import time
 import torch
 
 from minidiff.course import shapes
+from minidiff.course.notebook import use
 from minidiff.course.viz import DatasetEpsModel, StepRecorder, course_pipeline, image_grid, show_trace, to_pil
-from minidiff.course.workbook import use
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
 

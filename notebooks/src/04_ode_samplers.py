@@ -27,6 +27,7 @@ from IPython.display import display
 
 from minidiff.course import shapes
 from minidiff.course.gaussian import GaussianEpsModel, convergence_order, convergence_study, plot_convergence
+from minidiff.course.notebook import use
 from minidiff.course.viz import (
     DatasetEpsModel,
     StepRecorder,
@@ -36,7 +37,6 @@ from minidiff.course.viz import (
     show_trace,
     to_pil,
 )
-from minidiff.course.workbook import use
 from minidiff.samplers import sample
 
 gaussian = GaussianEpsModel(mu=0.5, s=0.8)  # x0 ~ N(0.5, 0.8^2 I): the exact ODE solution is known

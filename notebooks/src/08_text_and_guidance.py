@@ -22,8 +22,8 @@ from IPython.display import display
 
 from minidiff.course import shapes
 from minidiff.course.milestones import check
+from minidiff.course.notebook import use
 from minidiff.course.viz import course_pipeline, plot_curves, show_images, show_trace
-from minidiff.course.workbook import use
 from minidiff.tokenizer import CLIPTokenizer
 
 tokenizer = CLIPTokenizer.default()

@@ -24,8 +24,8 @@ from IPython.display import Image, display
 
 from minidiff.course import shapes, train
 from minidiff.course.evaluate import held_out_prompts
+from minidiff.course.notebook import use
 from minidiff.course.viz import SHAPES, course_pipeline, shapes_available, show_images, show_trace, to_pil
-from minidiff.course.workbook import use
 from minidiff.pipeline import load_pipeline
 from minidiff.schedule import NoiseSchedule
 

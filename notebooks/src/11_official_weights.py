@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from minidiff import hub, keymap
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.config import to_diffusers
+from minidiff.course.notebook import use
 from minidiff.course.viz import show_images, show_trace
-from minidiff.course.workbook import use
 from minidiff.errors import CheckpointError
 from minidiff.load import load_unet
 from minidiff.pipeline import load_pipeline
