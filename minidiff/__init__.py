@@ -11,7 +11,7 @@ _PUBLIC = {
     "SamplerError": "minidiff.errors",
     "CheckpointError": "minidiff.errors",
     "attention": "minidiff.attention",
-    "set_attention_backend": "minidiff.attention",
+    "set_attention": "minidiff.speed",
     "NoiseSchedule": "minidiff.schedule",
     "sample": "minidiff.samplers",
     "SAMPLERS": "minidiff.samplers",

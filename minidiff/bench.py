@@ -34,7 +34,7 @@ from torch import nn
 
 from minidiff.errors import MinidiffError
 from minidiff.schedule import NoiseSchedule
-from minidiff.speed import FastUNet, reuse_freed_memory, reuse_memory_available, timestep_tensor
+from minidiff.speed import FastUNet, cpu_defaults, reuse_freed_memory, reuse_memory_available, timestep_tensor
 from minidiff.taesd import TAESD
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
@@ -145,7 +145,7 @@ def build(model_class, config, state: dict, dtype, device) -> nn.Module:
     with torch.device("meta"):
         model = model_class(config)
     model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True, assign=True)
-    return model.eval()
+    return cpu_defaults(model.eval())  # as the loaders do
 
 
 class DiffusersUNet(nn.Module):

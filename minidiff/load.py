@@ -26,6 +26,7 @@ import torch
 from minidiff import keymap
 from minidiff.errors import CheckpointError
 from minidiff.schedule import NoiseSchedule, check_prediction_type
+from minidiff.speed import cpu_defaults
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
@@ -163,7 +164,7 @@ def build(model, state: dict, source, dtype=None, device=None):
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a non-persistent buffer the checkpoint cannot fill: a bug in the model class
         raise CheckpointError(f"{type(model).__name__} kept meta tensors after loading: {', '.join(left[:5])}")
-    return model.eval()
+    return cpu_defaults(model.eval())  # on a CPU, the kernels that measured faster there (minidiff.speed)
 
 
 def check_state(model, state: dict, source) -> None:

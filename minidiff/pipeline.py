@@ -20,6 +20,7 @@ from PIL import Image
 
 from minidiff.errors import MinidiffError
 from minidiff.samplers import SAMPLERS, sample
+from minidiff.speed import vae_decode
 
 
 @dataclass
@@ -116,8 +117,8 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] with the VAE (or TAESD, or the decoder given)."""
         decoder = decoder or self.taesd or self.vae
-        if decoder is self.vae and self.vae_tile_size:
-            return decoder.decode(latents / decoder.scaling_factor, tile_size=self.vae_tile_size)
+        if decoder is self.vae:  # in tiles if asked; a float16 decode that overflows is redone in float32
+            return vae_decode(decoder, latents / decoder.scaling_factor, tile_size=self.vae_tile_size)
         return decoder.decode(latents / decoder.scaling_factor)
 
     @torch.no_grad()
