@@ -10,7 +10,7 @@ _PUBLIC = {
     "MinidiffError": "minidiff.errors",
     "SamplerError": "minidiff.errors",
     "CheckpointError": "minidiff.errors",
-    "set_attention_backend": "minidiff.attention",
+    "set_attention": "minidiff.speed",
     "NoiseSchedule": "minidiff.schedule",
     "sample": "minidiff.samplers",
     "SAMPLERS": "minidiff.samplers",

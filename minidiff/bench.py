@@ -47,7 +47,7 @@ from minidiff.pipeline import guided
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
 from minidiff.sdxl import WithAddedConditioning
-from minidiff.speed import FastUNet, reuse_freed_memory, reuse_memory_available, timestep_tensor
+from minidiff.speed import FastUNet, cpu_defaults, reuse_freed_memory, reuse_memory_available, timestep_tensor
 from minidiff.taesd import TAESD
 from minidiff.tokenizer import MAX_LENGTH
 from minidiff.unet import UNet, UNetConfig
@@ -160,8 +160,9 @@ def random_weights(module: nn.Module, generator: torch.Generator) -> dict:
 
 
 def with_weights(model_class, config, state: dict, dtype, device) -> nn.Module:
-    """model_class(config) built on meta and given `state` in `dtype` (checkpoint.build, on a copy: `state` is kept)."""
-    return build(meta_model(model_class, config), dict(state), "random weights", dtype, device)
+    """model_class(config) built on meta and given `state` in `dtype` (checkpoint.build, on a copy: `state` is
+    kept), with the CPU defaults the loaders put in place."""
+    return cpu_defaults(build(meta_model(model_class, config), dict(state), "random weights", dtype, device))
 
 
 def engine_version(name: str) -> str:

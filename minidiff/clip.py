@@ -99,9 +99,11 @@ class CLIPAttention(nn.Module):
         width = config.hidden_size
         self.q_proj, self.k_proj = nn.Linear(width, width), nn.Linear(width, width)
         self.v_proj, self.out_proj = nn.Linear(width, width), nn.Linear(width, width)
+        self.kernel = None  # computes softmax(Q K^T / sqrt(d) + mask) V; None: SDPA (see minidiff.attention)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.out_proj(attention(q, k, v, self.heads, mask, kernel=self.kernel))
 
 
 class CLIPMLP(nn.Module):

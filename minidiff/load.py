@@ -41,6 +41,13 @@ from minidiff.checks import check_input_file, shown
 from minidiff.config import from_diffusers, to_diffusers
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.schedule import NoiseSchedule, check_prediction_type
+from minidiff.speed import cpu_defaults
+
+
+def built(model, state: dict, source, dtype, device):
+    """checkpoint.build, then, on a CPU, the kernels that measured faster there (minidiff.speed.cpu_defaults)."""
+    return cpu_defaults(build(model, state, source, dtype, device))
+
 
 # --- the original single-file layout ----------------------------------------------------------------------------
 
@@ -114,7 +121,7 @@ def load_unet(path, dtype=None, device=None, variant=None, prediction_type=None,
         config = config or from_diffusers(UNetConfig, found)
         prediction_type = prediction_type or scheduler_config(folder).get("prediction_type", "epsilon")
     check_prediction_type(prediction_type)
-    unet = build(meta_model(UNet, config), state, source, dtype, device)
+    unet = built(meta_model(UNet, config), state, source, dtype, device)
     unet.prediction_type = prediction_type
     return unet
 
@@ -135,7 +142,7 @@ def load_vae(path, dtype=None, device=None, variant=None, config=None, allow_pic
         state = converted(state, "vae", to_diffusers(config), prefix)
     else:
         config = config or from_diffusers(VAEConfig, found)
-    return build(meta_model(AutoencoderKL, config), state, source, dtype, device)
+    return built(meta_model(AutoencoderKL, config), state, source, dtype, device)
 
 
 def load_text_encoder(path, dtype=None, device=None, variant=None, config=None, allow_pickle=False,
@@ -158,7 +165,7 @@ def load_text_encoder(path, dtype=None, device=None, variant=None, config=None, 
     else:
         config = config or from_diffusers(CLIPTextConfig, found)
     model = meta_model(CLIPTextModel, config)
-    return build(model, with_prefix_of(state, model.state_dict()), source, dtype, device)
+    return built(model, with_prefix_of(state, model.state_dict()), source, dtype, device)
 
 
 def load_tokenizer(path, allow_pickle=False, part="tokenizer"):
@@ -204,7 +211,7 @@ def load_taesd(path, dtype=None, device=None, allow_pickle=False):
     path = locate(path)
     if path.is_dir() and (path / "config.json").is_file():
         state, found, _, source = read_component(path, "taesd", None, allow_pickle)
-        return build(meta_model(TAESD, from_diffusers(TAESDConfig, found)), state, source, dtype, device)
+        return built(meta_model(TAESD, from_diffusers(TAESDConfig, found)), state, source, dtype, device)
     if path.is_dir():
         files = [p for p in sorted(path.iterdir()) if p.stem in ("taesd_encoder", "taesd_decoder")]
         if not files:
@@ -219,7 +226,7 @@ def load_taesd(path, dtype=None, device=None, allow_pickle=False):
         part_state = converted(read_checkpoint(file, allow_pickle), f"taesd_{part}", {}, f"{file.name}:")
         state |= part_state
     config = TAESDConfig(latent_channels=state["encoder.layers.14.weight"].shape[0])
-    return build(meta_model(TAESD, config), state, path, dtype, device)
+    return built(meta_model(TAESD, config), state, path, dtype, device)
 
 
 @dataclass

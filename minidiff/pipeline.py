@@ -36,6 +36,7 @@ from minidiff.checks import (
 from minidiff.errors import InputError, MinidiffError
 from minidiff.samplers import SAMPLERS, sample
 from minidiff.sdxl import SDXLConditioning
+from minidiff.speed import vae_decode
 
 MAX_IMAGE_PIXELS = 64 * 2**20  # an input image larger than this (8192 x 8192) is refused before it is decoded
 
@@ -205,8 +206,8 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] with the VAE (or TAESD, or the decoder given)."""
         decoder = decoder or self.taesd or self.vae
-        if decoder is self.vae and self.vae_tile_size:
-            return decoder.decode(latents / decoder.scaling_factor, tile_size=self.vae_tile_size)
+        if decoder is self.vae:  # in tiles if asked; a float16 decode that overflows is redone in float32
+            return vae_decode(decoder, latents / decoder.scaling_factor, tile_size=self.vae_tile_size)
         return decoder.decode(latents / decoder.scaling_factor)
 
     @torch.no_grad()

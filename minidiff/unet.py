@@ -145,40 +145,16 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class Conv3x3(nn.Conv2d):
-    """A 3x3, stride-1 convolution (nn.Conv2d, same weights and keys).
-
-    On a CPU, in float32 and outside torch.compile, a small feature map (at most `matmul_max_pixels`: SD's 1280-channel
-    stages) is convolved as one matmul of the weight with its unfolded 3x3 patches (im2col). oneDNN's direct
-    convolution is slower there (2-core AVX-512 CPU, batch 2, 1280 channels: 4x4 23.5 ms vs 9.1 ms, 8x8 30.4 ms
-    vs 23.9 ms) and faster on larger maps, in bf16, and compiled.
-    """
-
-    matmul_max_pixels = 64
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, 3, padding=1)
-
-    def forward(self, x):
-        batch, _, height, width = x.shape
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or height * width > self.matmul_max_pixels
-                or torch.compiler.is_compiling()):
-            return super().forward(x)
-        patches = F.unfold(x, 3, padding=1)  # (B, C_in * 9, H * W)
-        out = self.weight.flatten(1) @ patches + self.bias[:, None]  # (B, C_out, H * W)
-        return out.view(batch, -1, height, width)
-
-
 class ResnetBlock(nn.Module):
     """Residual block (He et al. 2016) with the timestep embedding added between the two 3x3 convs."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, config: UNetConfig):
         super().__init__()
         self.norm1 = nn.GroupNorm(config.norm_num_groups, in_channels, eps=config.norm_eps)
-        self.conv1 = Conv3x3(in_channels, out_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(emb_dim, out_channels)
         self.norm2 = nn.GroupNorm(config.norm_num_groups, out_channels, eps=config.norm_eps)
-        self.conv2 = Conv3x3(out_channels, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # a 1x1 conv matches the skip path's channels when the block changes them
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -199,10 +175,11 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])  # [1] is diffusers' (inference) dropout
+        self.kernel = None  # computes softmax(Q K^T / sqrt(d)) V; None: SDPA (see minidiff.attention)
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, kernel=self.kernel)
         return self.to_out[0](out)
 
 
@@ -219,24 +196,14 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """The transformer MLP: GEGLU to 4 x dim, then back to dim.
-
-    It acts on each token alone, so on a CPU a long sequence goes through in blocks of `block_tokens`: the widest
-    intermediate, (B, tokens, 8 x dim), then stays small enough for the allocator to reuse its memory rather than
-    map fresh pages for it every call (SD 1.5 at 512 px, 4096 tokens, float32: 160 ms -> 130 ms a block). On a GPU
-    the caching allocator already reuses memory, and the sequence goes through whole.
-    """
-
-    block_tokens = 1024
+    """The transformer MLP: GEGLU to 4 x dim, then back to dim."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])  # [1]: dropout
 
     def forward(self, x):
-        if x.device.type != "cpu" or x.shape[1] <= self.block_tokens:
-            return self.net[2](self.net[0](x))
-        return torch.cat([self.net[2](self.net[0](block)) for block in x.split(self.block_tokens, dim=1)], dim=1)
+        return self.net[2](self.net[0](x))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -298,7 +265,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv3x3(channels, channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -383,7 +350,7 @@ class UNet(nn.Module):
         self.time_embedding = TimestepEmbedding(channels[0], emb_dim)
         if config.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop ids -> added to emb
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, emb_dim)
-        self.conv_in = Conv3x3(config.in_channels, channels[0])
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             DownBlock(channels[max(i - 1, 0)], channels[i], heads[i], attn[i], i < last, emb_dim, config,
                       config.transformer_depth(i))
@@ -397,7 +364,7 @@ class UNet(nn.Module):
             for i in reversed(range(len(channels)))
         ])
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = Conv3x3(channels[0], config.out_channels)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def forward(self, x, t, context, added_cond_kwargs: dict | None = None):
         """eps_theta(x_t, t, c) (or v): x (B, in_channels, H, W), t a number or (B,), context (B, L, D);

@@ -13,7 +13,6 @@ The encoder halves H and W at every level but the last (three times for SD: 8x),
 diffusers keys, so a diffusers `vae/` folder loads with a strict `load_state_dict`.
 """
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -136,12 +135,13 @@ class SpatialSelfAttention(nn.Module):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # a list only for the key name "to_out.0"
+        self.kernel = None  # computes softmax(Q K^T / sqrt(d)) V; None: SDPA (see minidiff.attention)
 
     def forward(self, x):
         batch, channels, height, width = x.shape
         # (B, C, H, W) -> (B, HW, C)
         h = self.group_norm(x).flatten(2).transpose(1, 2)
-        h = self.to_out[0](attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1))
+        h = self.to_out[0](attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, kernel=self.kernel))
         # (B, HW, C) -> (B, C, H, W)
         return x + h.transpose(1, 2).reshape(batch, channels, height, width)
 
@@ -272,85 +272,10 @@ class AutoencoderKL(nn.Module):
         noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype)
         return mean + std * noise.to(mean.device)
 
-    def decode(self, latent: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None):
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """z (B, 4, h, w), unscaled -> image (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped).
 
-        tile_size: decode overlapping tiles of this many latent pixels (bounded memory for large images), which
-        overlap by tile_overlap latent pixels (default: a quarter of the tile).
-        A float16 decode that overflows (NaN/inf: the "black image" bug) is redone in float32, and the
-        decoder stays in float32 from then on.
+        (minidiff.speed.vae_decode decodes in tiles, and redoes a float16 decode that overflows in float32.)
         """
         check_latent(latent, self.config.latent_channels)
-        if tile_size is not None:
-            tile_overlap = tile_size // 4 if tile_overlap is None and isinstance(tile_size, int) else tile_overlap
-            check_tiles(tile_size, tile_overlap)
-        image = self._decode(latent, tile_size, tile_overlap)
-        if image.dtype == torch.float16 and not torch.isfinite(image).all():  # one sync, after the whole decode
-            warnings.warn("the float16 VAE decode overflowed (NaN/inf); decoding in float32 from now on",
-                          stacklevel=2)
-            self.post_quant_conv.float()
-            self.decoder.float()
-            image = self._decode(latent, tile_size, tile_overlap)
-        return image
-
-    def _decode(self, latent, tile_size, tile_overlap):
-        latent = latent.to(self.post_quant_conv.weight.dtype)
-        decode = lambda z: self.decoder(self.post_quant_conv(z))
-        if tile_size is None or max(latent.shape[-2:]) <= tile_size:
-            return decode(latent)
-        return decode_tiled(decode, latent, tile_size, tile_overlap, self.downsample_factor)
-
-
-def check_tiles(tile_size, tile_overlap) -> None:
-    """MinidiffError unless tile_size >= 8 latent pixels and 0 <= tile_overlap < tile_size."""
-    valid = lambda n: isinstance(n, int) and not isinstance(n, bool)
-    if not (valid(tile_size) and valid(tile_overlap)) or tile_size < 8 or not 0 <= tile_overlap < tile_size:
-        raise MinidiffError(f"tile_size must be an integer of at least 8 latent pixels (64 px) and tile_overlap an "
-                            f"integer from 0 to tile_size - 1, got tile_size={tile_size!r}, "
-                            f"tile_overlap={tile_overlap!r}")
-
-
-def tile_starts(size: int, tile: int, overlap: int) -> list:
-    """Start offsets of tiles of length `tile` covering 0..size, neighbours overlapping by at least `overlap`."""
-    if tile >= size:
-        return [0]
-    starts = list(range(0, size - tile + 1, tile - overlap))
-    if starts[-1] + tile < size:
-        starts.append(size - tile)  # the last tile ends at the border (overlapping its neighbour more)
-    return starts
-
-
-def blend_ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) -> torch.Tensor:
-    """A 1-D blending weight: rising linearly over `overlap` pixels at each side that meets a neighbour, else 1."""
-    weight = torch.ones(length)
-    ramp = (torch.arange(overlap) + 0.5) / overlap
-    if ramp_start:
-        weight[:overlap] = ramp
-    if ramp_end:
-        weight[length - overlap:] = ramp.flip(0)
-    return weight
-
-
-def decode_tiled(decode, latent, tile_size: int, tile_overlap: int, scale: int) -> torch.Tensor:
-    """Decode overlapping latent tiles and blend them with linear ramps in the overlaps (a weighted average).
-
-    Each tile's GroupNorm statistics and attention see only that tile, so the result is close to, not equal
-    to, the untiled decode; the overlap hides the seams.
-    """
-    batch, _, height, width = latent.shape
-    rows, cols = tile_starts(height, tile_size, tile_overlap), tile_starts(width, tile_size, tile_overlap)
-    image = weights = None
-    for top in rows:
-        for left in cols:
-            tile = decode(latent[:, :, top : top + tile_size, left : left + tile_size]).float()
-            tile_h, tile_w = tile.shape[-2:]
-            overlap = tile_overlap * scale
-            weight = (blend_ramp(tile_h, overlap, top > 0, top != rows[-1])[:, None]
-                      * blend_ramp(tile_w, overlap, left > 0, left != cols[-1])[None, :]).to(tile.device)
-            if image is None:
-                image = tile.new_zeros(batch, tile.shape[1], height * scale, width * scale)
-                weights = tile.new_zeros(height * scale, width * scale)
-            y, x = top * scale, left * scale
-            image[:, :, y : y + tile_h, x : x + tile_w] += tile * weight
-            weights[y : y + tile_h, x : x + tile_w] += weight
-    return (image / weights).to(latent.dtype)
+        return self.decoder(self.post_quant_conv(latent.to(self.post_quant_conv.weight.dtype)))

@@ -1,7 +1,9 @@
 """The speed options keep the numbers: minidiff.speed (FastUNet, optimize, sliced attention) and the VAE's tiled
-decoding and float16 overflow guard. All float32 on the CPU unless a test says otherwise; tolerances are relative
-to max |reference| and stated in each test."""
+decoding and float16 overflow guard (minidiff.speed.vae_decode); the CPU kernels are in test_speed_kernels.py. All
+float32 on the CPU unless a test says otherwise; tolerances are relative to max |reference| and stated in each
+test."""
 
+import copy
 import subprocess
 import sys
 import types
@@ -11,28 +13,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidiff.attention import set_attention_backend
 from minidiff.errors import MinidiffError
 from minidiff.pipeline import Pipeline
 from minidiff.schedule import NoiseSchedule
 from minidiff.speed import (
     CudaGraphCall,
     FastUNet,
+    cpu_defaults,
     optimize,
     reuse_freed_memory,
     reuse_memory_available,
+    set_attention,
     timestep_tensor,
+    vae_decode,
 )
+from minidiff.speed.vae_decoding import decode_tiled, tile_starts
 from minidiff.taesd import TAESD
 from minidiff.unet import UNet, UNetConfig
-from minidiff.vae import AutoencoderKL, VAEConfig, decode_tiled, tile_starts
-
-
-@pytest.fixture(autouse=True)
-def _default_attention():
-    set_attention_backend("sdpa")
-    yield
-    set_attention_backend("sdpa")
+from minidiff.vae import AutoencoderKL, VAEConfig
 
 
 def relative_error(out, reference):
@@ -97,7 +95,7 @@ def test_compiled_unet_matches_eager_and_does_not_recompile_per_timestep():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # the counters are global: earlier compiles in this process count too
     torch.manual_seed(0)
-    unet = perturbed(UNet(UNetConfig.tiny()))
+    unet = cpu_defaults(perturbed(UNet(UNetConfig.tiny())))  # with the CPU kernels, as loaded on a CPU
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
     fast = FastUNet(unet, compile=True, compile_options={"backend": "eager", "fullgraph": True})
     with torch.no_grad():
@@ -127,12 +125,14 @@ def test_frozen_unet_matches_eager_and_its_weights_are_constants():
 
 def test_sliced_attention_matches_plain_within_1e_5(unet_and_inputs):
     unet, x, context, reference = unet_and_inputs
+    sliced = copy.deepcopy(unet)  # the kernels are the model's own: the shared fixture stays plain
     with torch.no_grad():
         for slice_size in (1, 5, 100):  # 256 queries at the top level: uneven slices, and one slice
-            set_attention_backend("sdpa", slice_size)
-            assert relative_error(unet(x, 321, context), reference) <= 1e-5
-        optimize(unet, attention="naive", attention_slice=7)
-        assert relative_error(unet(x, 321, context), reference) <= 1e-5
+            set_attention(sliced, "sdpa", slice_size)
+            assert relative_error(sliced(x, 321, context), reference) <= 1e-5
+        optimize(sliced, attention="naive", attention_slice=7)
+        assert relative_error(sliced(x, 321, context), reference) <= 1e-5
+        assert torch.equal(unet(x, 321, context), reference)
 
 
 def test_optimize_a_pipeline_wraps_the_unet_once_and_sets_the_vae_tiles():
@@ -153,7 +153,7 @@ def test_pipeline_decodes_in_tiles_when_asked():
     pipe = Pipeline(UNet(UNetConfig.tiny()).eval(), vae, None, None, NoiseSchedule.sd())
     latents = torch.randn(1, 4, 12, 12)
     pipe.vae_tile_size = 8
-    expected = vae.decode(latents / vae.scaling_factor, tile_size=8)
+    expected = vae_decode(vae, latents / vae.scaling_factor, tile_size=8)
     assert torch.equal(pipe.decode(latents), expected)
     assert not torch.equal(expected, vae.decode(latents / vae.scaling_factor))
 
@@ -281,9 +281,9 @@ def test_tiled_decode_is_close_to_the_untiled_decode():
     latent = torch.randn(1, 4, 24, 24)
     with torch.no_grad():
         whole = vae.decode(latent)
-        blended = vae.decode(latent, tile_size=16, tile_overlap=8)
-        seams = vae.decode(latent, tile_size=16, tile_overlap=0)
-        assert torch.equal(vae.decode(latent, tile_size=24), whole)  # one tile: the plain decode
+        blended = vae_decode(vae, latent, tile_size=16, tile_overlap=8)
+        seams = vae_decode(vae, latent, tile_size=16, tile_overlap=0)
+        assert torch.equal(vae_decode(vae, latent, tile_size=24), whole)  # one tile: the plain decode
     assert blended.shape == whole.shape
     assert (blended - whole).abs().mean() <= 0.2 * whole.std()
     assert (blended - whole).abs().mean() < (seams - whole).abs().mean()
@@ -293,7 +293,7 @@ def test_tiled_decode_is_close_to_the_untiled_decode():
 def test_bad_tiles_say_what_to_do(tile_size, tile_overlap):
     vae = AutoencoderKL(VAEConfig.tiny()).eval()
     with pytest.raises(MinidiffError, match="tile_size"):
-        vae.decode(torch.randn(1, 4, 8, 8), tile_size=tile_size, tile_overlap=tile_overlap)
+        vae_decode(vae, torch.randn(1, 4, 8, 8), tile_size=tile_size, tile_overlap=tile_overlap)
 
 
 def overflowing_vae():
@@ -316,13 +316,13 @@ def test_float16_decode_that_overflows_is_redone_in_float32(tile_size):
     with torch.no_grad():
         raw = half.decoder(half.post_quant_conv(latent.half()))
         assert not torch.isfinite(raw).all()  # the overflow is real
-        with pytest.warns(UserWarning, match="overflowed"):
-            image = half.decode(latent.half(), tile_size=tile_size)
+        with pytest.warns(UserWarning, match="overflowed.*decode_in_float32"):
+            image = vae_decode(half, latent.half(), tile_size=tile_size)
         assert torch.isfinite(image).all() and image.dtype == torch.float32
         assert half.decoder.conv_in.weight.dtype == torch.float32  # it stays upcast
         # the same float16-rounded weights, in float32 from the start: tolerance 1e-5 relative
         vae.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
-        assert relative_error(image, vae.decode(latent.half().float(), tile_size=tile_size)) <= 1e-5
+        assert relative_error(image, vae_decode(vae, latent.half().float(), tile_size=tile_size)) <= 1e-5
         assert half.encoder.conv_in.weight.dtype == torch.float16  # only the decoding half is upcast
 
 
@@ -332,5 +332,25 @@ def test_float16_decode_without_overflow_stays_float16():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad():
-            image = vae.decode(torch.randn(1, 4, 8, 8).half())
+            image = vae_decode(vae, torch.randn(1, 4, 8, 8).half())
     assert image.dtype == torch.float16 and torch.isfinite(image).all()
+
+
+def test_a_redo_that_is_not_finite_either_is_an_error():
+    """NaN latents stay NaN in float32: the redo must not hand back a black image."""
+    vae = perturbed(AutoencoderKL(VAEConfig.tiny())).half()
+    latent = torch.randn(1, 4, 8, 8).half()
+    latent[0, 0, 3, 3] = float("nan")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the overflow warning comes first
+        with pytest.raises(MinidiffError, match="NaN/inf in float32 too"):
+            vae_decode(vae, latent)
+    assert vae.decoder.conv_in.weight.dtype == torch.float32  # the redo's side effect, as its warning says
+
+
+def test_the_plain_decode_has_no_safety_net():
+    """vae.decode is the decoder alone: a float16 overflow comes back as it is (vae_decode is the guarded one)."""
+    half = overflowing_vae().half()
+    with torch.no_grad():
+        image = half.decode(torch.randn(1, 4, 12, 12).half())
+    assert image.dtype == torch.float16 and not torch.isfinite(image).all()

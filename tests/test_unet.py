@@ -2,11 +2,10 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minidiff.config import from_diffusers, to_diffusers
 from minidiff.errors import CheckpointError, MinidiffError
-from minidiff.unet import Conv3x3, FeedForward, UNet, UNetConfig, count_parameters, timestep_embedding
+from minidiff.unet import UNet, UNetConfig, count_parameters, timestep_embedding
 
 PARAMETERS = {  # published counts (diffusers UNet2DConditionModel; BK-SDM model card)
     "sd15": 859_520_964,
@@ -62,29 +61,6 @@ def test_timestep_forms_agree(tiny_unet):
         for t in (250, 250.0, torch.tensor(250), torch.tensor([250.0]), torch.tensor([250], dtype=torch.float64)):
             torch.testing.assert_close(tiny_unet(x, t, context), expected, rtol=0, atol=0)
         assert not torch.equal(tiny_unet(x, torch.tensor([250.5, 250.0]), context)[0], expected[0])
-
-
-@pytest.mark.parametrize("size", [(4, 4), (8, 8), (5, 9), (16, 16)])  # as a matmul (up to 64 px), then direct
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_conv3x3_is_the_3x3_convolution(size, layout):
-    torch.manual_seed(0)
-    conv = Conv3x3(6, 5)
-    x = torch.randn(2, 6, *size).to(memory_format=layout).requires_grad_()
-    out = conv(x)
-    ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # float32
-    grad = torch.randn_like(ref)
-    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0],
-                               rtol=1e-5, atol=1e-5)
-
-
-def test_feed_forward_in_blocks_of_tokens_is_the_same(monkeypatch):
-    torch.manual_seed(0)
-    ff = FeedForward(8).eval()
-    x = torch.randn(2, 21, 8)
-    whole = ff(x)
-    monkeypatch.setattr(FeedForward, "block_tokens", 4)  # 6 blocks, the last one short
-    torch.testing.assert_close(ff(x), whole, rtol=1e-6, atol=1e-6)  # float32
 
 
 def test_timestep_embedding_formula():

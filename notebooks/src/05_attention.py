@@ -17,6 +17,7 @@
 # | `scores` | $QK^\top/\sqrt d$ | (B, heads, L_q, L_k): **quadratic in the number of pixels** |
 
 # %%
+import functools
 import statistics
 import time
 
@@ -24,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from minidiff.attention import attention, naive_attention, set_attention_backend
+from minidiff.attention import attention, naive_attention
 from minidiff.course.milestones import check
 from minidiff.course.notebook import use
 from minidiff.course.viz import course_pipeline, plot_curves, quiet_stderr, show_trace
+from minidiff.speed import set_attention
 
 # %% [markdown]
 # ## Re-implement it, compare it
@@ -91,19 +93,17 @@ def median_seconds(function, repeats=3):
     return statistics.median(times)
 
 
-backends = {"naive": ("naive", None), "SDPA": ("sdpa", None), "naive, sliced 256": ("naive", 256),
-            "SDPA, sliced 256": ("sdpa", 256)}
+backends = {"naive": (naive_attention, None), "SDPA": (None, None), "naive, sliced 256": (naive_attention, 256),
+            "SDPA, sliced 256": (None, 256)}  # (kernel, slice_size); kernel None: SDPA
 image_sizes = [128, 192, 256, 320, 384]
 seconds, megabytes = {name: [] for name in backends}, {name: [] for name in backends}
 for size in image_sizes:
     length = (size // 8) ** 2  # latent pixels = tokens
     x = [torch.randn(1, length, 320, generator=generator) for _ in range(3)]
-    for name, (backend, slice_size) in backends.items():
-        set_attention_backend(backend, slice_size)
-        call = lambda x=x: attention(*x, heads=8)  # noqa: E731
+    for name, (kernel, slice_size) in backends.items():
+        call = functools.partial(attention, *x, heads=8, slice_size=slice_size, kernel=kernel)
         seconds[name].append(1000 * median_seconds(call))
         megabytes[name].append(peak_megabytes(call))
-set_attention_backend("sdpa")  # back to the default
 tokens_per_size = [(s // 8) ** 2 for s in image_sizes]
 print("tokens:", tokens_per_size)
 for name in backends:
@@ -126,15 +126,16 @@ plot_curves(tokens_per_size, megabytes, "tokens L (latent pixels)", "peak MiB", 
 # ## The same trace with every backend
 #
 # A backend is an implementation, not a model change: the pipeline's trace must not change. Three runs of the
-# course pipeline, same seed, three backends:
+# course pipeline, same seed, three backends, each put in every attention module of the pipeline's models by
+# `minidiff.speed.set_attention(pipe, name, slice_size)` (a choice per model: another model keeps its own):
 
 # %%
 pipe = course_pipeline()
 runs = {}
 for name, (backend, slice_size) in {"SDPA": ("sdpa", None), "naive": ("naive", None), "sliced": ("sdpa", 16)}.items():
-    set_attention_backend(backend, slice_size)
+    set_attention(pipe, backend, slice_size)
     runs[name] = pipe("a green triangle at the bottom right", steps=20, seed=0, trace=True, progress=False)
-set_attention_backend("sdpa")
+set_attention(pipe)  # back to the default where the models are (on a CPU: minidiff.speed.cpu_attention)
 for name in ("naive", "sliced"):
     difference = float((runs[name].latents - runs["SDPA"].latents).abs().max())
     print(f"max |{name} - SDPA| of the final latents: {difference:.1e}")

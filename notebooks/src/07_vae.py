@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from minidiff.course import shapes
 from minidiff.course.notebook import use
 from minidiff.course.viz import course_pipeline, image_grid, latents_to_pil, show_images, show_trace, to_pil
+from minidiff.speed import vae_decode
 from minidiff.taesd import TAESD
 from minidiff.unet import count_parameters
 from minidiff.vae import AutoencoderKL, VAEConfig
@@ -152,19 +153,20 @@ print(f"conv2 scaled by {scale:.3g}")
 print(f"float32: largest activation after it {largest['value']:.3g}, picture finite: {bool(fp32.isfinite().all())}")
 half = copy.deepcopy(loud).half()
 with torch.no_grad():
-    raw = half.decoder(half.post_quant_conv(z.half()))  # the decoder alone, no safety net
+    raw = half.decode(z.half())  # the plain decode: no safety net
 print(f"float16: largest activation {largest['value']}, NaN pixels: {float(raw.isnan().float().mean()):.0%}")
 show_images(to_pil(fp32) + to_pil(raw.float()), ["float32", "float16: NaN -> black"], size=2.0)
 
 # %% [markdown]
-# `AutoencoderKL.decode` checks its float16 output once, after the whole decode (one device sync), and redoes it
-# in float32 with a warning; the decoder stays in float32 from then on. The redone picture differs from the
-# float32 one only by the float16 rounding of the weights themselves:
+# `minidiff.speed.vae_decode(vae, z)`, which the pipeline decodes with, checks the float16 output once, after the
+# whole decode (one device sync), and redoes it in float32 with a warning: it converts the decoder to float32
+# (`decode_in_float32`), which stays so from then on, and checks that the redone picture is finite. The redone
+# picture differs from the float32 one only by the float16 rounding of the weights themselves:
 
 # %%
 with warnings.catch_warnings(record=True) as caught, torch.no_grad():
     warnings.simplefilter("always")
-    fixed = half.decode(z.half())
+    fixed = vae_decode(half, z.half())
 print("warning:", [str(w.message) for w in caught])
 print(f"dtype {fixed.dtype}; max |fixed - float32| = {float((fixed - fp32).abs().max()):.4f}")
 

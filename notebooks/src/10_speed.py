@@ -5,7 +5,7 @@
 # # Lesson 10: speed: the ladder, profiling, distilled models, ONNX
 #
 # The same numbers, computed faster: each rung of the ladder switches on one known technique and must stay within
-# its dtype's tolerance of fp32 eager. Read beside `course/10_speed.md`, `minidiff/speed.py`, `minidiff/bench.py`
+# its dtype's tolerance of fp32 eager. Read beside `course/10_speed.md`, `minidiff/speed/`, `minidiff/bench.py`
 # and `minidiff/export.py`.
 #
 # | rung | technique | where it pays |

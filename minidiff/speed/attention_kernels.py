@@ -1,0 +1,97 @@
+"""Attention kernels beside PyTorch's SDPA: the same softmax(Q K^T / sqrt(d) + mask) V, computed faster on a CPU.
+
+Each is a function (q, k, v, mask) on (B, heads, L, d) tensors, as minidiff.attention.attention calls it; an
+attention module uses the one in its `.kernel` (minidiff.speed.set_attention puts it there, per model).
+
+On a CPU, PyTorch's flash kernel is no faster in half precision than in float32 (2-core AVX-512 CPU,
+(2, 8, 4096, 40): bf16 319 ms, float32 311 ms), so `cpu_attention`, the CPU default:
+- bfloat16, on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX): the written-out formula, a block of
+  queries at a time (`blockwise_attention`), its matmuls in bf16 (the softmax accumulates in float32): 176 ms for
+  the shape above (158 with reuse_memory), 50 ms instead of 184 for the VAE's (1, 1, 4096, 512). The scores are
+  rounded to bf16 before the softmax, as in any bf16 matmul; each block holds CPU_SCORES_PER_BLOCK of them.
+- float16 (which such CPUs do not multiply natively: the blockwise path takes 7 s), and bfloat16 elsewhere:
+  SDPA in float32, the result cast back (float16 SDPA, (2, 8, 4096, 40): 1.9 s, in float32 0.5 s).
+- float32: SDPA.
+"""
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from minidiff.attention import apply_mask_, mask_rows, naive_attention, sliced_attention
+from minidiff.errors import MinidiffError
+
+# Most query-key scores the CPU bf16 path holds at once (16 MiB of bf16): 128 queries of SD 1.5 at 512 px.
+CPU_SCORES_PER_BLOCK = 2**23
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), which make bf16 matmuls fast."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # x86 only; elsewhere the float32 path
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+CPU_BF16_MATMUL = cpu_multiplies_bf16()
+
+
+def blockwise_attention(q, k, v, mask=None, block: int | None = None):
+    """naive_attention on (B, heads, L, d) tensors, `block` queries at a time, every block's scores in one buffer.
+
+    block: default CPU_SCORES_PER_BLOCK scores a block. The buffers matter on a CPU: fresh score tensors for every
+    block would be fresh pages from the kernel for every block (glibc returns large freed blocks at once), which
+    costs more than the arithmetic.
+    """
+    length_q = q.shape[2]
+    block = block or max(1, CPU_SCORES_PER_BLOCK // (q.shape[0] * q.shape[1] * k.shape[2]))
+    # contiguous once, not once a block: the (B, heads, L, d) views of (B, L, heads * d) tensors are strided
+    q, keys, v = (q / math.sqrt(q.shape[-1])).contiguous(), k.contiguous().transpose(-2, -1), v.contiguous()
+    scores = q.new_empty(*q.shape[:2], min(block, length_q), k.shape[2])  # (B, heads, block, L_k)
+    probs, out = torch.empty_like(scores), q.new_empty(*q.shape[:3], v.shape[-1])
+    for start in range(0, length_q, block):
+        rows, count = slice(start, start + block), min(block, length_q - start)
+        block_scores, block_probs = scores[:, :, :count], probs[:, :, :count]
+        torch.matmul(q[:, :, rows], keys, out=block_scores)
+        torch.softmax(apply_mask_(block_scores, mask_rows(mask, rows)), dim=-1, out=block_probs)
+        out[:, :, rows] = block_probs @ v
+    return out
+
+
+def cpu_attention(q, k, v, mask=None, slice_size: int | None = None):
+    """The CPU default (see the module docstring): blockwise bf16 with bf16 instructions, half precision in float32.
+
+    slice_size: queries at a time (the block of blockwise_attention). Off a CPU: SDPA, as it is; when gradients
+    are asked for, the float32 path (blockwise_attention is for inference).
+    """
+    dtype = q.dtype
+    gradients = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # blockwise has no autograd
+    if q.device.type == "cpu" and dtype == torch.bfloat16 and CPU_BF16_MATMUL and not gradients:
+        return blockwise_attention(q, k, v, mask, slice_size)
+    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        q, k, v = q.float(), k.float(), v.float()
+        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+    if slice_size is None:
+        return F.scaled_dot_product_attention(q, k, v, mask).to(dtype)
+    return sliced_attention(q, k, v, mask, slice_size=slice_size).to(dtype)
+
+
+KERNELS = {"sdpa": None, "naive": naive_attention, "blockwise": blockwise_attention, "cpu": cpu_attention}
+
+
+def attention_kernel(name: str, slice_size: int | None = None):
+    """The kernel called `name` ("sdpa", "naive", "blockwise" or "cpu"), on slice_size queries at a time if given.
+
+    None stands for SDPA (minidiff.attention.attention's default).
+    """
+    if name not in KERNELS:
+        raise MinidiffError(f"unknown attention backend {name!r}: use one of {', '.join(map(repr, KERNELS))}")
+    if slice_size is not None and (not isinstance(slice_size, int) or slice_size < 1):
+        raise MinidiffError(f"slice_size must be a positive number of queries, got {slice_size!r}")
+    if slice_size is None:
+        return KERNELS[name]
+    if name == "blockwise":
+        return functools.partial(blockwise_attention, block=slice_size)
+    if name == "cpu":
+        return functools.partial(cpu_attention, slice_size=slice_size)
+    return functools.partial(sliced_attention, slice_size=slice_size, kernel=KERNELS[name])

@@ -1,0 +1,220 @@
+"""Every CPU replacement of minidiff.speed against the plain module or kernel it replaces (outputs and input
+gradients, float32 to 1e-5 or better unless a test says otherwise), and where they are put in place: per model,
+by cpu_defaults (the loaders call it on a CPU), never by a global switch."""
+
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidiff.attention import naive_attention
+from minidiff.clip import CLIPTextConfig, CLIPTextModel
+from minidiff.errors import MinidiffError
+from minidiff.load import build, meta_model
+from minidiff.speed import (
+    BlockedFeedForward,
+    FastUNet,
+    MatmulConv3x3,
+    attention_kernels,
+    blockwise_attention,
+    cpu_attention,
+    cpu_defaults,
+    set_attention,
+)
+from minidiff.speed.attention_kernels import attention_kernel
+from minidiff.unet import Attention, FeedForward, UNet, UNetConfig
+from minidiff.vae import AutoencoderKL, SpatialSelfAttention, VAEConfig
+
+
+def relative_error(out, reference):
+    return ((out - reference).abs().max() / reference.abs().max()).item()
+
+
+def assert_same_with_gradients(fast, plain, x, tolerance):
+    """fast(x) = plain(x), and so are the gradients of a random loss with respect to x."""
+    x = x.detach().requires_grad_()
+    out, ref = fast(x), plain(x)
+    torch.testing.assert_close(out, ref, rtol=tolerance, atol=tolerance)
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0],
+                               rtol=tolerance, atol=tolerance)
+
+
+def perturbed_unet():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny()).eval()
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return unet
+
+
+# --- the modules: MatmulConv3x3, BlockedFeedForward ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(4, 4), (8, 8), (5, 9), (16, 16)])  # as a matmul (up to 64 px), then direct
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_matmul_conv3x3_is_the_plain_convolution(size, layout):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(6, 5, 3, padding=1)
+    fast = MatmulConv3x3.from_plain(plain)
+    assert fast.weight is plain.weight and fast.bias is plain.bias  # the same parameters, not copies
+    x = torch.randn(2, 6, *size).to(memory_format=layout)
+    assert_same_with_gradients(fast, plain, x, 1e-5)
+
+
+def test_matmul_conv3x3_replaces_only_what_it_computes():
+    assert MatmulConv3x3.replaces(nn.Conv2d(4, 4, 3, padding=1))
+    others = (nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1, bias=False),
+              nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), MatmulConv3x3(4, 4, 3, padding=1))
+    for other in others:
+        assert not MatmulConv3x3.replaces(other), other
+
+
+def test_blocked_feed_forward_is_the_plain_feed_forward(monkeypatch):
+    torch.manual_seed(0)
+    plain = FeedForward(8).eval()
+    blocked = BlockedFeedForward.from_plain(plain)
+    assert blocked.net is plain.net and list(blocked.state_dict()) == list(plain.state_dict())
+    monkeypatch.setattr(BlockedFeedForward, "block_tokens", 4)  # 21 tokens: 6 blocks, the last one short
+    assert_same_with_gradients(blocked, plain, torch.randn(2, 21, 8), 1e-6)
+
+
+# --- the attention kernels -----------------------------------------------------------------------------------
+
+
+MASKS = {None: None, "bool": torch.ones(33, 33, dtype=torch.bool).tril(), "additive": torch.randn(2, 1, 33, 33),
+         "one row": torch.randn(2, 1, 1, 33)}
+
+
+@pytest.mark.parametrize("mask_kind", list(MASKS))
+def test_blockwise_attention_is_naive_attention(mask_kind):
+    """Blocks of 5 of 33 queries (the last one short), each in the same score buffers: float32, to 1e-6. (Inference
+    only: its matmuls write into buffers, which autograd refuses; cpu_attention does not use it for gradients.)"""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 8) for _ in range(3))
+    mask = MASKS[mask_kind]
+    torch.testing.assert_close(blockwise_attention(q, k, v, mask, block=5), naive_attention(q, k, v, mask),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_attention_in_float32_is_sdpa():
+    q, k, v = (torch.randn(2, 4, 33, 8) for _ in range(3))
+    assert torch.equal(cpu_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_attention_in_half_precision_is_computed_in_float32(dtype, monkeypatch):
+    """float16 always, bfloat16 on a CPU without bf16 instructions."""
+    monkeypatch.setattr(attention_kernels, "CPU_BF16_MATMUL", False)
+    q, k, v = (torch.randn(2, 4, 33, 8).to(dtype) for _ in range(3))
+    out = cpu_attention(q, k, v)
+    assert out.dtype == dtype
+    # float32 attention of the same half-precision numbers, rounded once at the end
+    assert torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_in_bf16_with_bf16_instructions_goes_in_blocks(causal, monkeypatch):
+    """The bf16 path (written-out formula, blocks of queries) agrees with float32 attention to bf16's precision."""
+    monkeypatch.setattr(attention_kernels, "CPU_BF16_MATMUL", True)
+    monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", 2 * 4 * 33 * 5)  # 5 queries a block: 7 blocks
+    calls = []
+    monkeypatch.setattr(attention_kernels, "blockwise_attention",
+                        lambda *args: calls.append(args[-1]) or blockwise_attention(*args))
+    q, k, v = (torch.randn(2, 4, 33, 8).bfloat16() for _ in range(3))
+    mask = torch.ones(33, 33, dtype=torch.bool).tril() if causal else None
+    out = cpu_attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16 and calls == [None]
+    reference = naive_attention(q.float(), k.float(), v.float(), mask)
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+    q.requires_grad_()  # a gradient is asked for: SDPA (in float32), which autograd goes through
+    cpu_attention(q, k, v, mask).float().sum().backward()
+    assert calls == [None] and q.grad is not None
+
+
+@pytest.mark.parametrize("name", ["sdpa", "naive", "blockwise", "cpu"])
+@pytest.mark.parametrize("slice_size", [None, 7])
+def test_every_named_kernel_is_the_attention_formula(name, slice_size):
+    q, k, v = (torch.randn(2, 4, 33, 8) for _ in range(3))
+    mask = MASKS["additive"]
+    kernel = attention_kernel(name, slice_size) or F.scaled_dot_product_attention
+    torch.testing.assert_close(kernel(q, k, v, mask), naive_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, slice_size, message", [("flash3", None, "unknown attention backend 'flash3'.*'sdpa'"),
+                                                       ("sdpa", 0, "slice_size"), ("naive", 2.5, "slice_size")])
+def test_bad_kernel_names_and_slices_say_what_to_use(name, slice_size, message):
+    with pytest.raises(MinidiffError, match=message):
+        set_attention(UNet(UNetConfig.tiny()), name, slice_size)
+
+
+# --- where they are put in place ----------------------------------------------------------------------------
+
+
+def kernels(model):
+    return {module.kernel for module in model.modules() if isinstance(module, (Attention, SpatialSelfAttention))}
+
+
+def test_set_attention_is_per_model():
+    plain, naive = perturbed_unet(), perturbed_unet()
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    set_attention(naive, "naive")
+    assert kernels(naive) == {naive_attention} and kernels(plain) == {None}  # the other model is untouched
+    with torch.no_grad():
+        assert relative_error(naive(x, 321, context), plain(x, 321, context)) <= 1e-5
+    set_attention(naive)  # the default where the weights are: the CPU kernel here
+    assert kernels(naive) == {cpu_attention}
+
+
+def test_set_attention_on_a_pipeline_reaches_every_model():
+    unet, vae, text_encoder = UNet(UNetConfig.tiny()), AutoencoderKL(VAEConfig.tiny()), CLIPTextModel(
+        CLIPTextConfig.tiny())
+    pipe = types.SimpleNamespace(unet=FastUNet(unet), vae=vae, text_encoder=text_encoder, taesd=None)
+    set_attention(pipe, "blockwise", 16)
+    for model in (unet, vae, text_encoder):
+        chosen = [module.kernel for module in model.modules() if hasattr(module, "kernel")]
+        assert chosen and all(k.func is blockwise_attention and k.keywords == {"block": 16} for k in chosen)
+
+
+def test_a_model_built_from_its_class_is_plain_and_cpu_defaults_swaps_in_place():
+    unet = perturbed_unet()
+    plain = copy.deepcopy(unet)
+    assert not any(isinstance(m, (MatmulConv3x3, BlockedFeedForward)) for m in unet.modules())
+    state = unet.state_dict()
+    assert cpu_defaults(unet) is unet
+    convs = [m for m in plain.modules() if MatmulConv3x3.replaces(m)]
+    assert sum(isinstance(m, MatmulConv3x3) for m in unet.modules()) == len(convs) > 10
+    feed_forwards = sum(isinstance(m, FeedForward) for m in plain.modules())
+    assert sum(isinstance(m, BlockedFeedForward) for m in unet.modules()) == feed_forwards > 1
+    assert isinstance(unet.down_blocks[0].downsamplers[0].conv, nn.Conv2d)  # stride 2: stays plain
+    assert kernels(unet) == {cpu_attention}
+    after = unet.state_dict()  # the same keys and the same tensors: nothing copied
+    assert list(after) == list(state) and all(after[key].data_ptr() == state[key].data_ptr() for key in state)
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert relative_error(unet(x, 321, context), plain(x, 321, context)) <= 1e-5
+
+
+def test_cpu_defaults_leave_models_elsewhere_alone():
+    with torch.device("meta"):
+        unet = UNet(UNetConfig.tiny())
+    cpu_defaults(unet)
+    assert not any(isinstance(m, (MatmulConv3x3, BlockedFeedForward)) for m in unet.modules())
+    assert kernels(unet) == {None}
+
+
+def test_the_loaders_put_the_cpu_defaults_in_place():
+    """minidiff.load.build (every loader's last step) on a CPU: the CPU kernels, the same numbers."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    loaded_unet = build(meta_model(UNet, UNetConfig.tiny()), perturbed_unet().state_dict(), "test", device="cpu")
+    loaded_vae = build(meta_model(AutoencoderKL, VAEConfig.tiny()), vae.state_dict(), "test", device="cpu")
+    assert any(isinstance(m, MatmulConv3x3) for m in loaded_unet.modules()) and kernels(loaded_vae) == {cpu_attention}
+    latent = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded_vae.decode(latent), vae.decode(latent))  # float32: the CPU kernel is SDPA
