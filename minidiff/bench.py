@@ -160,8 +160,7 @@ def random_weights(module: nn.Module, generator: torch.Generator) -> dict:
 
 
 def with_weights(model_class, config, state: dict, dtype, device) -> nn.Module:
-    """model_class(config) built on meta and given `state` in `dtype` (checkpoint.build, on a copy: `state` is
-    kept), with the CPU defaults the loaders put in place."""
+    """model_class(config) given `state` in `dtype` (a copy: `state` is kept), with the loaders' CPU defaults."""
     return cpu_defaults(build(meta_model(model_class, config), dict(state), "random weights", dtype, device))
 
 

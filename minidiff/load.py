@@ -44,7 +44,7 @@ from minidiff.schedule import NoiseSchedule, check_prediction_type
 from minidiff.speed import cpu_defaults
 
 
-def built(model, state: dict, source, dtype, device):
+def built(model, state: dict, source, dtype=None, device=None):
     """checkpoint.build, then, on a CPU, the kernels that measured faster there (minidiff.speed.cpu_defaults)."""
     return cpu_defaults(build(model, state, source, dtype, device))
 

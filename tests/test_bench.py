@@ -154,15 +154,3 @@ def test_bad_arguments_give_one_line(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-def test_an_sdxl_config_benches_against_diffusers_with_its_added_conditioning():
-    """SDXL's layout at a few channels: the pooled text and size ids reach both UNets (`--config sdxl` is this at
-    full size) and the two agree in float32."""
-    pytest.importorskip("diffusers", reason="the comparison needs diffusers (the parity extra)")
-    config = dataclasses.replace(
-        UNetConfig.sdxl(), block_out_channels=(32, 64, 64), num_attention_heads=(1, 2, 2), cross_attention_dim=48,
-        transformer_layers_per_block=(1, 2, 3), addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
-    header, results = bench(config, 64, 1, 1, 1, "cpu", rungs=["fp32", "channels_last"], log=lambda line: None)
-    assert results[0].dev_vs_diffusers <= TOLERANCE[torch.float32] and all(r.passed for r in results)
-    assert make_setup(config, 64, 1, 1, 1, "cpu", 0).added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2

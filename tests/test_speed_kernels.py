@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidiff.attention import naive_attention
+from minidiff.checkpoint import meta_model
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.errors import MinidiffError
-from minidiff.load import build, meta_model
+from minidiff.load import built
 from minidiff.speed import (
     BlockedFeedForward,
     FastUNet,
@@ -212,8 +213,8 @@ def test_the_loaders_put_the_cpu_defaults_in_place():
     """minidiff.load.build (every loader's last step) on a CPU: the CPU kernels, the same numbers."""
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig.tiny()).eval()
-    loaded_unet = build(meta_model(UNet, UNetConfig.tiny()), perturbed_unet().state_dict(), "test", device="cpu")
-    loaded_vae = build(meta_model(AutoencoderKL, VAEConfig.tiny()), vae.state_dict(), "test", device="cpu")
+    loaded_unet = built(meta_model(UNet, UNetConfig.tiny()), perturbed_unet().state_dict(), "test", device="cpu")
+    loaded_vae = built(meta_model(AutoencoderKL, VAEConfig.tiny()), vae.state_dict(), "test", device="cpu")
     assert any(isinstance(m, MatmulConv3x3) for m in loaded_unet.modules()) and kernels(loaded_vae) == {cpu_attention}
     latent = torch.randn(1, 4, 8, 8)
     with torch.no_grad():

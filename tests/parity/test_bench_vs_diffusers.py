@@ -1,13 +1,15 @@
 """benchmarks/vs_diffusers.py: minidiff's ladder with diffusers' UNet as a peer, on the same weights and inputs, its
 calls timed in turns with minidiff's. No timing assertions (the benchmark measures speed, tests do not)."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import benchmarks.vs_diffusers as vs_diffusers
-from minidiff.bench import TOLERANCE, bench
+from minidiff.bench import TOLERANCE, bench, make_setup
+from minidiff.unet import UNetConfig
 
 QUICK = ["--config", "tiny", "--size", "64", "--steps", "1", "--repeats", "2"]
 
@@ -54,3 +56,15 @@ def test_a_bad_argument_gives_one_line(capsys):
     assert vs_diffusers.main(["--config", "sd99"]) == 2
     err = capsys.readouterr().err
     assert "vs_diffusers: error: unknown UNet config 'sd99'" in err and "Traceback" not in err
+
+
+def test_an_sdxl_config_benches_against_diffusers_with_its_added_conditioning():
+    """SDXL's layout at a few channels: the pooled text and size ids reach both UNets (`--config sdxl` is this at
+    full size) and the two agree in float32."""
+    config = dataclasses.replace(
+        UNetConfig.sdxl(), block_out_channels=(32, 64, 64), num_attention_heads=(1, 2, 2), cross_attention_dim=48,
+        transformer_layers_per_block=(1, 2, 3), addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+    header, results = bench(config, 64, 1, 1, 1, "cpu", rungs=["fp32", "channels_last"],
+                            peers={"diffusers": vs_diffusers.diffusers_unet}, log=lambda line: None)
+    assert results[0].peers["diffusers"].max_dev <= TOLERANCE[torch.float32] and all(r.passed for r in results)
+    assert make_setup(config, 64, 1, 1, 1, "cpu", 0).added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
