@@ -65,6 +65,8 @@ def inferred(infer, source, *args) -> dict:
     """keymap.infer_*_config(*args), with a missing or odd tensor reported as a CheckpointError."""
     try:
         return infer(*args)
+    except CheckpointError:  # already names the problem (a ValueError too)
+        raise
     except (KeyError, StopIteration, ValueError, IndexError) as error:
         raise CheckpointError(f"cannot read the architecture from the tensors of {shown(source)} "
                               f"({type(error).__name__}: {shown(error)}): not an SD 1.x/2.x checkpoint? "

@@ -54,4 +54,4 @@ def test_held_out_prompts_name_what_they_ask_for():
 
 def test_sampler_table_command_rejects_bad_counts(capsys):
     assert main(["sampler-table", "--prompts", "0"]) == 2
-    assert "--prompts must be a positive integer" in capsys.readouterr().err
+    assert "--prompts must be an integer from 1 to 100000, got 0" in capsys.readouterr().err

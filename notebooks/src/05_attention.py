@@ -43,9 +43,9 @@ mine = use(5)
 my_attention = mine.attention
 generator = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, 8, 256, 40, generator=generator) for _ in range(3))
-mine = my_attention(q, k, v)
-print(f"max |mine - SDPA|            = {float((mine - F.scaled_dot_product_attention(q, k, v)).abs().max()):.1e}")
-print(f"max |mine - naive_attention| = {float((mine - naive_attention(q, k, v)).abs().max()):.1e}")
+out = my_attention(q, k, v)
+print(f"max |mine - SDPA|            = {float((out - F.scaled_dot_product_attention(q, k, v)).abs().max()):.1e}")
+print(f"max |mine - naive_attention| = {float((out - naive_attention(q, k, v)).abs().max()):.1e}")
 print(mine.check("attention"))
 print(check("attention_kernels"))
 
