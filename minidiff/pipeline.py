@@ -284,14 +284,12 @@ class Pipeline:
         timesteps = sampler_options.pop("timesteps", None)
         sampler_options.setdefault("spacing", self.spacing)
         sampler_options.setdefault("steps_offset", self.steps_offset)
-        if image is not None:  # img2img: start from the image noised to the first step that is run
-            grid = timesteps if timesteps is not None else self.schedule.timesteps(
-                steps, sampler_options["spacing"], sampler_options["steps_offset"])
-            start = len(grid) - min(int(len(grid) * strength), len(grid))
-            if start == len(grid):  # strength 0: nothing to denoise
+        first_step = 0
+        if image is not None:  # img2img: the last `strength` of the sampler's own grid, from the image noised there
+            n_grid = len(timesteps) if timesteps is not None else steps
+            first_step = n_grid - min(int(n_grid * strength), n_grid)  # diffusers' t_start
+            if first_step == n_grid:  # strength 0: nothing to denoise
                 return self.finish(init, [], preview)
-            timesteps = [int(t) for t in grid[start:]]
-            noise = self.schedule.add_noise(init, noise, torch.full((batch,), timesteps[0]))
 
         recorded = []
 
@@ -303,7 +301,7 @@ class Pipeline:
 
         final = sample(model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
                        schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
-                       early_exit=early_exit, progress=progress, noise_is_x_t=image is not None, **sampler_options)
+                       early_exit=early_exit, progress=progress, first_step=first_step, x0=init, **sampler_options)
         return self.finish(final, recorded, preview)
 
     def finish(self, latents, recorded, preview) -> GenerationResult:

@@ -248,6 +248,18 @@ def sampler_grid(schedule: NoiseSchedule, sampler: str, steps=20, spacing="leadi
     return grid if isinstance(grid, tuple) else (grid,)
 
 
+def add_noise_at(schedule: NoiseSchedule, sampler: str, grid: tuple, step: int, x0, noise):
+    """x0 noised to point `step` of `sampler`'s grid, as that sampler's latent there (img2img's start), the way
+    the diffusers scheduler's add_noise does it: x = x0 + sigma noise at the grid's own sigma (fractional
+    timesteps and Karras sigmas included) for euler, euler_a and heun; the VP latent x_t = alpha x0 + sigma_vp
+    noise for the others (alpha = 1 / sqrt(1 + sigma^2), sigma_vp = sigma alpha)."""
+    if GRIDS[sampler] in ("sigma_grid", "multistep_grid"):  # the grids that carry their own sigmas
+        sigma = float(grid[1][step])
+        x = x0 + sigma * noise
+        return x if sampler in K_DIFFUSION_SPACE else x * (1 / math.sqrt(1 + sigma**2))
+    return schedule.add_noise(x0, noise, int(grid[0][step]))
+
+
 class _EarlyExit(Exception):
     def __init__(self, pred_x0):
         self.pred_x0 = pred_x0
@@ -281,19 +293,38 @@ def _shape_checked(model):
     return checked
 
 
+def _check_start(first_step, x0, noise, noise_is_x_t: bool, n_steps: int) -> None:
+    if isinstance(first_step, bool) or not isinstance(first_step, int) or not 0 <= first_step < n_steps:
+        raise SamplerError(f"first_step must be an integer from 0 to {n_steps - 1} (the grid has {n_steps} steps), "
+                           f"got {first_step!r}")
+    if x0 is None and first_step > 0:
+        raise SamplerError(f"first_step={first_step} starts inside the grid: give x0, the clean latent to noise there "
+                           "(img2img), or use first_step=0")
+    if x0 is not None and noise_is_x_t:
+        raise SamplerError("x0 (the clean latent, noised at first_step) and noise_is_x_t=True (the noise is already "
+                           "the latent x_t) exclude each other: drop one")
+    if x0 is not None and (not torch.is_tensor(x0) or x0.shape != noise.shape):
+        got = tuple(x0.shape) if torch.is_tensor(x0) else type(x0).__name__
+        raise SamplerError(f"x0 must be a latent tensor shaped like the noise {tuple(noise.shape)}, got {got}")
+
+
 @torch.no_grad()
 def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsilon", schedule=None,
            spacing="leading", steps_offset=1, timesteps=None, karras=False, eta=None, generator=None,
-           callback=None, early_exit=None, progress=False, noise_is_x_t=False, **options):
+           callback=None, early_exit=None, progress=False, noise_is_x_t=False, first_step=0, x0=None, **options):
     """Denoise `noise` (from N(0, I)) with `model(x_t, t) -> eps | v | x0` and the sampler named `sampler`.
 
     The grid comes from `steps`, `spacing` and `steps_offset`, or from a custom `timesteps` list; `karras=True`
     respaces the noise levels of the samplers in KARRAS_SAMPLERS. The noise becomes the first latent as in
     diffusers (`minidiff.schedule.init_noise_sigma`; the spacing decides it even with custom timesteps, as there);
-    `noise_is_x_t=True` takes it instead as the VP latent x_t at the first timestep (img2img: an image noised
-    by `schedule.add_noise`). `early_exit` (a fraction of the steps, or a number of steps) stops after that
-    step and returns its pred_x0; `progress=True` shows a bar; other keyword options go to the sampler (e.g.
-    ddim's eta, lcm's original_inference_steps).
+    `noise_is_x_t=True` takes it instead as the VP latent x_t at the first timestep.
+    img2img, as diffusers' StableDiffusionImg2ImgPipeline: `first_step=k` runs the sampler's own grid from its
+    step k on (diffusers' t_start; a Heun step holds both its model calls, where diffusers counts t_start * 2),
+    and `x0`, the clean latent, is noised there with `noise` (`add_noise_at`). The callback's steps, `early_exit`
+    and the progress bar count the steps run, from 0, as diffusers' callback does.
+    `early_exit` (a fraction of the steps, or a number of steps) stops after that step and returns its pred_x0;
+    `progress=True` shows a bar; other keyword options go to the sampler (e.g. ddim's eta, lcm's
+    original_inference_steps).
     """
     if sampler not in SAMPLERS:
         raise SamplerError(f"unknown sampler {sampler!r}. Valid names: {', '.join(sorted(SAMPLERS))}")
@@ -334,13 +365,18 @@ def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsil
     schedule = schedule or NoiseSchedule.sd()
     grid_options = {name: options.pop(name) for name in GRID_OPTIONS.get(sampler, ()) if name in options}
     grid = sampler_grid(schedule, sampler, steps, spacing, steps_offset, timesteps, karras, **grid_options)
-    n_steps = len(grid[0])
-    stop_after = _early_exit_steps(early_exit, n_steps)
+    _check_start(first_step, x0, noise, noise_is_x_t, len(grid[0]))
 
-    x = noise
-    if sampler in K_DIFFUSION_SPACE:  # x = x0 + sigma_0 eps
+    if x0 is not None:  # img2img: the image noised to the grid point where the run starts
+        x = add_noise_at(schedule, sampler, grid, first_step, x0, noise)
+        grid = tuple(part[first_step:] for part in grid)  # sigmas keep their final 0
+    elif sampler in K_DIFFUSION_SPACE:  # x = x0 + sigma_0 eps
         sigma_max = float(grid[1][0])
         x = noise * (math.sqrt(1 + sigma_max**2) if noise_is_x_t else init_noise_sigma(sigma_max, spacing))
+    else:
+        x = noise
+    n_steps = len(grid[0])
+    stop_after = _early_exit_steps(early_exit, n_steps)
 
     denoiser = Denoiser(model, schedule, prediction_type)
     denoiser.step = 0

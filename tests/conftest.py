@@ -28,17 +28,31 @@ def tiny_sd(tmp_path_factory):
     import transformers
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from minidiff.clip import CLIPTextConfig
     from minidiff.tokenizer import write_vocab_files
     from minidiff.unet import UNetConfig
-    from minidiff.vae import VAEConfig
 
     folder = tmp_path_factory.mktemp("tiny_sd")
     write_vocab_files(folder / "tokenizer")
     tokenizer = transformers.CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"),
                                            str(folder / "tokenizer" / "merges.txt"), model_max_length=77)
     unet_config = {**to_diffusers(UNetConfig.tiny()), "sample_size": 8}
-    reference = StableDiffusionPipeline(
+    # the modules' default initialisation draws from the global generator: seeded here, the weights are the same
+    # whichever tests were selected before this fixture was built
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        reference = _reference_pipeline(unet_config, tokenizer, AutoencoderKL, DPMSolverMultistepScheduler,
+                                        StableDiffusionPipeline, UNet2DConditionModel, transformers)
+    reference.save_pretrained(folder, safe_serialization=True)
+    reference.set_progress_bar_config(disable=True)
+    return folder, reference
+
+
+def _reference_pipeline(unet_config, tokenizer, AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
+                        UNet2DConditionModel, transformers):
+    from minidiff.clip import CLIPTextConfig
+    from minidiff.vae import VAEConfig
+
+    return StableDiffusionPipeline(
         vae=_randomized(AutoencoderKL(**to_diffusers(VAEConfig.tiny())), 1),
         text_encoder=_randomized(transformers.CLIPTextModel(
             transformers.CLIPTextConfig(**to_diffusers(CLIPTextConfig.tiny()))), 2),
@@ -48,6 +62,3 @@ def tiny_sd(tmp_path_factory):
                                               steps_offset=1, timestep_spacing="leading"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    reference.save_pretrained(folder, safe_serialization=True)
-    reference.set_progress_bar_config(disable=True)
-    return folder, reference

@@ -268,12 +268,46 @@ def test_k_diffusion_samplers_start_where_diffusers_does(name, spacing):
 
 @pytest.mark.parametrize("name", ["euler", "heun"])
 def test_noise_is_x_t_takes_the_latent_as_it_is(name):
-    """img2img hands sample() an image noised to the first timestep: the UNet must first see exactly that."""
+    """noise_is_x_t=True takes the latent as x_t at the first timestep (gaussian.py's study from x_T), as it is."""
     inputs = []
     model = lambda x_t, t: inputs.append(x_t) or torch.tanh(x_t)
     x_t = noise(torch.float64) * 0.7 + 0.2
     sample(model, x_t, name, 3, spacing="trailing", timesteps=[600, 300, 100], noise_is_x_t=True)
     torch.testing.assert_close(inputs[0], x_t, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("name", "spacing"), [("euler", "linspace"), ("heun", "linspace"), ("dpmpp_2m", "leading"),
+                                             ("ddim", "trailing"), ("lcm", "leading")])
+def test_first_step_runs_the_tail_of_the_grid_from_x0_noised_there(name, spacing):
+    """img2img: the model first sees x0 noised to grid point 3 at that point's own (here fractional) noise level,
+    then the grid's timesteps from there on; the callback counts the steps run from 0."""
+    schedule, seen, steps_run = NoiseSchedule.sd(), [], []
+    model = lambda x_t, t: seen.append((float(t), x_t)) or torch.tanh(x_t)
+    x0 = noise(torch.float64) * 0.5 + 0.3
+    eps = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sample(model, eps, name, 7, spacing=spacing, first_step=3, x0=x0, callback=lambda **i: steps_run.append(i["step"]))
+    grid = sampler_grid(schedule, name, 7, spacing)
+    timesteps = grid[0][3:].tolist()
+    t_first = timesteps[0]
+    sigma = float(grid[1][3]) if name in ("euler", "heun", "dpmpp_2m") else float(schedule.sigmas[int(t_first)])
+    assert name not in ("euler", "heun") or t_first != int(t_first)  # linspace: a fractional timestep
+    expected = (x0 + sigma * eps) / math.sqrt(1 + sigma**2)  # alpha x0 + sigma_vp eps
+    torch.testing.assert_close(seen[0][1], expected, rtol=1e-12, atol=1e-12)
+    assert [t for t, _ in seen][:: 2 if name == "heun" else 1] == timesteps
+    assert steps_run == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"first_step": 7, "x0": noise()}, r"first_step must be an integer from 0 to 6 \(the grid has 7 steps\), got 7"),
+    ({"first_step": -1, "x0": noise()}, "first_step must be an integer from 0 to 6"),
+    ({"first_step": 2.0, "x0": noise()}, "first_step must be an integer"),
+    ({"first_step": 2}, "give x0, the clean latent to noise there"),
+    ({"first_step": 2, "x0": noise(), "noise_is_x_t": True}, "exclude each other"),
+    ({"first_step": 2, "x0": torch.zeros(1, 4, 16, 16)}, r"x0 must be a latent tensor shaped like the noise"),
+])
+def test_bad_img2img_starts_are_named(options, message):
+    with pytest.raises(SamplerError, match=message):
+        sample(toy_model, noise(), "euler", 7, **options)
 
 
 def test_ddpm_follows_the_closed_form_posterior_for_an_exact_model():

@@ -9,8 +9,8 @@ relative: max|ours - ref| / max|ref| over the whole tensor.
 
 Covered: all nine samplers x the three spacings (leading, trailing, linspace) x epsilon and v_prediction x
 1, 2, 7, 20 and 50 steps; Karras sigmas for the six samplers that step through noise levels; custom timestep
-lists; the img2img start (sample(noise_is_x_t=True) against scheduler.add_noise). LCM has one grid, its
-distillation grid, whatever the spacing.
+lists; img2img (sample(first_step, x0) against set_begin_index and scheduler.add_noise), Karras included. LCM
+has one grid, its distillation grid, whatever the spacing.
 
 Nothing is rescaled by hand: both sides start from the same unit noise, and minidiff's sample() scales it as
 diffusers' init_noise_sigma does (sqrt(1 + sigma_max^2) for leading, sigma_max for linspace and trailing, in
@@ -45,7 +45,7 @@ from diffusers import (
 )
 
 from minidiff.samplers import sample
-from minidiff.schedule import SPACINGS, NoiseSchedule
+from minidiff.schedule import SPACINGS
 
 RTOL = 1e-5  # max|a - b| / max|b|, fp32
 SEED = 1234
@@ -103,16 +103,28 @@ def draws_noise(scheduler, step_kwargs) -> bool:
     return isinstance(scheduler, STOCHASTIC) or sde or step_kwargs.get("eta", 0) > 0
 
 
-def run_reference(scheduler, noise, step_kwargs):
-    """diffusers' loop; returns [(timestep, sigma or None, x in VP space, pred_x0)], one per sampler step."""
+def run_reference(scheduler, noise, step_kwargs, first_step=0, x0=None):
+    """diffusers' loop; returns [(timestep, sigma or None, x in VP space, pred_x0)], one per sampler step.
+
+    With x0 (img2img), as StableDiffusionImg2ImgPipeline: the timesteps from first_step * scheduler.order on,
+    set_begin_index there, the latent scheduler.add_noise(x0, noise, first timestep run)."""
     if draws_noise(scheduler, step_kwargs):
         step_kwargs = {**step_kwargs, "generator": torch.Generator().manual_seed(SEED)}
-    x = noise * scheduler.init_noise_sigma
+    begin = first_step * scheduler.order
+    timesteps = scheduler.timesteps[begin:]
+    if x0 is None:
+        x = noise * scheduler.init_noise_sigma
+    else:
+        if hasattr(scheduler, "set_begin_index"):  # the schedulers that count their steps
+            scheduler.set_begin_index(begin)
+        x = scheduler.add_noise(x0, noise, timesteps[:1])
     heun, k_diffusion = isinstance(scheduler, HeunDiscreteScheduler), isinstance(scheduler, K_DIFFUSION)
-    steps, timesteps = [], scheduler.timesteps
+    steps = []
     for j, t in enumerate(timesteps):
         first_stage = scheduler.state_in_first_order if heun else True
-        sigma = float(scheduler.sigmas[scheduler.step_index or 0]) if hasattr(scheduler, "sigmas") else None
+        sigma = None
+        if hasattr(scheduler, "sigmas"):  # the schedulers with sigmas count their steps from begin
+            sigma = float(scheduler.sigmas[begin if scheduler.step_index is None else scheduler.step_index])
         out = MODEL(scheduler.scale_model_input(x, t), t)
         result = scheduler.step(out, t, x, **step_kwargs)
         x = result.prev_sample
@@ -131,12 +143,12 @@ def run_reference(scheduler, noise, step_kwargs):
     return steps
 
 
-def run_minidiff(noise, sampler, steps, prediction_type, spacing, options, timesteps=None):
+def run_minidiff(noise, sampler, steps, prediction_type, spacing, options, timesteps=None, first_step=0, x0=None):
     recorded = []
     on_step = lambda **i: recorded.append((float(i["timestep"]), i["sigma"], i["x"], i["pred_x0"]))
     final = sample(MODEL, noise, sampler, steps, prediction_type=prediction_type, spacing=spacing,
                    steps_offset=SD["steps_offset"], timesteps=timesteps, callback=on_step,
-                   generator=torch.Generator().manual_seed(SEED), **options)
+                   generator=torch.Generator().manual_seed(SEED), first_step=first_step, x0=x0, **options)
     assert torch.equal(final, recorded[-1][2])  # the returned latent is the last step's
     return recorded
 
@@ -228,30 +240,28 @@ def test_custom_timesteps_match_diffusers(variant, spacing):
     assert compare(ours, ref, f"{variant} custom timesteps") < RTOL
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
-@pytest.mark.parametrize("variant", ["euler", "euler_a", "heun", "ddim", "dpmpp_2m"])
-def test_img2img_start_matches_diffusers(variant, spacing):
-    """img2img: diffusers noises the image with scheduler.add_noise at the first timestep run (x0 + sigma noise
-    for Euler and Heun); minidiff hands sample() the VP latent x_t with noise_is_x_t=True, as its pipeline does."""
-    steps, first = 10, 4  # strength 0.6: the last 6 of 10 steps
-    scheduler = reference_scheduler(variant, "epsilon", spacing, False, steps)
-    _, _, sampler, options, step_kwargs = VARIANTS[variant]
-    if hasattr(scheduler, "set_begin_index"):  # the k-diffusion and multistep schedulers count their steps
-        scheduler.set_begin_index(first * scheduler.order)
-    timesteps = scheduler.timesteps[first * scheduler.order:: scheduler.order]
-    image = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
-    x = scheduler.add_noise(image, make_noise(), timesteps[:1])
-    generator = torch.Generator().manual_seed(SEED) if draws_noise(scheduler, step_kwargs) else None
-    for t in scheduler.timesteps[first * scheduler.order:]:
-        out = MODEL(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(out, t, x, **step_kwargs, **({"generator": generator} if generator else {})).prev_sample
+IMG2IMG = [(2, 0.6), (7, 0.6), (20, 0.6), (7, 1.0)]  # (steps, strength): first_step 1, 3, 8 and 0
 
-    schedule = NoiseSchedule.sd()
-    ours_t = [int(t) for t in timesteps]
-    x_t = schedule.add_noise(image, make_noise(), ours_t[0])
-    ours = sample(MODEL, x_t, sampler, timesteps=ours_t, spacing=spacing, noise_is_x_t=True,
-                  generator=torch.Generator().manual_seed(SEED), **options)
-    assert relative(ours, x) < RTOL
+
+@pytest.mark.parametrize(("variant", "spacing", "karras"), [
+    (variant, spacing, karras) for variant in VARIANTS for spacing in SPACINGS
+    for karras in ((False, True) if VARIANTS[variant][2] in KARRAS else (False,))
+] + [("lcm", "leading", False)])
+def test_img2img_matches_diffusers_every_step(variant, spacing, karras):
+    """img2img: the last int(steps * strength) steps of the sampler's own grid, from an image latent noised to
+    the first of them, as StableDiffusionImg2ImgPipeline runs a scheduler (t_start = steps - int(steps *
+    strength), timesteps from t_start * order, set_begin_index, add_noise; Heun's order 2 covers its two
+    stages per step) against sample(first_step=t_start, x0=image), every step compared as above."""
+    image = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    sampler, options, step_kwargs = VARIANTS[variant][2:] if variant != "lcm" else ("lcm", {}, {})
+    for steps, strength in IMG2IMG:
+        first_step = steps - min(int(steps * strength), steps)
+        scheduler = reference_scheduler(variant, "epsilon", spacing, karras, steps)
+        ref = run_reference(scheduler, make_noise(), step_kwargs, first_step, image)
+        ours = run_minidiff(make_noise(), sampler, steps, "epsilon", spacing, {**options, "karras": karras},
+                            first_step=first_step, x0=image)
+        label = f"{variant} {spacing} karras={karras} steps={steps} first_step={first_step}"
+        assert compare(ours, ref, label) < RTOL, label
 
 
 if __name__ == "__main__":  # the table of largest errors for the report
