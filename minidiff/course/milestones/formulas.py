@@ -124,16 +124,8 @@ def pred_eps_mistakes(output, x_t, a, prediction_type):
 @milestone("prediction type: eps from an eps- or a v-prediction model", lesson=2)
 def check_pred_eps(candidate=None):
     """pred_eps(model_output, x_t, alpha_bar_t, prediction_type) -> eps, for "epsilon" and "v_prediction" models"""
-    tol, schedule = Tolerance(1e-5, 1e-5), NoiseSchedule.sd()
-    output, x_t = fixed_randn(1, 4, 8, 8, seed=3), fixed_randn(1, 4, 8, 8, seed=4)
-    for prediction_type in ("epsilon", "v_prediction"):
-        for t in (999, 500, 20):
-            a = schedule.alphas_cumprod[t]
-            yours = call_candidate(candidate or pred_eps, signature(check_pred_eps), output.clone(), x_t.clone(),
-                                   a.clone(), prediction_type)
-            compare(yours, pred_eps(output, x_t, a, prediction_type), tol, f"{prediction_type}, t={t}",
-                    pred_eps_mistakes(output, x_t, a, prediction_type))
-    return f"epsilon and v_prediction at t = 999, 500, 20 within {tol.atol:g} (fp32)"
+    return _check_prediction(candidate or pred_eps, signature(check_pred_eps), pred_eps, pred_eps_mistakes,
+                             Tolerance(1e-5, 1e-5))
 
 
 def pred_x0(model_output, x_t, alpha_bar_t, prediction_type: str = "epsilon"):
@@ -159,15 +151,21 @@ def pred_x0_mistakes(output, x_t, a, prediction_type):
 @milestone("prediction type: x_0 from an eps- or a v-prediction model", lesson=2)
 def check_pred_x0(candidate=None):
     """pred_x0(model_output, x_t, alpha_bar_t, prediction_type) -> x_0, for "epsilon" and "v_prediction" models"""
-    tol, schedule = Tolerance(1e-4, 1e-5), NoiseSchedule.sd()
+    return _check_prediction(candidate or pred_x0, signature(check_pred_x0), pred_x0, pred_x0_mistakes,
+                             Tolerance(1e-4, 1e-5))
+
+
+def _check_prediction(candidate, expected_signature, reference, mistakes, tol) -> str:
+    """candidate(model_output, x_t, alpha_bar_t, prediction_type) against reference, eps and v models, 3 timesteps."""
+    schedule = NoiseSchedule.sd()
     output, x_t = fixed_randn(1, 4, 8, 8, seed=3), fixed_randn(1, 4, 8, 8, seed=4)
     for prediction_type in ("epsilon", "v_prediction"):
         for t in (999, 500, 20):
             a = schedule.alphas_cumprod[t]
-            yours = call_candidate(candidate or pred_x0, signature(check_pred_x0), output.clone(), x_t.clone(),
-                                   a.clone(), prediction_type)
-            compare(yours, pred_x0(output, x_t, a, prediction_type), tol, f"{prediction_type}, t={t}",
-                    pred_x0_mistakes(output, x_t, a, prediction_type))
+            yours = call_candidate(candidate, expected_signature, output.clone(), x_t.clone(), a.clone(),
+                                   prediction_type)
+            compare(yours, reference(output, x_t, a, prediction_type), tol, f"{prediction_type}, t={t}",
+                    mistakes(output, x_t, a, prediction_type))
     return f"epsilon and v_prediction at t = 999, 500, 20 within {tol.atol:g} (fp32)"
 
 
