@@ -22,6 +22,8 @@ import io
 import logging
 import math
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -311,3 +313,13 @@ def course_pipeline(dtype=torch.float32, device: str = "cpu"):
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.to(device=device, dtype=dtype)
     return pipe
+
+
+def median_seconds(function, repeats: int = 3) -> float:
+    """The median wall time of `repeats` calls of function() (the notebooks' timings)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

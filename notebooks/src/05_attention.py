@@ -18,8 +18,6 @@
 
 # %%
 import functools
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from minidiff.attention import attention, naive_attention
 from minidiff.course.milestones import check
 from minidiff.course.notebook import use
-from minidiff.course.viz import course_pipeline, plot_curves, quiet_stderr, show_trace
+from minidiff.course.viz import course_pipeline, median_seconds, plot_curves, quiet_stderr, show_trace
 from minidiff.speed import set_attention
 
 # %% [markdown]
@@ -82,15 +80,6 @@ def peak_megabytes(function):
         live += change
         peak = max(peak, live)
     return peak / 2**20
-
-
-def median_seconds(function, repeats=3):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 backends = {"naive": (naive_attention, None), "SDPA": (None, None), "naive, sliced 256": (naive_attention, 256),

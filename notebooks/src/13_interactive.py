@@ -28,7 +28,7 @@ import ipywidgets as widgets
 import torch
 from IPython.display import display
 
-from minidiff.course.viz import StepRecorder, course_pipeline, image_grid, step_label, to_pil
+from minidiff.course.viz import StepRecorder, course_pipeline, image_grid, median_seconds, step_label, to_pil
 
 pipe = course_pipeline()
 SAMPLERS = ("dpmpp_2m", "unipc", "ddim", "euler", "euler_a", "heun", "dpmpp_2m_sde", "ddpm")
@@ -171,24 +171,15 @@ print(f"process CPU time per redraw: median {statistics.median(cpu_seconds):.3f}
       "redraw takes on a core nobody else uses)")
 
 
-def median_seconds(function, repeats=5):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 with torch.no_grad():
     context, uncond = pipe.encode_prompt([options["prompt"]]), pipe.encode_prompt([""])
     model = pipe.guided_model(context, uncond, 5.0)
     x = torch.randn(1, pipe.latent_channels(), pipe.default_size() // 8, pipe.default_size() // 8)
     parts = {
-        "text encoder (prompt and empty prompt)": median_seconds(lambda: pipe.encode_prompt([options["prompt"], ""])),
-        "20 guided UNet calls (batch of 2)": 20 * median_seconds(lambda: model(x, 500)),
-        "VAE decode, final picture": median_seconds(lambda: pipe.decode(x)),
-        "VAE decode, the shown pair": median_seconds(lambda: pipe.decode(torch.cat([x, x]))),
+        "text encoder (prompt and empty prompt)": median_seconds(lambda: pipe.encode_prompt([options["prompt"], ""]), 5),
+        "20 guided UNet calls (batch of 2)": 20 * median_seconds(lambda: model(x, 500), 5),
+        "VAE decode, final picture": median_seconds(lambda: pipe.decode(x), 5),
+        "VAE decode, the shown pair": median_seconds(lambda: pipe.decode(torch.cat([x, x])), 5),
         "VAE decode, all 40 trace latents": median_seconds(lambda: pipe.decode(x.repeat(40, 1, 1, 1)), 2),
     }
 for name, part in parts.items():
