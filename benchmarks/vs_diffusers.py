@@ -14,7 +14,7 @@ import sys
 from torch import nn
 
 from minidiff.checkpoint import build, meta_model
-from minidiff.cli import add_bench_arguments, cmd_bench
+from minidiff.cli.speed import add_bench_arguments, cmd_bench
 from minidiff.config import to_diffusers
 from minidiff.errors import MinidiffError
 

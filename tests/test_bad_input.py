@@ -27,7 +27,8 @@ from minidiff.course.viz import tiny_pipeline
 from minidiff.errors import CheckpointError, InputError, MinidiffError, OutputError, SamplerError
 from minidiff.hub import WEIGHTS
 from minidiff.load import load_taesd, load_text_encoder, load_tokenizer, load_unet, load_vae
-from minidiff.pipeline import from_pil, load_pipeline
+from minidiff.images import from_pil
+from minidiff.pipeline import load_pipeline
 from minidiff.samplers import sample
 
 ROOT = Path(__file__).resolve().parent.parent

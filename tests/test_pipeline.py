@@ -6,7 +6,8 @@ from PIL import Image
 
 from minidiff.cli import main
 from minidiff.errors import MinidiffError
-from minidiff.pipeline import load_pipeline, trace_frames, trace_grid
+from minidiff.images import trace_frames, trace_grid
+from minidiff.pipeline import load_pipeline
 from minidiff.samplers import sample
 
 

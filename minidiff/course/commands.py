@@ -6,7 +6,7 @@
 """
 
 from minidiff.checks import check_device, check_float, check_int, check_seed, check_text
-from minidiff.cli import output_format
+from minidiff.cli.options import output_format
 from minidiff.files import atomic_save, check_writable
 
 

@@ -32,14 +32,8 @@ from PIL import Image, ImageDraw, ImageFont
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.errors import MinidiffError
 from minidiff.hub import bundled_path
-from minidiff.pipeline import (  # noqa: F401 (to_pil: the notebooks')
-    Pipeline,
-    TraceStep,
-    evenly_spaced_steps,
-    load_pipeline,
-    to_pil,
-    trace_frames,
-)
+from minidiff.images import evenly_spaced_steps, to_pil, trace_frames  # noqa: F401 (to_pil: the notebooks')
+from minidiff.pipeline import Pipeline, TraceStep, load_pipeline
 from minidiff.schedule import NoiseSchedule
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.unet import UNet, UNetConfig

@@ -1,0 +1,73 @@
+"""Pictures in and out: tensors <-> PIL images, an input image read safely, and the trace drawn as a grid or frames."""
+
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minidiff.checks import check_input_file, shown
+from minidiff.errors import InputError, MinidiffError
+
+MAX_IMAGE_PIXELS = 64 * 2**20  # an input image larger than this (8192 x 8192) is refused before it is decoded
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def from_pil(image, height=None, width=None) -> torch.Tensor:
+    """A PIL image (or path) -> (1, 3, H, W) in [-1, 1], resized to (height, width) if given."""
+    if not isinstance(image, Image.Image):
+        path = check_input_file(image, "the input image", max_bytes=256 * 2**20)
+        try:
+            image = Image.open(path)
+            if image.width * image.height > MAX_IMAGE_PIXELS:  # read from the header: nothing decoded yet
+                raise InputError(f"the input image {shown(path)} is {image.width}x{image.height} px, more than "
+                                 f"{MAX_IMAGE_PIXELS // 2**20} megapixels: resize it first")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own, larger limit
+            raise InputError(f"the input image {shown(path)} claims more than {MAX_IMAGE_PIXELS // 2**20} megapixels "
+                             "in its header: resize it first") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InputError(f"cannot read the input image {shown(path)}: {shown(e)}. Give a complete PNG or JPEG "
+                             "file") from None
+    image = image.convert("RGB")
+    if height and width and image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def trace_grid(trace: list, steps_to_show=None, index: int = 0) -> Image.Image:
+    """The signature picture: x_inter (top row) against pred_x0 (bottom row) at chosen steps."""
+    chosen = [s for s in trace if steps_to_show is None or s.step in steps_to_show]
+    if not chosen:
+        raise MinidiffError("no trace steps to show: generate with trace=True and pick steps that were run")
+    w, h = chosen[0].x_inter[index].size
+    grid = Image.new("RGB", (w * len(chosen), 2 * h), "white")
+    for col, s in enumerate(chosen):
+        grid.paste(s.x_inter[index], (col * w, 0))
+        grid.paste(s.pred_x0[index], (col * w, h))
+    return grid
+
+
+def trace_frames(trace: list, index: int = 0) -> list:
+    """One frame per step, x_inter above pred_x0, for an animated GIF."""
+    frames = []
+    for s in trace:
+        w, h = s.x_inter[index].size
+        frame = Image.new("RGB", (w, 2 * h))
+        frame.paste(s.x_inter[index], (0, 0))
+        frame.paste(s.pred_x0[index], (0, h))
+        frames.append(frame)
+    return frames
+
+
+def evenly_spaced_steps(total: int, count: int = 8) -> list:
+    """`count` step indices spread over 0..total-1, always including the last."""
+    return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)}) if total else []
