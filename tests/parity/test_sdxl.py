@@ -298,3 +298,23 @@ def test_samplers_img2img_trace_and_early_exit_run_on_sdxl(tiny_sdxl):
     assert torch.equal(run(image=image, strength=0.0).latents, pipe.encode_image(image, 32, 32,
                                                                                  torch.Generator().manual_seed(0)))
     assert run(image=image, strength=0.5, steps=2).images[0].size == (32, 32)
+
+
+def test_sd15_lora_on_sdxl_and_sdxl_lora_on_sd15_are_named_in_one_line(tiny_sd, tiny_sdxl, tmp_path):
+    """A LoRA made for the other family is refused before any layer changes, in one line that says so."""
+    from tests.parity.test_lora import random_lora, save_kohya
+
+    sd15 = load_pipeline(tiny_sd[0], device="cpu", dtype=torch.float32)
+    sdxl = load_pipeline(tiny_sdxl[0], device="cpu", dtype=torch.float32)
+    save_kohya(random_lora(sd15, 5), tmp_path / "sd15_lora.safetensors")
+    before = {k: v.clone() for k, v in sdxl.unet.state_dict().items()}
+    with pytest.raises(CheckpointError, match="made for another base model") as error:
+        sdxl.load_lora(tmp_path / "sd15_lora.safetensors")
+    assert "\n" not in str(error.value)
+    assert all(torch.equal(v, before[k]) for k, v in sdxl.unet.state_dict().items()), "the refused LoRA changed a layer"
+    second_encoder = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 8),
+                      "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(8, 2)}
+    save_file(second_encoder, tmp_path / "sdxl_lora.safetensors")
+    with pytest.raises(CheckpointError, match="text_encoder_2: SDXL") as error:
+        sd15.load_lora(tmp_path / "sdxl_lora.safetensors")
+    assert "\n" not in str(error.value)
