@@ -162,13 +162,14 @@ def noise_defaults(args):
         noise, made = load_noise(args.noise, "--noise")
     for option, name, default, kind in (("--sampler", "sampler", "dpmpp_2m", str), ("--steps", "steps", 20, int),
                                         ("--guidance", "guidance_scale", None, float)):
+        what = {str: "text", int: "a whole number", float: "a number"}[kind]
         attribute = option.removeprefix("--")
         if getattr(args, attribute) is None:
             try:
                 setattr(args, attribute, kind(made[name]) if name in made else default)
             except ValueError:
-                raise InputError(f"--noise {shown(args.noise)}: its metadata {name}={made[name]!r} is not a "
-                                 f"{kind.__name__}: give {option} yourself") from None
+                raise InputError(f"--noise {shown(args.noise)}: its metadata {name}={made[name]!r} is not "
+                                 f"{what}: give {option} yourself") from None
     return noise
 
 
