@@ -27,8 +27,8 @@ from minidiff.cli import main
 from minidiff.course.viz import tiny_pipeline
 from minidiff.errors import CheckpointError, InputError, MinidiffError, OutputError, SamplerError
 from minidiff.hub import WEIGHTS
-from minidiff.load import load_taesd, load_text_encoder, load_tokenizer, load_unet, load_vae
 from minidiff.images import from_pil
+from minidiff.load import load_taesd, load_text_encoder, load_tokenizer, load_unet, load_vae
 from minidiff.pipeline import load_pipeline
 from minidiff.samplers import sample
 
@@ -392,7 +392,8 @@ CLI_ROWS = [
     ("export-onnx-size", ["export-onnx", "@", "--size", "0"], "--size 0"),
     ("export-onnx-exists", ["export-onnx", "@", "--size", "64"], "unet.onnx already exists"),
 ]
-PREPARED = {"old.safetensors": b"old", "old.png": b"old", "old.gif": b"old", "many_1.png": b"old", "target.png": b"old", "unet.onnx": b"old"}
+PREPARED = {"old.safetensors": b"old",
+            "old.png": b"old", "old.gif": b"old", "many_1.png": b"old", "target.png": b"old", "unet.onnx": b"old"}
 
 
 def expand(argv, files, out: Path):

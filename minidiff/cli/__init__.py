@@ -7,8 +7,9 @@
     minidiff bench [--config sd15] [--size 256] | profile [--trace t.json] | export-onnx OUT_DIR [--model shapes]
 
 Each file of minidiff/cli/ holds one group of subcommands and their checks (generate.py, invert.py, models.py,
-speed.py; what they share is in options.py); build_parser asks each to add its own. Other packages add commands through the "minidiff.commands" entry point (a function given the subparsers):
-minidiff.course adds `minidiff milestones` and `minidiff sampler-table` that way, so the library never imports it.
+speed.py; what they share is in options.py); build_parser asks each to add its own. Other packages add commands
+through the "minidiff.commands" entry point (a function given the subparsers): minidiff.course adds
+`minidiff milestones` and `minidiff sampler-table` that way, so the library never imports it.
 
 A user mistake prints one line, `minidiff: error: ...`, and exits with status 2: no traceback.
 Files are written to a temporary name and renamed, so nothing half-written is ever left behind.

@@ -101,7 +101,8 @@ def check_generate_args(args) -> dict:
     height, width = parse_size(args.size) if args.size is not None else (None, None)
     if noise is not None:
         height, width = noise_size(args, noise, height, width)
-    return dict(latents=noise, negative_prompt=args.negative, steps=steps, sampler=args.sampler, guidance_scale=args.guidance,
+    return dict(latents=noise, negative_prompt=args.negative, steps=steps, sampler=args.sampler,
+                guidance_scale=args.guidance,
                 seed=args.seed, height=height, width=width, num_images=args.num_images, image=args.image,
                 strength=strength, early_exit=early_exit, preview=args.preview,
                 trace=bool(args.trace or args.grid), karras=args.karras)

@@ -154,7 +154,8 @@ def inversion_study(pipeline, n: int = 24, steps: int = 50, guidance_scale: floa
     alone (encode, decode: the ceiling), the checker's agreement (the reconstruction's checked colour, shape,
     position and size equal the original's; also for the VAE alone, with the (original, reconstruction) checks
     that disagree) and the reconstructions' adherence to the prompts.
-    Returns a dict with those numbers, the per-picture PSNRs and the (original, reconstruction) pictures.
+    Returns a dict with those numbers, the per-picture PSNRs, the (original, reconstruction) pictures and the
+    (prompt, spec) pairs.
     """
     rng = np.random.default_rng(seed)
     pairs = held_out_prompts(n, seed)
@@ -178,5 +179,5 @@ def inversion_study(pipeline, n: int = 24, steps: int = 50, guidance_scale: floa
             "disagreements": [(b, a) for a, b in checked if a != b],
             "adherence": shapes.adherence(again, [spec for _, spec in pairs])["all"],
             "adherence_originals": shapes.adherence(originals, [spec for _, spec in pairs])["all"],
-            "per_picture": round_trip, "pictures": list(zip(originals, again))}
+            "per_picture": round_trip, "pictures": list(zip(originals, again)), "prompts": pairs}
 
