@@ -67,9 +67,28 @@ def _shapes() -> dict:
     }
 
 
+def _inversion() -> dict:
+    """Written by `python -m benchmarks.inversion` (benchmarks/results/inversion.json)."""
+    results = read_json("benchmarks/results/inversion.json")
+    gaussian, study = results["gaussian"], results["shapes"]
+    errors = gaussian["max_error"]["leading"]
+    return {
+        "inversion.order": f"{gaussian['order']['leading']:.2f}",
+        "inversion.order_trailing": f"{gaussian['order']['trailing']:.2f}",
+        **{f"inversion.error_{n}": f"{error:.3f}" for n, error in zip(gaussian["steps"], errors)},
+        "inversion.n": str(study["n"]),
+        "inversion.psnr": f"{study['psnr']:.1f}",
+        "inversion.psnr_min": f"{study['psnr_min']:.1f}",
+        "inversion.psnr_vae": f"{study['psnr_vae']:.1f}",
+        "inversion.agreement": percent(study["agreement"]),
+        "inversion.agreement_vae": percent(study["agreement_vae"]),
+        "inversion.adherence": percent(study["adherence"]),
+    }
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
-    return _shapes()
+    return _shapes() | _inversion()
 
 
 def marked(text: str) -> list[tuple[str, str]]:

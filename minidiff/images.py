@@ -18,24 +18,30 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
 
 
+def open_image(path) -> Image.Image:
+    """An input image file, read safely: a regular file, not a decompression bomb, complete."""
+    path = check_input_file(path, "the input image", max_bytes=256 * 2**20)
+    try:
+        image = Image.open(path)
+        if image.width * image.height > MAX_IMAGE_PIXELS:  # read from the header: nothing decoded yet
+            raise InputError(f"the input image {shown(path)} is {image.width}x{image.height} px, more than "
+                             f"{MAX_IMAGE_PIXELS // 2**20} megapixels: resize it first")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own, larger limit
+        raise InputError(f"the input image {shown(path)} claims more than {MAX_IMAGE_PIXELS // 2**20} megapixels "
+                         "in its header: resize it first") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"cannot read the input image {shown(path)}: {shown(e)}. Give a complete PNG or JPEG "
+                         "file") from None
+    return image
+
+
 def from_pil(image, height=None, width=None) -> torch.Tensor:
     """A PIL image (or path) -> (1, 3, H, W) in [-1, 1], resized to (height, width) if given."""
     if not isinstance(image, Image.Image):
-        path = check_input_file(image, "the input image", max_bytes=256 * 2**20)
-        try:
-            image = Image.open(path)
-            if image.width * image.height > MAX_IMAGE_PIXELS:  # read from the header: nothing decoded yet
-                raise InputError(f"the input image {shown(path)} is {image.width}x{image.height} px, more than "
-                                 f"{MAX_IMAGE_PIXELS // 2**20} megapixels: resize it first")
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own, larger limit
-            raise InputError(f"the input image {shown(path)} claims more than {MAX_IMAGE_PIXELS // 2**20} megapixels "
-                             "in its header: resize it first") from None
-        except (OSError, ValueError, SyntaxError) as e:
-            raise InputError(f"cannot read the input image {shown(path)}: {shown(e)}. Give a complete PNG or JPEG "
-                             "file") from None
+        image = open_image(image)
     image = image.convert("RGB")
     if height and width and image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
@@ -71,3 +77,14 @@ def trace_frames(trace: list, index: int = 0) -> list:
 def evenly_spaced_steps(total: int, count: int = 8) -> list:
     """`count` step indices spread over 0..total-1, always including the last."""
     return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)}) if total else []
+
+
+def psnr(image, reference) -> float:
+    """Peak signal-to-noise ratio of two pictures as 8-bit RGB, in dB: 10 log10(255^2 / mean squared difference)."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float64)
+    b = np.asarray(reference.convert("RGB"), dtype=np.float64)
+    if a.shape != b.shape:
+        raise InputError(f"psnr compares pictures of one size, got {a.shape[1]}x{a.shape[0]} and "
+                         f"{b.shape[1]}x{b.shape[0]} px")
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

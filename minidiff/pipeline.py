@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from minidiff import embeddings, lora
+from minidiff import embeddings, inversion, lora
 from minidiff.checks import (
     check_bool,
     check_choice,
@@ -156,6 +156,13 @@ class Pipeline:
     def load_textual_inversion(self, path, token: str | None = None) -> str:
         """Add the word of an embedding file (A1111 or diffusers safetensors); returns the token to write."""
         return embeddings.load_textual_inversion(self, path, token)
+
+    # --- DDIM inversion (minidiff.inversion) ------------------------------------------------------------
+
+    def invert(self, image, prompt: str, steps: int = 50, guidance_scale: float = 1.0, **options) -> torch.Tensor:
+        """A picture -> the noise that self(prompt, sampler="ddim", steps=steps, guidance_scale=guidance_scale,
+        latents=noise) turns back into it (options: negative_prompt, height, width, timesteps, callback, progress)."""
+        return inversion.invert(self, image, prompt, steps, guidance_scale, **options)
 
     # --- the three stages ----------------------------------------------------------------------
 

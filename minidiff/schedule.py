@@ -342,10 +342,11 @@ def to_x0_eps(model_output, x_t, alpha, sigma, prediction_type: str = "epsilon")
 class Denoiser:
     """Wraps a network `model(x_t, t) -> eps | v | x0` into (pred_x0, pred_eps) for the samplers.
 
-    Two views of the same call:
+    Three views of the same call:
         denoiser(x_t, t)               VP space: x_t = alpha_t x0 + sigma_t eps, t an integer timestep
         denoiser.at_sigma(x, sigma, t) k-diffusion space: x = x0 + sigma eps, so the network sees
                                        x_t = x / sqrt(1 + sigma^2); t is the timestep passed to it
+        denoiser.at_level(x, t, abar)  VP space at the level alpha_bar = abar, the network asked at t
     The outputs are checked for NaN/inf: eagerly on the CPU (stop at the step that broke), on other
     devices through `check_finite()` after the loop, so that no step waits for the GPU. `step` is the
     sampler step being computed (kept up to date by `minidiff.sample`), for the error message.
@@ -367,6 +368,11 @@ class Denoiser:
         alpha = 1.0 / math.sqrt(1.0 + sigma**2)
         x_t = x * alpha
         return self._convert(self.model(x_t, t), x_t, alpha, sigma * alpha, t)
+
+    def at_level(self, x, t, alpha_bar: float):
+        """The network called at timestep t on a latent x that sits at another noise level, alpha_bar (DDIM
+        inversion feeds x_{t_prev} at the t it heads to), converted with that level's alpha and sigma."""
+        return self._convert(self.model(x, t), x, math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar), t)
 
     def _convert(self, out, x_t, alpha, sigma, t):
         self.calls += 1

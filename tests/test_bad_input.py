@@ -6,6 +6,7 @@ that no file is left behind or changed, and that it finishes within ROW_SECONDS 
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -26,8 +27,8 @@ from minidiff.cli import main
 from minidiff.course.viz import tiny_pipeline
 from minidiff.errors import CheckpointError, InputError, MinidiffError, OutputError, SamplerError
 from minidiff.hub import WEIGHTS
-from minidiff.load import load_taesd, load_text_encoder, load_tokenizer, load_unet, load_vae
 from minidiff.images import from_pil
+from minidiff.load import load_taesd, load_text_encoder, load_tokenizer, load_unet, load_vae
 from minidiff.pipeline import load_pipeline
 from minidiff.samplers import sample
 
@@ -59,6 +60,16 @@ def files(tmp_path_factory):
     (root / "empty.png").write_bytes(b"")
     (root / "text.png").write_text("not a picture")
     (root / "bomb.png").write_bytes(png_claiming(40000, 40000))
+    see_through = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
+    see_through.putpixel((0, 0), (0, 0, 0, 0))
+    see_through.save(root / "transparent.png")
+    Image.new("I;16", (64, 64)).save(root / "sixteen_bit.png")
+    Image.new("RGB", (60, 60), "red").save(root / "odd_size.png")
+    save_file({"noise": torch.zeros(1, 4, 8, 8)}, root / "noise.safetensors", metadata={"steps": "2"})
+    save_file({"noise": torch.zeros(1, 3, 8, 8)}, root / "noise_3ch.safetensors", metadata={"steps": "2"})
+    save_file({"noise": torch.zeros(4, 8, 8)}, root / "noise_3d.safetensors")
+    save_file({"latents": torch.zeros(1, 4, 8, 8)}, root / "noise_other_key.safetensors")
+    save_file({"noise": torch.zeros(1, 4, 8, 8)}, root / "noise_bad_steps.safetensors", metadata={"steps": "many"})
     os.symlink(root / "loop_a", root / "loop_b")
     os.symlink(root / "loop_b", root / "loop_a")
     os.mkfifo(root / "fifo.safetensors")
@@ -193,6 +204,8 @@ def file_listing(folder: Path) -> dict:
 # (id, argv, fragment); "{x}" in an argument is replaced by files[x] (an input) and "@name" by tmp_path/name
 # (an output folder of the row's own). Prepared outputs are listed in PREPARED.
 GENERATE = ["generate", "a red circle", "--steps", "1", "--device", "cpu"]
+INVERT = ["invert", "{good.png}", "--prompt", "a red circle", "--steps", "1", "--out", "@noise.safetensors",
+          "--device", "cpu"]
 CLI_ROWS = [
     # numbers: type and range
     ("steps-zero", [*GENERATE, "--steps", "0"], "--steps must be an integer from 1 to 1000"),
@@ -327,6 +340,34 @@ CLI_ROWS = [
     # after loading, before the work: sizes against memory, the step grid
     ("size-past-memory", [*GENERATE, "--size", "16384"], "more than the"),
     ("steps-past-the-grid", [*GENERATE, "--steps", "1000"], "use fewer steps (or, from Python"),
+    # invert: a picture back to its noise, and generate --noise
+    ("invert-image-missing", [*INVERT[:1], "@nothing.png", *INVERT[2:]], "does not exist: check the path"),
+    ("invert-image-text", [*INVERT[:1], "{text.png}", *INVERT[2:]], "cannot identify image file"),
+    ("invert-image-transparent", [*INVERT[:1], "{transparent.png}", *INVERT[2:]], "has transparent pixels"),
+    ("invert-image-16-bit", [*INVERT[:1], "{sixteen_bit.png}", *INVERT[2:]], "16/32-bit"),
+    ("invert-image-odd-size", [*INVERT[:1], "{odd_size.png}", *INVERT[2:]], "pass --size 64x64"),
+    ("invert-no-prompt", INVERT[:2] + INVERT[4:], "the following arguments are required: --prompt"),
+    ("invert-out-exists", [*INVERT, "--out", "@old.safetensors"], "already exists: pass --overwrite"),
+    ("invert-out-extension", [*INVERT, "--out", "@noise.pt"], "unknown extension .pt; use one of .safetensors"),
+    ("invert-out-no-extension", [*INVERT, "--out", "@noise"], "has no extension"),
+    ("invert-reconstruction-extension", [*INVERT, "--reconstruction", "@again.xyz"], "unknown extension .xyz"),
+    ("invert-steps-zero", [*INVERT, "--steps", "0"], "--steps must be an integer from 1 to 1000"),
+    ("invert-steps-word", [*INVERT, "--steps", "ten"], "invalid int value"),
+    ("invert-guidance-nan", [*INVERT, "--guidance", "nan"], "--guidance must be a finite number"),
+    ("invert-size-odd", [*INVERT, "--size", "60"], "try 64"),
+    ("invert-model-missing", [*INVERT, "--model", "@nothing"], "neither a file or folder"),
+    ("invert-steps-past-the-grid", [*INVERT, "--steps", "1000"], "use fewer steps (or, from Python"),
+    ("noise-missing", [*GENERATE, "--noise", "@nothing.safetensors"], "--noise"),
+    ("noise-not-safetensors", [*GENERATE, "--noise", "{notes.txt}"], "is not a safetensors file"),
+    ("noise-other-key", [*GENERATE, "--noise", "{noise_other_key.safetensors}"], "holds no 'noise' tensor"),
+    ("noise-3d", [*GENERATE, "--noise", "{noise_3d.safetensors}"], "not float latents (batch, channels"),
+    ("noise-wrong-size", [*GENERATE, "--noise", "{noise.safetensors}", "--size", "128"],
+     "holds noise for 64x64 px pictures, but --size asks for 128x128"),
+    ("noise-wrong-count", [*GENERATE, "--noise", "{noise.safetensors}", "--num-images", "2"], "pass --num-images 1"),
+    ("noise-wrong-channels", [*GENERATE, "--noise", "{noise_3ch.safetensors}"], "holds 3-channel latents"),
+    ("noise-bad-metadata", [*GENERATE[:2], *GENERATE[4:], "--noise", "{noise_bad_steps.safetensors}"],
+     "its metadata steps='many' is not a whole number: give --steps yourself"),
+    ("noise-with-image", [*GENERATE, "--noise", "{noise.safetensors}", "--image", "{good.png}"], "give one of them"),
     # the other commands
     ("info-missing", ["info", "@nothing"], "neither a file or folder"),
     ("download-unknown", ["download", "sd99"], "unknown model 'sd99'"),
@@ -351,7 +392,8 @@ CLI_ROWS = [
     ("export-onnx-size", ["export-onnx", "@", "--size", "0"], "--size 0"),
     ("export-onnx-exists", ["export-onnx", "@", "--size", "64"], "unet.onnx already exists"),
 ]
-PREPARED = {"old.png": b"old", "old.gif": b"old", "many_1.png": b"old", "target.png": b"old", "unet.onnx": b"old"}
+PREPARED = {"old.safetensors": b"old",
+            "old.png": b"old", "old.gif": b"old", "many_1.png": b"old", "target.png": b"old", "unet.onnx": b"old"}
 
 
 def expand(argv, files, out: Path):
@@ -582,6 +624,25 @@ API_ROWS = [
     ("eta-two", call(sampler="ddim", eta=2.0), SamplerError, "eta must be a number from 0"),
     ("karras-ddim", call(sampler="ddim", karras=True), SamplerError, "karras=True is for the samplers"),
     ("spacing-unknown", call(spacing="random"), SamplerError, "unknown timestep spacing"),
+    # Pipeline.invert (minidiff.inversion)
+    ("invert-image-missing", lambda ctx: ctx["pipe"].invert("/no/such/picture.png", "x"), InputError, "does not exist"),
+    ("invert-image-int", lambda ctx: ctx["pipe"].invert(5, "x"), InputError, "must be a path"),
+    ("invert-transparent", lambda ctx: ctx["pipe"].invert(ctx["files"]["transparent.png"], "x"), InputError,
+     "transparent pixels"),
+    ("invert-prompt-none", lambda ctx: ctx["pipe"].invert(Image.new("RGB", (64, 64)), None), InputError,
+     "prompt must be a string"),
+    ("invert-steps-zero", lambda ctx: ctx["pipe"].invert(Image.new("RGB", (64, 64)), "x", steps=0), InputError,
+     "steps must be an integer from 1 to 1000"),
+    ("invert-guidance-nan", lambda ctx: ctx["pipe"].invert(Image.new("RGB", (64, 64)), "x", guidance_scale=math.nan),
+     InputError, "guidance_scale must be a finite number"),
+    ("invert-odd-size", lambda ctx: ctx["pipe"].invert(Image.new("RGB", (60, 64)), "x"), InputError,
+     "pass width=64"),
+    ("invert-callback", lambda ctx: ctx["pipe"].invert(Image.new("RGB", (64, 64)), "x", callback=3), InputError,
+     "callback must be a function"),
+    ("load-noise-missing", lambda ctx: minidiff.inversion.load_noise("/no/such/noise.safetensors"), InputError,
+     "does not exist"),
+    ("load-noise-text", lambda ctx: minidiff.inversion.load_noise(ctx["files"]["notes.txt"]), InputError,
+     "is not a safetensors file"),
     # sample(): the samplers' front end
     ("sample-unknown-sampler", sample_with(sampler="x"), SamplerError, "unknown sampler 'x'"),
     ("sample-model-not-callable", sample_with(model=5), SamplerError, "model must be a function"),
@@ -690,6 +751,7 @@ API_ROWS = [
 def test_python_api_refuses_with_a_named_error(files, pipe, action, error, fragment):
     import minidiff.export  # noqa: F401
     import minidiff.files  # noqa: F401
+    import minidiff.inversion  # noqa: F401
 
     before = file_listing(files["root"])
     start = time.monotonic()

@@ -20,7 +20,16 @@ from minidiff.course.milestones.core import in_lesson_order
 from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
 from minidiff.course.milestones.networks import _rename_variant
 from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
-from minidiff.course.solutions import lesson_02, lesson_03, lesson_04, lesson_05, lesson_06, lesson_07, lesson_08
+from minidiff.course.solutions import (
+    lesson_02,
+    lesson_03,
+    lesson_04,
+    lesson_05,
+    lesson_06,
+    lesson_07,
+    lesson_08,
+    lesson_14,
+)
 from minidiff.schedule import NoiseSchedule
 
 WORKBOOK_MILESTONES = [name for name, chosen in MILESTONES.items() if chosen.lesson is not None]
@@ -235,6 +244,21 @@ def grid(wrong):
         lesson_03.timesteps(steps, spacing, steps_offset, num_train_timesteps), steps, spacing, steps_offset)
 
 
+def inverted(order=lambda grid: grid[::-1], ask_at_from=False, start_at_one=False):
+    """ddim_invert as a student might get it wrong: the grid's order, the timestep asked, the first alpha_bar."""
+
+    def run(model, x_0, alphas_cumprod, steps):
+        x = x_0
+        for i, t in enumerate(order(lesson_03.timesteps(steps))):
+            t_prev = t - 1000 // steps
+            a_from = 1.0 if start_at_one and i == 0 else float(alphas_cumprod[max(t_prev, 0)])
+            eps = model(x, max(t_prev, 0) if ask_at_from else t)
+            x = lesson_14.ddim_inverse_step(x, eps, a_from, float(alphas_cumprod[t]))
+        return x
+
+    return run
+
+
 PLANTED = [
     ("betas", lambda T, b0, b1: torch.linspace(b0, b1, T), "scaled_linear"),
     ("betas", lambda T, b0, b1: torch.linspace(b0**0.5, b1**0.5, T), "the square is missing"),
@@ -273,6 +297,14 @@ PLANTED = [
     ("diffusion_loss", lambda *a: diffusion_loss(*a, target="x0"), "not the clean latents"),
     ("diffusion_loss", lambda *a: diffusion_loss(*a, sqrt=False), "missing sqrt"),
     ("diffusion_loss", lambda *a: diffusion_loss(*a, t_from_one=True), "0 .. T - 1"),
+    ("ddim_inverse_step", lambda x, eps, a_from, a_to: lesson_14.ddim_inverse_step(x, eps, a_to, a_from), "swapped"),
+    ("ddim_inverse_step", lambda x, eps, a_from, a_to: math.sqrt(a_to) * (x - math.sqrt(1 - a_to) * eps)
+     / math.sqrt(a_to) + math.sqrt(1 - a_to) * eps, "pred_x0 is taken at alpha_bar_to"),
+    ("ddim_inverse_step", lambda x, eps, a_from, a_to: a_to * (x - (1 - a_from) * eps) / a_from + (1 - a_to) * eps,
+     "missing sqrt"),
+    ("ddim_invert", inverted(order=lambda grid: grid), "walked the wrong way"),
+    ("ddim_invert", inverted(ask_at_from=True), "the timestep the step comes from"),
+    ("ddim_invert", inverted(start_at_one=True), "set_alpha_to_one=True"),
 ]
 
 

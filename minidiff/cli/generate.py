@@ -24,8 +24,8 @@ def add_commands(sub):
     g.add_argument("prompt")
     g.add_argument("--model", default="shapes", help="a known name (see `minidiff models`) or a path; "
                    "default: the bundled shapes model")
-    g.add_argument("--sampler", default="dpmpp_2m", help="see `minidiff samplers`")
-    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--sampler", help="see `minidiff samplers` (default dpmpp_2m; with --noise, the file's: ddim)")
+    g.add_argument("--steps", type=int, help="default 20; with --noise, the file's")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1: none (default: 7.5, or "
                    "the scale the model was tuned for: 5 for shapes)")
     g.add_argument("--seed", type=int, default=0)
@@ -33,6 +33,8 @@ def add_commands(sub):
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--image", help="img2img: the starting image")
+    g.add_argument("--noise", help="start from this noise file (from `minidiff invert`): its sampler, steps and "
+                   "guidance unless given; the size and the number of images follow the noise")
     g.add_argument("--strength", type=float, help="img2img: fraction of the steps to run (default 0.8)")
     g.add_argument("--early-exit", type=float, help="stop at this fraction of the steps (e.g. 0.7) and "
                    "return the model's pred_x0 there")
@@ -57,6 +59,7 @@ def add_commands(sub):
 
 def check_generate_args(args) -> dict:
     """Every option of `minidiff generate`, checked before the model is loaded; returns the pipeline's arguments."""
+    noise = noise_defaults(args)
     check_text("the prompt", args.prompt)
     check_text("--negative", args.negative, optional=True)
     check_text("--model", args.model)
@@ -96,7 +99,10 @@ def check_generate_args(args) -> dict:
         outputs["--grid"] = [Path(args.grid)]
     check_outputs(outputs, args.overwrite)
     height, width = parse_size(args.size) if args.size is not None else (None, None)
-    return dict(negative_prompt=args.negative, steps=steps, sampler=args.sampler, guidance_scale=args.guidance,
+    if noise is not None:
+        height, width = noise_size(args, noise, height, width)
+    return dict(latents=noise, negative_prompt=args.negative, steps=steps, sampler=args.sampler,
+                guidance_scale=args.guidance,
                 seed=args.seed, height=height, width=width, num_images=args.num_images, image=args.image,
                 strength=strength, early_exit=early_exit, preview=args.preview,
                 trace=bool(args.trace or args.grid), karras=args.karras)
@@ -113,6 +119,10 @@ def cmd_generate(args):
     words = [parse_adapter("--embedding", spec, embedding_token) for spec in args.embedding]
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype,
                          taesd=args.taesd if args.preview == "taesd" else None)
+    noise = options["latents"]
+    if noise is not None and noise.shape[1] != pipe.latent_channels():
+        raise InputError(f"--noise {shown(args.noise)} holds {noise.shape[1]}-channel latents, but --model "
+                         f"{shown(args.model)} works in {pipe.latent_channels()}: invert the picture with this model")
     for path, scale in loras:
         pipe.load_lora(path, 1.0 if scale is None else scale)
     if loras:
@@ -138,3 +148,40 @@ def cmd_generate(args):
         atomic_save(args.grid, lambda p: trace_grid(result.trace, chosen).save(p, format=kind))
         outputs.append(args.grid)
     print("wrote " + ", ".join(shown(o) for o in outputs))
+
+
+def noise_defaults(args):
+    """--noise: the latents of a noise file, with the file's sampler, steps and guidance where none were given."""
+    made = {}
+    noise = None
+    if args.noise is not None:
+        from minidiff.inversion import load_noise
+
+        if args.image is not None:
+            raise InputError("--noise is the starting noise of text-to-image and --image the starting picture of "
+                             "img2img: give one of them")
+        noise, made = load_noise(args.noise, "--noise")
+    for option, name, default, kind in (("--sampler", "sampler", "dpmpp_2m", str), ("--steps", "steps", 20, int),
+                                        ("--guidance", "guidance_scale", None, float)):
+        what = {str: "text", int: "a whole number", float: "a number"}[kind]
+        attribute = option.removeprefix("--")
+        if getattr(args, attribute) is None:
+            try:
+                setattr(args, attribute, kind(made[name]) if name in made else default)
+            except ValueError:
+                raise InputError(f"--noise {shown(args.noise)}: its metadata {name}={made[name]!r} is not "
+                                 f"{what}: give {option} yourself") from None
+    return noise
+
+
+def noise_size(args, noise, height, width) -> tuple:
+    """The picture size of --noise latents; a --size or --num-images that disagrees with them is refused."""
+    batch, _, rows, columns = noise.shape
+    if height is not None and (height, width) != (8 * rows, 8 * columns):
+        raise InputError(f"--noise {shown(args.noise)} holds noise for {8 * columns}x{8 * rows} px pictures, but "
+                         f"--size asks for {width}x{height}: drop --size (the size follows the noise), or invert "
+                         "at that size")
+    if batch != args.num_images:
+        raise InputError(f"--noise {shown(args.noise)} holds noise for {batch} picture(s), but --num-images is "
+                         f"{args.num_images}: pass --num-images {batch}")
+    return 8 * rows, 8 * columns

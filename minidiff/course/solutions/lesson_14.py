@@ -1,0 +1,38 @@
+"""Lesson 14, inspect and edit: the pieces the student writes, one group per section of course/14_inspect_and_edit.md.
+
+Notation (section 4, DDIM inversion; Song et al. 2021, eq. 12 run backwards):
+    alpha_bar_from, alpha_bar_to -> alpha_bar at the level a step starts from (t_prev; alpha_bar_0 for the first
+                                    step, as SD ships it) and at the level it goes to (t)
+    eps                          -> the network's noise for x, asked at the timestep t the step goes to
+"""
+
+import math
+
+from minidiff.course.solutions.lesson_03 import timesteps
+
+# --- section 4: DDIM inversion ---
+
+
+def ddim_inverse_step(x, eps, alpha_bar_from, alpha_bar_to):
+    """One DDIM inversion step, from the level alpha_bar_from up to alpha_bar_to (less signal, more noise).
+
+    x_0    = (x - sqrt(1 - alpha_bar_from) eps) / sqrt(alpha_bar_from)     the clean latent seen in x
+    x_next = sqrt(alpha_bar_to) x_0 + sqrt(1 - alpha_bar_to) eps           DDIM's update, towards the noise
+    """
+    x0 = (x - math.sqrt(1 - alpha_bar_from) * eps) / math.sqrt(alpha_bar_from)
+    return math.sqrt(alpha_bar_to) * x0 + math.sqrt(1 - alpha_bar_to) * eps
+
+
+def ddim_invert(model, x_0, alphas_cumprod, steps):
+    """DDIM inversion on SD's grid (leading, steps_offset 1): x_0 -> x_T, which ddim_sample turns back into x_0.
+
+    The sampler's steps (t, t_prev), t_prev = t - 1000 // steps (-1 after the last, read as alpha_bar_0), walked
+    in reverse: least noisy first, each from t_prev up to t, the model asked at t (eps(x_{t_prev}, t) stands in
+    for eps(x_t, t), which is not known yet). model(x, t) -> eps.
+    """
+    x = x_0
+    for t in reversed(timesteps(steps)):
+        t_prev = t - 1000 // steps
+        alpha_bar_from = alphas_cumprod[max(t_prev, 0)]
+        x = ddim_inverse_step(x, model(x, t), float(alpha_bar_from), float(alphas_cumprod[t]))
+    return x
