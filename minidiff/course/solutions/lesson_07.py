@@ -82,3 +82,19 @@ def vae_decode(z, params, groups=32):
                          block["upsamplers.0.conv.bias"], padding=1)
     x = F.silu(F.group_norm(x, groups, p["conv_norm_out.weight"], p["conv_norm_out.bias"], 1e-6))
     return F.conv2d(x, p["conv_out.weight"], p["conv_out.bias"], padding=1)
+
+
+# --- exercises (course/07_vae.md, "Exercises") ---
+
+
+def exercise_07_1():
+    """How many times SD's VAE shrinks each side of the picture (an int): VAEConfig.sd() has one level per entry of
+    block_out_channels, with a downsampler between two levels."""
+    from minidiff.vae import VAEConfig
+
+    return 2 ** (len(VAEConfig.sd().block_out_channels) - 1)
+
+
+def exercise_07_2():
+    """The std of SD's unscaled latents z that the scaling factor 0.18215 = 1 / std(z) implies (a number)."""
+    return 1 / 0.18215
