@@ -53,8 +53,11 @@ def _how_far(yours, reference) -> str:
     if answer != 0 and mine != 0 and (mine > 0) != (answer > 0):
         return f"yours {mine:.6g} has the wrong sign"
     ratio = abs(mine / answer) if answer else math.inf
-    size = ("within 1%" if abs(ratio - 1) < 0.01 else "within a factor of 2" if 0.5 <= ratio <= 2
-            else f"off by a factor of about {ratio if ratio > 1 else 1 / ratio:.3g}")
+    ratio = max(ratio, 1 / ratio) if ratio else math.inf
+    # a range, not the factor itself, which would give the answer away
+    size = ("within 1%" if ratio < 1.01 else "within a factor of 2" if ratio <= 2 else
+            "off by a factor of 2 to 10" if ratio <= 10 else "off by a factor of 10 to 100" if ratio <= 100 else
+            "off by a factor of 100 to 1000" if ratio <= 1000 else "off by a factor of over 1000")
     return f"yours {mine:.6g} is too {'large' if abs(mine) > abs(answer) else 'small'} ({size})"
 
 
@@ -79,6 +82,7 @@ def exercise(lesson: int, k: int, title: str, reference, mistakes=(), rtol: floa
         raise Mismatch(_how_far(yours, expected))
 
     run.__name__, run.__doc__ = f"check_{name}", f"{name}() -> {kind}: {title}"
+    run.reference = reference  # for the tests: a failure must not print it
     MILESTONES[name] = Milestone(name, f"exercise {lesson:02d}.{k}: {title}", run, "module", True, lesson, name)
     return run
 

@@ -44,9 +44,9 @@ def _mistakes(down, up, apply):
         (f"alpha / r is missing: the update is s (alpha / r) B A; {SECTION}", lambda: apply(SCALE * up @ down)),
         (f"the scale is applied twice: s (alpha / r) B A, with s once; {SECTION}",
          lambda: apply(_update(down, up, scale=SCALE**2))),
-        (f"r is the rank, down's first dimension (A is r x d_in), not d_out; {SECTION}",
+        (f"r is the rank, down's first dimension (A is r x d_in), not d_in or d_out; {SECTION}",
          lambda: apply(_update(down, up, rank=up.shape[0]))),
-        (f"r is the rank, down's first dimension (A is r x d_in), not d_in; {SECTION}",
+        (f"r is the rank, down's first dimension (A is r x d_in), not d_in or d_out; {SECTION}",
          lambda: apply(_update(down, up, rank=down.shape[1]))),
         (f"B A is in the wrong order or transposed: delta W = B A is (d_out, d_in) like W, and the forward applies "
          f"it as x A^T B^T; {SECTION}", lambda: apply(_update(down, up, order="AB^T"))),
