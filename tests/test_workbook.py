@@ -409,7 +409,7 @@ def test_planted_mistakes_in_the_parts_are_caught_and_named(name, candidate, nam
     assert "reread lesson" in message, message
 
 
-# --- the exercises (item 6 of issue 16): a wrong answer is caught, its mistake named, the answer never printed ---------
+# --- the exercises (item 6 of issue 16): a wrong answer is caught, its mistake named, the answer never printed ---
 
 
 def snr(alpha_bar):
@@ -504,7 +504,19 @@ PLANTED_LORA = [
 ]
 
 
-@pytest.mark.parametrize("name, candidate, named", PLANTED_LORA, ids=[f"{p[0]}-{i}" for i, p in enumerate(PLANTED_LORA)])
+@pytest.mark.parametrize("name, candidate, named", PLANTED_LORA,
+                         ids=[f"{p[0]}-{i}" for i, p in enumerate(PLANTED_LORA)])
 def test_planted_lora_mistakes_are_caught_and_named(name, candidate, named):
     message = failure(name, candidate)
     assert "hint:" in message and named in message and "reread lesson 12" in message, message
+
+
+def test_the_course_index_names_every_milestone_of_each_lesson():
+    from pathlib import Path
+
+    index = (Path(workbook.__file__).resolve().parents[2] / "course" / "README.md").read_text()
+    rows = {line[2:4]: line for line in index.splitlines() if line[:2] == "| " and line[2:4].isdigit()}
+    for name in in_lesson_order():
+        lesson = f"{MILESTONES[name].lesson:02d}"
+        shown = name if not name.startswith("exercise_") or name.endswith("_1") else f"_{name[-1]}"
+        assert f"`{shown}`" in rows[lesson], f"course/README.md's row {lesson} does not name {name}"
