@@ -476,7 +476,7 @@ def test_every_lesson_has_two_to_four_exercises_and_a_question():
         text = next(course.glob(f"{lesson:02d}_*.md")).read_text()
         section = text.split("## Exercises", 1)[1]
         for name in exercises + functions:
-            assert f"`{name}`" in section, (lesson, name)
+            assert f"`{name}" in section, (lesson, name)
         assert "**A question to think about.**" in section, lesson
         assert f"## Lesson {lesson:02d}" in answers, lesson
 
