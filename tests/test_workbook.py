@@ -520,3 +520,39 @@ def test_the_course_index_names_every_milestone_of_each_lesson():
         lesson = f"{MILESTONES[name].lesson:02d}"
         shown = name if not name.startswith("exercise_") or name.endswith("_1") else f"_{name[-1]}"
         assert f"`{shown}`" in rows[lesson], f"course/README.md's row {lesson} does not name {name}"
+
+
+# --- where no known mistake matches (item 5): the message names the term, or how the output differs -------------
+
+
+def add_noise_with(noise_factor):
+    return lambda x0, noise, a: math.sqrt(a) * x0 + noise_factor * math.sqrt(1 - a) * noise
+
+
+UNNAMED = [
+    ("add_noise", add_noise_with(1.1), ["the x0 term agrees", "the noise term differs: yours "]),
+    ("ddpm_step", ddpm(std=lambda v: 1.2 * math.sqrt(v)), ["the x_t term agrees", "the eps term agrees",
+                                                           "the noise term differs", "its std"]),
+    ("ddim_step", lambda x, e, a, b, eta=0.0, noise=None: lesson_03.ddim_step(x, e, a, b, eta, noise) + 0.01 * x,
+     ["the x_t term differs", "the eps term agrees"]),
+    ("euler_step", lambda x, d, s, n: x + 0.9 * d * (n - s), ["the x term agrees", "the d term differs: yours "]),
+    ("guided_eps", lambda u, c, w, guidance_rescale=0.0: lesson_08.guided_eps(u, c, 1.1 * w, guidance_rescale),
+     ["the eps_uncond term differs: yours -7.25 * eps_uncond, the reference -6.5 * eps_uncond",
+      "the eps_cond term differs: yours 8.25 * eps_cond, the reference 7.5 * eps_cond"]),
+    ("guided_eps", lambda u, c, w, guidance_rescale=0.0: lesson_08.guided_eps(u, c, w, guidance_rescale) + 0.01,
+     ["set to 0 yours gives 0.01 on average, the reference 0"]),
+    ("pred_x0", lambda out, x, a, kind: lesson_02.pred_x0(out, x, a, kind) + (0.1 * x if kind == "v_prediction" else 0),
+     ["v_prediction, t=999", "the model_output term agrees", "the x_t term differs"]),
+    ("resblock", lambda x, e, p, groups=32: 1.01 * lesson_06.resblock(x, e, p, groups),
+     ["yours is 1.01 times the reference everywhere: a constant factor is off"]),
+    ("attention", lambda q, k, v: lesson_05.attention(q, k, v) * torch.tensor([1.0, 1.1, 1.0]).view(1, 3, 1, 1),
+     ["only index 1 of dimension 1 (size 3) differs"]),
+]
+
+
+@pytest.mark.parametrize("name, candidate, expected", UNNAMED, ids=[f"{p[0]}-{i}" for i, p in enumerate(UNNAMED)])
+def test_a_mistake_nobody_named_is_located(name, candidate, expected):
+    message = failure(name, candidate)
+    assert "hint:" not in message and "\n  where: " in message, message
+    for text in expected:
+        assert text in message, message

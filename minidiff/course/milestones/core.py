@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from minidiff.course.milestones.explain import relation, where_it_differs
 from minidiff.errors import MinidiffError
 
 
@@ -122,11 +123,13 @@ def _number(value: float) -> str:
     return f"{value:.6g}"
 
 
-def compare(yours, reference: torch.Tensor, tol: Tolerance, where: str = "", mistakes=()) -> float:
+def compare(yours, reference: torch.Tensor, tol: Tolerance, where: str = "", mistakes=(), terms=None) -> float:
     """The largest |yours - reference|, or Mismatch naming the first element outside the tolerance.
 
     mistakes: (hint, make) pairs; make() computes what a known mistake gives on the same inputs. If yours
-    matches one, its hint is added to the message.
+    matches one, its hint is added to the message. If none does, the message says where yours differs: terms()
+    (see term_by_term), when given, names the term; else how yours relates to the reference (a sign, a constant
+    factor or offset, one slice of the tensor).
     """
     prefix = f"{where}: " if where else ""
     yours = getattr(yours, "sample", yours)  # a diffusers-style output object
@@ -139,7 +142,7 @@ def compare(yours, reference: torch.Tensor, tol: Tolerance, where: str = "", mis
     ours, theirs = reference.detach().double().cpu(), yours.detach().double().cpu()
     if theirs.shape != ours.shape:
         message = f"{prefix}yours has shape {tuple(theirs.shape)}, the reference {tuple(ours.shape)}"
-        raise Mismatch(message + diagnose(theirs, mistakes, tol))
+        raise Mismatch(message + (diagnose(theirs, mistakes, tol) or where_it_differs(terms, lambda: "")))
     difference = (theirs - ours).abs()
     allowed = tol.atol + tol.rtol * ours.abs()
     bad = ~(difference <= allowed)  # NaN counts as bad
@@ -151,7 +154,8 @@ def compare(yours, reference: torch.Tensor, tol: Tolerance, where: str = "", mis
         f"element {index}: yours {_number(theirs[index])}, reference {_number(ours[index])}, |diff| "
         f"{float(difference[index]):.1e} > tolerance {float(allowed[index]):.1e} ({tol.dtype}); "
         f"{int(bad.sum())} of {bad.numel()} elements differ, the largest by {largest:.1e}")
-    raise Mismatch(message + diagnose(theirs, mistakes, tol))
+    raise Mismatch(message + (diagnose(theirs, mistakes, tol) or
+                              where_it_differs(terms, lambda: relation(theirs, ours, bad, tol))))
 
 
 def diagnose(yours: torch.Tensor, mistakes, tol: Tolerance) -> str:
