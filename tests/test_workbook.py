@@ -131,7 +131,7 @@ def test_a_function_that_calls_a_blank_is_to_do(tmp_path):
 def test_workbook_errors(tmp_path, capsys, monkeypatch):
     workbook.init(tmp_path / "W")
     assert cli_main(["course", "init", str(tmp_path / "W")]) == 2
-    assert "already holds lesson_01.py" in capsys.readouterr().err
+    assert "already holds lesson_00.py, lesson_01.py" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(workbook.ENVIRONMENT_VARIABLE, raising=False)
     assert cli_main(["milestones"]) == 2
