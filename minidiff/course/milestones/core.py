@@ -13,9 +13,11 @@ than the tolerance are reported with both values. When they differ, the candidat
 known mistakes (a missing sqrt, sin and cos swapped, softmax over the wrong axis, ...), so that the message
 can name the one it made. Each milestone's docstring gives the signature your function must have.
 
-This file is the machinery (comparing, running, the command line); the milestones themselves are in
-checklist.py (the course checklist), formulas.py (schedule, DDIM, attention, ResnetBlock) and networks.py
-(UNet, VAE, tokenizer, text encoder, loading), registered when the package is imported.
+This file is the machinery (comparing, running, the command line; explain.py says where an unnamed mistake
+differs); the milestones themselves are in checklist.py (the course checklist), formulas.py (schedule, DDIM,
+attention, ResnetBlock), sampling.py, guidance.py, networks.py and networks_parts.py (UNet, VAE, tokenizer, text
+encoder, loading), blocks.py, early_exit.py, lora.py (lesson 12) and exercises.py / exercises_late.py (the
+lessons' number exercises), registered when the package is imported.
 
 Notation (shared with schedule.py and samplers.py):
     alpha_bar_t, alpha_bar_prev -> alphas_cumprod at timestep t and at the timestep the step lands on
