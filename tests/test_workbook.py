@@ -8,6 +8,7 @@ which restate the library (checked here too). Tolerances: fp32 unless stated.
 import ast
 import contextlib
 import math
+import re
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from minidiff.course.solutions import (
     lesson_06,
     lesson_07,
     lesson_08,
+    lesson_12,
     lesson_14,
 )
 from minidiff.schedule import NoiseSchedule
@@ -84,7 +86,8 @@ def test_blank_workbook_is_all_to_do(tmp_path, capsys):
         assert f"○ {name} " in out, name
     assert "✓" not in out.split("\n", 1)[1] and "✗" not in out.split("\n", 1)[1]
     assert f"workbook: 0 passed, 0 failed, {len(WORKBOOK_MILESTONES)} to do" in out
-    assert "lesson 03: 0 passed, 0 failed, 4 to do" in out and "to do: write ddim_sample in lesson_03.py" in out
+    assert "lesson 03: 0 passed, 0 failed, 6 to do" in out and "to do: write ddim_sample in lesson_03.py" in out
+    assert "to do: write exercise_03_1 in lesson_03.py" in out and "Lesson 00 (lesson_00.py)" in out
 
 
 def test_solutions_workbook_passes_every_milestone(tmp_path, capsys, no_shapes_model):
@@ -121,7 +124,7 @@ def test_a_function_that_calls_a_blank_is_to_do(tmp_path):
     blank = 'raise NotImplementedError("lesson 03: write ddim_sample in lesson_03.py")'
     path.write_text(path.read_text().replace(blank, "return ddim_step(x_T, model(x_T, 981), 0.5, 0.6)"))
     module = workbook.load(tmp_path)[3]
-    assert module.__blanks__ == {"ddim_step", "timesteps", "ddim_early_exit"}
+    assert module.__blanks__ == {"ddim_step", "timesteps", "ddim_early_exit", "exercise_03_1", "exercise_03_2"}
     result = check("ddim_50", module.ddim_sample)
     assert result.status == "todo" and "write ddim_step" in result.detail and not result
 
@@ -129,7 +132,7 @@ def test_a_function_that_calls_a_blank_is_to_do(tmp_path):
 def test_workbook_errors(tmp_path, capsys, monkeypatch):
     workbook.init(tmp_path / "W")
     assert cli_main(["course", "init", str(tmp_path / "W")]) == 2
-    assert "already holds lesson_01.py" in capsys.readouterr().err
+    assert "already holds lesson_00.py, lesson_01.py" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(workbook.ENVIRONMENT_VARIABLE, raising=False)
     assert cli_main(["milestones"]) == 2
@@ -402,6 +405,11 @@ PLANTED_PARTS = [
     ("unet_from_parts", with_replaced(lesson_06.unet, lesson_06, "timestep_embedding", sin_first), "cosines first"),
     ("vae_resblock", lambda x, p, groups=32: lesson_07.vae_resblock(x, p, groups) - x, "skip is missing"),
     ("vae_attention", lambda x, p, groups=32: lesson_07.vae_attention(x, p, groups) - x, "residual is missing"),
+    ("vae_up_block", lambda x, p, groups=32: lesson_07.vae_up_block(
+        x, {k: v for k, v in p.items() if not k.startswith("upsamplers.")}, groups), "upsampler is missing"),
+    ("vae_up_block", lambda x, p, groups=32: lesson_07.vae_up_block(lesson_07.vae_up_block(
+        x, {k: v for k, v in p.items() if k.startswith("upsamplers.")}, groups),
+        {k: v for k, v in p.items() if k.startswith("resnets.")}, groups), "resnets first"),
     ("vae_decode", no_post_quant_conv, "post_quant_conv"),
     ("bpe_merge", lambda s, r: _bpe_variant(s, r, "first"), "first known pair"),
     ("bpe_merge", lambda s, r: _bpe_variant(s, r, "highest"), "highest rank"),
@@ -423,3 +431,152 @@ def test_planted_mistakes_in_the_parts_are_caught_and_named(name, candidate, nam
     message = failure(name, candidate)
     assert "hint:" in message and named in message, message
     assert "reread lesson" in message, message
+
+
+# --- the exercises (item 6 of issue 16): a wrong answer is caught, its mistake named, the answer never printed ---
+
+
+def snr(alpha_bar):
+    return alpha_bar / (1 - alpha_bar)
+
+
+SD = NoiseSchedule.sd()
+A = SD.alphas_cumprod.tolist()
+
+PLANTED_EXERCISES = [
+    ("exercise_00_1", lambda: 64 * 64, "4 channels"),
+    ("exercise_00_1", lambda: 4 * (512 // 4) ** 2, "8 times"),
+    ("exercise_00_2", lambda: (512 // 64) ** 2, "channels go from 3 to 4"),
+    ("exercise_01_1", lambda: math.sqrt(A[999]), "amplitude"),
+    ("exercise_01_1", lambda: float(torch.cumprod(1 - torch.linspace(0.00085, 0.012, 1000), 0)[999]), "scaled_linear"),
+    ("exercise_01_2", lambda: max(t for t in range(1000) if snr(A[t]) >= 1), "off by one"),
+    ("exercise_02_1", lambda: float(SD.betas[500]), "fixed large"),
+    ("exercise_02_2", lambda: math.sqrt(1 - A[500]), "sign"),
+    ("exercise_02_2", lambda: -math.sqrt(A[500]), "swapped"),
+    ("exercise_03_1", lambda: list(range(901, 0, -100)), "leading grid"),
+    ("exercise_03_1", lambda: list(range(99, 1000, 100)), "noisiest first"),
+    ("exercise_03_2", lambda: math.sqrt((1 - A[961]) / (1 - A[981])), "sqrt(1 - alpha_bar_t / alpha_bar_prev)"),
+    ("exercise_04_1", lambda: math.sqrt(1 - A[999]), "VP sigma_t"),
+    ("exercise_04_2", lambda: math.log(A[500] / (1 - A[500])), "full log-SNR"),
+    ("exercise_05_1", lambda: 4096 * 77, "cross-attention"),
+    ("exercise_05_2", lambda: 4096**2, "self-attention"),
+    ("exercise_06_1", lambda: 64 // 2**4, "three downsamplers"),
+    ("exercise_06_2", lambda: 4 * 2 + 3, "conv_in"),
+    ("exercise_07_1", lambda: 2**4, "last one does not downsample"),
+    ("exercise_07_2", lambda: 0.18215, "inverse"),
+    ("exercise_08_1", lambda: -7.5, "the 1 is missing"),
+    ("exercise_08_2", lambda: 4 * 20, "empty prompt"),
+    ("exercise_09_1", lambda: 1 - A[500], "1 - alpha_bar_500"),
+    ("exercise_09_2", lambda: A[500], "noise's part is missing"),
+    ("exercise_10_1", lambda: 859_520_964 * 4 / 1e6, "fp32"),
+    ("exercise_10_2", lambda: 8 * 4096**2 * 2 / 1e6, "doubles the batch"),
+    ("exercise_11_1", lambda: "input_blocks.0.0.in_layers.2.weight", "conv_in"),
+    ("exercise_11_2", lambda: "middle_block.0.proj_in.weight", "middle_block.1"),
+    ("exercise_12_1", lambda: 768 * 320, "full update"),
+    ("exercise_13_1", lambda: 2 * 20, "one batch of two"),
+    ("exercise_13_2", lambda: 2 * 20, "trace=True"),
+]
+
+
+@pytest.mark.parametrize("name, answer, named", PLANTED_EXERCISES,
+                         ids=[f"{p[0]}-{i}" for i, p in enumerate(PLANTED_EXERCISES)])
+def test_planted_wrong_answers_are_caught_and_named(name, answer, named):
+    message = failure(name, answer)
+    assert "hint:" in message and named in message and "reread lesson" in message, message
+    reference = MILESTONES[name].run.reference()
+    shown = [repr(reference)] if isinstance(reference, (str, list)) else [f"{float(reference):.6g}", repr(reference)]
+    assert not any(re.search(rf"(?<![\w.]){re.escape(text)}(?![\w.])", message) for text in shown), message
+
+
+def test_every_lesson_has_two_to_four_exercises_and_a_question():
+    from pathlib import Path
+
+    course = Path(workbook.__file__).resolve().parents[2] / "course"
+    answers = (course / "solutions.md").read_text()
+    for lesson in range(14):
+        exercises = [name for name in MILESTONES if name.startswith(f"exercise_{lesson:02d}_")]
+        functions = {"07": ["vae_up_block"], "12": ["lora_forward", "lora_merge"]}.get(f"{lesson:02d}", [])
+        assert 2 <= len(exercises) + len(functions) <= 4, lesson
+        text = next(course.glob(f"{lesson:02d}_*.md")).read_text()
+        section = text.split("## Exercises", 1)[1]
+        for name in exercises + functions:
+            assert f"`{name}" in section, (lesson, name)
+        assert "**A question to think about.**" in section, lesson
+        assert f"## Lesson {lesson:02d}" in answers, lesson
+
+
+def test_a_wrong_answer_that_no_mistake_explains_says_which_way_it_misses():
+    message = failure("exercise_01_1", lambda: 0.5)
+    assert message == "yours 0.5 is too large (off by a factor of 100 to 1000)", message
+    message = failure("exercise_03_1", lambda: [999, 899, 799, 699, 599, 499, 399, 299, 199, 100])
+    assert message == "1 of 10 values differ, the first at position 9 (yours 100, too large)", message
+    assert failure("exercise_11_1", lambda: "input_blocks.1.0.conv1.weight").startswith("yours 'input_blocks.1.0.conv1")
+    assert "returned a dict" in failure("exercise_00_1", lambda: {})
+
+
+PLANTED_LORA = [
+    ("lora_forward", lambda x, w, b, A, B, alpha, s: x @ w.T + b + s * (x @ A.T) @ B.T, "alpha / r is missing"),
+    ("lora_forward", lambda x, w, b, A, B, alpha, s: lesson_12.lora_forward(x, w, b, A, B, alpha * s, s),
+     "applied twice"),
+    ("lora_forward", lambda x, w, b, A, B, alpha, s: x @ w.T + b + s * alpha / B.shape[0] * (x @ A.T) @ B.T,
+     "not d_in or d_out"),
+    ("lora_forward", lambda x, w, b, A, B, alpha, s: x @ w.T + b + s * alpha / A.shape[0] * x @ (B @ A),
+     "wrong order or transposed"),
+    ("lora_merge", lambda w, A, B, alpha, s: w + s * alpha / A.shape[0] * (A.T @ B.T), "wrong order or transposed"),
+    ("lora_merge", lambda w, A, B, alpha, s: w + s * alpha / A.shape[1] * (B @ A), "not d_in or d_out"),
+    ("lora_merge", lambda w, A, B, alpha, s: w + s * A.shape[0] / alpha * (B @ A), "upside down"),
+]
+
+
+@pytest.mark.parametrize("name, candidate, named", PLANTED_LORA,
+                         ids=[f"{p[0]}-{i}" for i, p in enumerate(PLANTED_LORA)])
+def test_planted_lora_mistakes_are_caught_and_named(name, candidate, named):
+    message = failure(name, candidate)
+    assert "hint:" in message and named in message and "reread lesson 12" in message, message
+
+
+def test_the_course_index_names_every_milestone_of_each_lesson():
+    from pathlib import Path
+
+    index = (Path(workbook.__file__).resolve().parents[2] / "course" / "README.md").read_text()
+    rows = {line[2:4]: line for line in index.splitlines() if line[:2] == "| " and line[2:4].isdigit()}
+    for name in in_lesson_order():
+        lesson = f"{MILESTONES[name].lesson:02d}"
+        shown = name if not name.startswith("exercise_") or name.endswith("_1") else f"_{name[-1]}"
+        assert f"`{shown}`" in rows[lesson], f"course/README.md's row {lesson} does not name {name}"
+
+
+# --- where no known mistake matches (item 5): the message names the term, or how the output differs -------------
+
+
+def add_noise_with(noise_factor):
+    return lambda x0, noise, a: math.sqrt(a) * x0 + noise_factor * math.sqrt(1 - a) * noise
+
+
+UNNAMED = [
+    ("add_noise", add_noise_with(1.1), ["the x0 term agrees", "the noise term differs: yours "]),
+    ("ddpm_step", ddpm(std=lambda v: 1.2 * math.sqrt(v)), ["the x_t term agrees", "the eps term agrees",
+                                                           "the noise term differs", "its std"]),
+    ("ddim_step", lambda x, e, a, b, eta=0.0, noise=None: lesson_03.ddim_step(x, e, a, b, eta, noise) + 0.01 * x,
+     ["the x_t term differs", "the eps term agrees"]),
+    ("euler_step", lambda x, d, s, n: x + 0.9 * d * (n - s), ["the x term agrees", "the d term differs: yours "]),
+    ("guided_eps", lambda u, c, w, guidance_rescale=0.0: lesson_08.guided_eps(u, c, 1.1 * w, guidance_rescale),
+     ["the eps_uncond term differs: yours -7.25 * eps_uncond, the reference -6.5 * eps_uncond",
+      "the eps_cond term differs: yours 8.25 * eps_cond, the reference 7.5 * eps_cond"]),
+    ("guided_eps", lambda u, c, w, guidance_rescale=0.0: lesson_08.guided_eps(u, c, w, guidance_rescale) + 0.01,
+     ["set to 0 yours gives 0.01 on average, the reference 0"]),
+    ("pred_x0", lambda out, x, a, kind: lesson_02.pred_x0(out, x, a, kind) + (0.1 * x if kind == "v_prediction" else 0),
+     ["v_prediction, t=999", "the model_output term agrees", "the x_t term differs"]),
+    ("resblock", lambda x, e, p, groups=32: 1.01 * lesson_06.resblock(x, e, p, groups),
+     ["yours is 1.01 times the reference everywhere: a constant factor is off"]),
+    ("attention", lambda q, k, v: lesson_05.attention(q, k, v) * torch.tensor([1.0, 1.1, 1.0]).view(1, 3, 1, 1),
+     ["only index 1 of dimension 1 (size 3) differs"]),
+]
+
+
+@pytest.mark.parametrize("name, candidate, expected", UNNAMED, ids=[f"{p[0]}-{i}" for i, p in enumerate(UNNAMED)])
+def test_a_mistake_nobody_named_is_located(name, candidate, expected):
+    message = failure(name, candidate)
+    assert "hint:" not in message and "\n  where: " in message, message
+    for text in expected:
+        assert text in message, message

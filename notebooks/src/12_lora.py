@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from minidiff.course.notebook import use
 from minidiff.course.viz import course_pipeline, show_images
 from minidiff.embeddings import add_word
 from minidiff.lora import LoRA, LoRALayer, lora_targets
@@ -36,20 +37,13 @@ generator = torch.Generator().manual_seed(0)
 # %% [markdown]
 # ## Re-implement it: the LoRA forward and the merge
 #
-# Unfused, a LoRA layer computes $y = Wx + b + s\frac{\alpha}{r}B(Ax)$: two thin matmuls beside the big one.
-# Fused, the same map is one matmul with $W' = W + s\frac{\alpha}{r}BA$. Write both.
+# Unfused, a LoRA layer computes $y = xW^\top + b + s\frac{\alpha}{r}(xA^\top)B^\top$: two thin matmuls beside the
+# big one. Fused, the same map is one matmul with $W' = W + s\frac{\alpha}{r}BA$. Write both in your workbook's
+# `lesson_12.py` (`minidiff course init workbook`): `lora_forward` and `lora_merge`. Where one is still blank, the
+# reference runs in its place and the milestone says "to do".
 
 # %%
-def my_lora_forward(x, weight, bias, down, up, alpha, scale):
-    """x (N, d_in) -> (N, d_out): W x + b + scale * alpha / rank * B (A x), without forming B A."""
-    rank = down.shape[0]
-    return x @ weight.T + bias + scale * (alpha / rank) * ((x @ down.T) @ up.T)
-
-
-def my_merge(weight, down, up, alpha, scale):
-    """W' = W + scale * alpha / rank * B A: the LoRA fused into the weight."""
-    return weight + scale * (alpha / down.shape[0]) * (up @ down)
-
+mine = use(12)  # your lesson_12.py: lora_forward, lora_merge (the reference where still blank)
 
 base = nn.Linear(320, 320)  # the shape of SD 1.5's first to_q
 down, up = 0.1 * torch.randn(4, 320, generator=generator), 0.1 * torch.randn(320, 4, generator=generator)
@@ -59,10 +53,12 @@ layer = LoRALayer(base)  # the library's layer: base beside a dict of LoRAs, eac
 layer.loras["demo"], layer.scales["demo"] = LoRA(base, down, up, alpha=2.0), 0.8
 with torch.no_grad():
     library = layer(x)
-    mine = my_lora_forward(x, base.weight, base.bias, down, up, alpha=2.0, scale=0.8)
-    merged = nn.functional.linear(x, my_merge(base.weight, down, up, alpha=2.0, scale=0.8), base.bias)
-print(f"max |my_lora_forward - LoRALayer| = {float((mine - library).abs().max()):.1e}")
-print(f"max |merged weight - unfused|     = {float((merged - library).abs().max()):.1e}")
+    yours = mine.lora_forward(x, base.weight, base.bias, down, up, alpha=2.0, scale=0.8)
+    merged = nn.functional.linear(x, mine.lora_merge(base.weight, down, up, alpha=2.0, scale=0.8), base.bias)
+print(f"max |lora_forward - LoRALayer| = {float((yours - library).abs().max()):.1e}")
+print(f"max |merged weight - unfused| = {float((merged - library).abs().max()):.1e}")
+print(mine.check("lora_forward"))  # the milestones: ✓, ✗ with the mistake named, or ○ to do
+print(mine.check("lora_merge"))
 
 # %% [markdown]
 # ## Why "low rank": what the update can and cannot do
@@ -72,7 +68,8 @@ print(f"max |merged weight - unfused|     = {float((merged - library).abs().max(
 # file is small: $r(d_\text{in} + d_\text{out})$ numbers instead of $d_\text{in}d_\text{out}$.
 
 # %%
-delta = my_merge(base.weight, down, up, alpha=2.0, scale=0.8) - base.weight
+with torch.no_grad():
+    delta = mine.lora_merge(base.weight, down, up, alpha=2.0, scale=0.8) - base.weight
 singular_values = torch.linalg.svdvals(delta.detach())
 print("rank of the update:", int(torch.linalg.matrix_rank(delta.detach())))
 print("its largest singular values:", [round(float(s), 3) for s in singular_values[:6]])

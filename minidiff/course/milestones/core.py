@@ -13,9 +13,11 @@ than the tolerance are reported with both values. When they differ, the candidat
 known mistakes (a missing sqrt, sin and cos swapped, softmax over the wrong axis, ...), so that the message
 can name the one it made. Each milestone's docstring gives the signature your function must have.
 
-This file is the machinery (comparing, running, the command line); the milestones themselves are in
-checklist.py (the course checklist), formulas.py (schedule, DDIM, attention, ResnetBlock) and networks.py
-(UNet, VAE, tokenizer, text encoder, loading), registered when the package is imported.
+This file is the machinery (comparing, running, the command line; explain.py says where an unnamed mistake
+differs); the milestones themselves are in checklist.py (the course checklist), formulas.py (schedule, DDIM,
+attention, ResnetBlock), sampling.py, guidance.py, networks.py and networks_parts.py (UNet, VAE, tokenizer, text
+encoder, loading), blocks.py, early_exit.py, lora.py (lesson 12) and exercises.py / exercises_late.py (the
+lessons' number exercises), registered when the package is imported.
 
 Notation (shared with schedule.py and samplers.py):
     alpha_bar_t, alpha_bar_prev -> alphas_cumprod at timestep t and at the timestep the step lands on
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from minidiff.course.milestones.explain import relation, where_it_differs
 from minidiff.errors import MinidiffError
 
 
@@ -122,11 +125,13 @@ def _number(value: float) -> str:
     return f"{value:.6g}"
 
 
-def compare(yours, reference: torch.Tensor, tol: Tolerance, where: str = "", mistakes=()) -> float:
+def compare(yours, reference: torch.Tensor, tol: Tolerance, where: str = "", mistakes=(), terms=None) -> float:
     """The largest |yours - reference|, or Mismatch naming the first element outside the tolerance.
 
     mistakes: (hint, make) pairs; make() computes what a known mistake gives on the same inputs. If yours
-    matches one, its hint is added to the message.
+    matches one, its hint is added to the message. If none does, the message says where yours differs: terms()
+    (see term_by_term), when given, names the term; else how yours relates to the reference (a sign, a constant
+    factor or offset, one slice of the tensor).
     """
     prefix = f"{where}: " if where else ""
     yours = getattr(yours, "sample", yours)  # a diffusers-style output object
@@ -139,7 +144,7 @@ def compare(yours, reference: torch.Tensor, tol: Tolerance, where: str = "", mis
     ours, theirs = reference.detach().double().cpu(), yours.detach().double().cpu()
     if theirs.shape != ours.shape:
         message = f"{prefix}yours has shape {tuple(theirs.shape)}, the reference {tuple(ours.shape)}"
-        raise Mismatch(message + diagnose(theirs, mistakes, tol))
+        raise Mismatch(message + (diagnose(theirs, mistakes, tol) or where_it_differs(terms, lambda: "")))
     difference = (theirs - ours).abs()
     allowed = tol.atol + tol.rtol * ours.abs()
     bad = ~(difference <= allowed)  # NaN counts as bad
@@ -151,7 +156,8 @@ def compare(yours, reference: torch.Tensor, tol: Tolerance, where: str = "", mis
         f"element {index}: yours {_number(theirs[index])}, reference {_number(ours[index])}, |diff| "
         f"{float(difference[index]):.1e} > tolerance {float(allowed[index]):.1e} ({tol.dtype}); "
         f"{int(bad.sum())} of {bad.numel()} elements differ, the largest by {largest:.1e}")
-    raise Mismatch(message + diagnose(theirs, mistakes, tol))
+    raise Mismatch(message + (diagnose(theirs, mistakes, tol) or
+                              where_it_differs(terms, lambda: relation(theirs, ours, bad, tol))))
 
 
 def diagnose(yours: torch.Tensor, mistakes, tol: Tolerance) -> str:

@@ -25,6 +25,7 @@ from minidiff.course.milestones.core import (
     randomized,
     signature,
 )
+from minidiff.course.milestones.explain import term_by_term
 from minidiff.schedule import NoiseSchedule, to_x0_eps
 
 # --- the schedule ----------------------------------------------------------------------------------------
@@ -102,7 +103,9 @@ def check_add_noise(candidate=None):
     for t in (0, 250, 500, 999):
         a = schedule.alphas_cumprod[t]
         yours = call_candidate(candidate or add_noise, signature(check_add_noise), x0.clone(), noise.clone(), a.clone())
-        compare(yours, add_noise(x0, noise, a), tol, f"t={t}", add_noise_mistakes(x0, noise, a))
+        terms = lambda a=a: term_by_term(candidate or add_noise, add_noise, (x0, noise, a), {0: "x0", 1: "noise"},  # noqa: E731
+                                         tol)
+        compare(yours, add_noise(x0, noise, a), tol, f"t={t}", add_noise_mistakes(x0, noise, a), terms)
     return f"t = 0, 250, 500, 999 within {tol.atol:g} (fp32)"
 
 
@@ -164,8 +167,10 @@ def _check_prediction(candidate, expected_signature, reference, mistakes, tol) -
             a = schedule.alphas_cumprod[t]
             yours = call_candidate(candidate, expected_signature, output.clone(), x_t.clone(), a.clone(),
                                    prediction_type)
+            terms = lambda a=a, kind=prediction_type: term_by_term(  # noqa: E731
+                candidate, reference, (output, x_t, a, kind), {0: "model_output", 1: "x_t"}, tol)
             compare(yours, reference(output, x_t, a, prediction_type), tol, f"{prediction_type}, t={t}",
-                    mistakes(output, x_t, a, prediction_type))
+                    mistakes(output, x_t, a, prediction_type), terms)
     return f"epsilon and v_prediction at t = 999, 500, 20 within {tol.atol:g} (fp32)"
 
 
@@ -234,7 +239,10 @@ def check_ddim_step(candidate=None):
         a_t, a_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[max(t_prev, 0)]
         expected = ddim_step(x, eps, a_t, a_prev)
         yours = call_candidate(candidate, call, x.clone(), eps.clone(), a_t.clone(), a_prev.clone())
-        error = compare(yours, expected, tol, f"step {i} (t={t})", ddim_step_mistakes(x, eps, a_t, a_prev, 0.0, None))
+        terms = lambda x=x, eps=eps, a_t=a_t, a_prev=a_prev: term_by_term(  # noqa: E731
+            candidate, ddim_step, (x, eps, a_t, a_prev), {0: "x_t", 1: "eps"}, tol)
+        error = compare(yours, expected, tol, f"step {i} (t={t})", ddim_step_mistakes(x, eps, a_t, a_prev, 0.0, None),
+                        terms)
         largest, x = max(largest, error), expected
     x = fixed_randn(1, 4, 8, 8, seed=6)
     for i, t in enumerate((981, 501, 21)):
@@ -242,8 +250,11 @@ def check_ddim_step(candidate=None):
         a_t, a_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t - 20]
         yours = call_candidate(candidate, call, x.clone(), eps.clone(), a_t.clone(), a_prev.clone(), eta=1.0,
                                noise=noise.clone())
+        terms = lambda x=x, eps=eps, a_t=a_t, a_prev=a_prev, noise=noise: term_by_term(  # noqa: E731
+            lambda *a: candidate(*a[:4], eta=1.0, noise=a[4]), lambda *a: ddim_step(*a[:4], 1.0, a[4]),
+            (x, eps, a_t, a_prev, noise), {0: "x_t", 1: "eps", 4: "noise"}, tol, "the noise's coefficient is sigma_t")
         compare(yours, ddim_step(x, eps, a_t, a_prev, 1.0, noise), tol, f"eta=1, t={t} -> {t - 20}",
-                ddim_step_mistakes(x, eps, a_t, a_prev, 1.0, noise))
+                ddim_step_mistakes(x, eps, a_t, a_prev, 1.0, noise), terms)
     return f"50 steps (eta 0) and 3 steps (eta 1), largest |diff| {largest:.1e} <= {tol.atol:g} (fp32)"
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from minidiff.course.milestones.core import Tolerance, call_candidate, compare, fixed_randn, milestone, signature
+from minidiff.course.milestones.explain import term_by_term
 from minidiff.schedule import NoiseSchedule
 
 GUIDANCE = "reread lesson 08 (course/08_text_and_guidance.md, classifier-free guidance)"
@@ -57,7 +58,10 @@ def check_guided_eps(candidate=None):
         args = (eps_uncond, eps_cond, scale, rescale)
         yours = call_candidate(candidate or guided_eps, signature(check_guided_eps), eps_uncond.clone(),
                                eps_cond.clone(), scale, guidance_rescale=rescale)
-        compare(yours, guided_eps(*args), tol, f"guidance {scale}, rescale {rescale}", guidance_mistakes(*args))
+        terms = None if rescale else lambda args=args: term_by_term(  # noqa: E731 (the rescale is not linear)
+            candidate or guided_eps, guided_eps, args, {0: "eps_uncond", 1: "eps_cond"}, tol)
+        compare(yours, guided_eps(*args), tol, f"guidance {scale}, rescale {rescale}", guidance_mistakes(*args),
+                terms)
     return f"w = 7.5 and 1 without rescale, w = 7.5 with rescale 0.7, within {tol.atol:g} (fp32)"
 
 

@@ -1,6 +1,6 @@
 """Milestones of the networks built part by part: the UNet's Transformer2D, down, mid and up stages and the whole
-UNet from them (lesson 06); the VAE decoder's resnet, attention and the decoder from them (lesson 07); DDIM's
-early exit (lesson 03); an original single-file checkpoint renamed through a key map (lesson 11).
+UNet from them (lesson 06); the VAE decoder's resnet, attention, up block and the decoder from them (lesson 07);
+DDIM's early exit (lesson 03); an original single-file checkpoint renamed through a key map (lesson 11).
 
 The references are the library's modules (minidiff.unet, minidiff.vae, minidiff.samplers, minidiff.keymap) with
 the tiny seeded weights of networks.reference_network; the candidate gets the same weights as a dict under the
@@ -262,6 +262,45 @@ def check_vae_attention(candidate=None):
         yours = call_candidate(run, signature(check_vae_attention), x.clone(), dict(module.state_dict()), 8)
         error = compare(yours, module(x), TOL, "output", mistakes)
     return f"largest |diff| {error:.1e} <= {TOL.atol:g} (fp32)"
+
+
+def _vae_up_variant(block, x, upsample_first=False, upsample=True, mode="nearest"):
+    """decoder.up_blocks.i put together wrongly (the known mistakes)."""
+    def up(x):
+        if block.upsamplers is None or not upsample:
+            return x
+        return block.upsamplers[0].conv(F.interpolate(x, scale_factor=2.0, mode=mode))
+
+    x = up(x) if upsample_first else x
+    for resnet in block.resnets:
+        x = resnet(x)
+    return x if upsample_first else up(x)
+
+
+@milestone("VAE decoder up block: resnets, then the upsampler", lesson=7)
+def check_vae_up_block(candidate=None):
+    """vae_up_block(x, params, groups=32) -> (B, C_out, 2H, 2W), or (B, C_out, H, W) in the last block
+
+    params: resnets.0, resnets.1, ... and, in every block but the last, upsamplers.0.conv. The tiny seeded VAE
+    decoder's up_blocks.1 (32 channels and an upsampler), up_blocks.2 (32 -> 16 channels: a shortcut and an
+    upsampler) and up_blocks.3 (no upsampler).
+    """
+    decoder, section = reference_network("vae").decoder, "the decoder"
+    largest = 0.0
+    for index, channels in ((1, 32), (2, 32), (3, 16)):
+        block = decoder.up_blocks[index]
+        x = fixed_randn(1, channels, 4, 4, seed=73 + index)
+        mistakes = [(hint("each up block runs its resnets first, then its upsampler", 7, section),
+                     lambda b=block, x=x: _vae_up_variant(b, x, upsample_first=True)),
+                    (hint("the upsampler is missing: every up block but the last ends with nearest x2 and a 3x3 conv",
+                          7, section), lambda b=block, x=x: _vae_up_variant(b, x, upsample=False)),
+                    (hint("the upsampler doubles the size by nearest-neighbour (mode='nearest'), then the 3x3 conv",
+                          7, section), lambda b=block, x=x: _vae_up_variant(b, x, mode="bilinear"))]
+        run = candidate or (lambda x, p, groups=32, b=block: b(x))
+        with torch.no_grad():
+            yours = call_candidate(run, signature(check_vae_up_block), x.clone(), dict(block.state_dict()), 8)
+            largest = max(largest, compare(yours, block(x), TOL, f"decoder.up_blocks.{index}", mistakes))
+    return f"3 blocks, with and without an upsampler, largest |diff| {largest:.1e} <= {TOL.atol:g} (fp32)"
 
 
 @milestone("the VAE decoder from your blocks", lesson=7)

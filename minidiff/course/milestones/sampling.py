@@ -27,6 +27,7 @@ from minidiff.course.milestones.core import (
     milestone,
     signature,
 )
+from minidiff.course.milestones.explain import term_by_term
 from minidiff.schedule import NoiseSchedule
 
 REREAD = {
@@ -96,7 +97,11 @@ def check_ddpm_step(candidate=None):
         args = (x, eps, ac[t], a_prev, noise)
         expected = _ddpm_with(*args)
         yours = call_candidate(candidate, call, *(a.clone() for a in args))
-        largest = max(largest, compare(yours, expected, TRAJECTORY, f"step {i} (t={t})", ddpm_step_mistakes(*args)))
+        terms = lambda args=args: term_by_term(candidate, _ddpm_with, args, {0: "x_t", 1: "eps", 4: "noise"},  # noqa: E731
+                                               TRAJECTORY, "x_t and eps make the posterior mean; the noise's "
+                                               "coefficient is its std, sqrt(beta~_t)")
+        largest = max(largest, compare(yours, expected, TRAJECTORY, f"step {i} (t={t})", ddpm_step_mistakes(*args),
+                                       terms))
         x = expected
     return f"50 steps, the last onto alpha_bar 1.0, largest |diff| {largest:.1e} <= {TRAJECTORY.atol:g} (fp32)"
 
@@ -192,7 +197,9 @@ def check_euler_step(candidate=None):
         ]
         yours = call_candidate(candidate or _euler_with, signature(check_euler_step), x.clone(), d.clone(), sigma,
                                sigma_next)
-        compare(yours, _euler_with(*args), tol, f"sigma {sigma} -> {sigma_next}", mistakes)
+        terms = lambda args=args: term_by_term(candidate or _euler_with, _euler_with, args, {0: "x", 1: "d"},  # noqa: E731
+                                               tol)
+        compare(yours, _euler_with(*args), tol, f"sigma {sigma} -> {sigma_next}", mistakes, terms)
     return f"three steps, the last to sigma = 0, within {tol.atol:g} (fp32)"
 
 

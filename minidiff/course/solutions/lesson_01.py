@@ -31,3 +31,18 @@ def add_noise(x0, noise, alpha_bar_t):
     alpha_bar_t: a number or a 0-dim tensor; noise: eps, shaped like x0.
     """
     return math.sqrt(alpha_bar_t) * x0 + math.sqrt(1 - alpha_bar_t) * noise
+
+
+# --- exercises (course/01_forward_process.md, "Exercises") ---
+
+
+def exercise_01_1():
+    """alpha_bar_999 of SD's schedule: the fraction of x_0's variance left in x_t at the last timestep (a number)."""
+    return float(alphas_cumprod()[999])
+
+
+def exercise_01_2():
+    """The first timestep t at which SD's signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) drops below 1:
+    from there on, x_t holds more noise than signal (an int)."""
+    alpha_bar = alphas_cumprod().double()
+    return int((alpha_bar / (1 - alpha_bar) < 1).nonzero()[0])

@@ -50,3 +50,26 @@ def ddpm_step(x_t, eps, alpha_bar_t, alpha_bar_prev, noise):
         math.sqrt(alpha_t) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x_t
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
     return mean + math.sqrt(variance) * noise
+
+
+# --- exercises (course/02_ddpm.md, "Exercises") ---
+
+
+def exercise_02_1():
+    """The variance beta_tilde_500 of DDPM's posterior q(x_499 | x_500, x_0) on SD's schedule (a number):
+    beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t, beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}."""
+    from minidiff.schedule import NoiseSchedule
+
+    alpha_bar = NoiseSchedule.sd().alphas_cumprod
+    a_t, a_prev = float(alpha_bar[500]), float(alpha_bar[499])
+    return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+
+
+def exercise_02_2():
+    """The v-prediction target at t = 500 of SD's schedule for x_0 = 1 and eps = 0 (a number):
+    v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0."""
+    from minidiff.schedule import NoiseSchedule
+
+    a = float(NoiseSchedule.sd().alphas_cumprod[500])
+    x0, eps = 1.0, 0.0
+    return math.sqrt(a) * eps - math.sqrt(1 - a) * x0

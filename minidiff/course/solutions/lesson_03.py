@@ -68,3 +68,21 @@ def ddim_early_exit(model, x_T, alphas_cumprod, steps, stop_after, spacing="lead
         t_prev = grid[i + 1] if i + 1 < len(grid) else 0
         x = ddim_step(x, eps, alphas_cumprod[t], alphas_cumprod[t_prev])
     return x0
+
+
+# --- exercises (course/03_ddim.md, "Exercises") ---
+
+
+def exercise_03_1():
+    """SD's 10-step trailing grid with steps_offset 0, noisiest first (a list of ints): your timesteps()."""
+    return [int(t) for t in timesteps(10, "trailing", 0)]
+
+
+def exercise_03_2():
+    """DDIM's sigma_t at eta = 1 for the step from t = 981 to t_prev = 961 on SD's schedule (a number):
+    sigma_t = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)."""
+    from minidiff.schedule import NoiseSchedule
+
+    alpha_bar = NoiseSchedule.sd().alphas_cumprod
+    a_t, a_prev, eta = float(alpha_bar[981]), float(alpha_bar[961]), 1.0
+    return eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)

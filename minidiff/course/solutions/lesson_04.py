@@ -59,3 +59,23 @@ def dpmpp_2m_sample(model, x_T, alphas_cumprod, steps, spacing="leading", steps_
         x = dpmpp_2m_step(x, x0, previous[0], alpha_bar_t, alpha_bar_next, previous[1])
         previous = (x0, alpha_bar_t)
     return x
+
+
+# --- exercises (course/04_ode_samplers.md, "Exercises") ---
+
+
+def exercise_04_1():
+    """The ODE's noise level sigma = sigma_t / alpha_t = sqrt((1 - alpha_bar) / alpha_bar) at t = 999 of SD's
+    schedule: the std of the noise the Euler and DPM++ samplers start from (a number)."""
+    from minidiff.schedule import NoiseSchedule
+
+    a = float(NoiseSchedule.sd().alphas_cumprod[999])
+    return math.sqrt((1 - a) / a)
+
+
+def exercise_04_2():
+    """lambda_t = log(alpha_t / sigma_t) at t = 500 of SD's schedule, the time variable DPM++ steps in (a number)."""
+    from minidiff.schedule import NoiseSchedule
+
+    a = float(NoiseSchedule.sd().alphas_cumprod[500])
+    return math.log(math.sqrt(a) / math.sqrt(1 - a))

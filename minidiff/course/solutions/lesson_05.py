@@ -56,3 +56,18 @@ def transformer_block(x, context, params, heads):
     x = x + cross_attention(norm(x, "norm2"), context, _sub(params, "attn2"), heads)
     value, gate = F.linear(norm(x, "norm3"), params["ff.net.0.proj.weight"], params["ff.net.0.proj.bias"]).chunk(2, -1)
     return x + F.linear(value * F.gelu(gate), params["ff.net.2.weight"], params["ff.net.2.bias"])
+
+
+# --- exercises (course/05_attention.md, "Exercises") ---
+
+
+def exercise_05_1():
+    """The number of scores in one head's Q K^T of SD 1.5's first self-attention, for a 512x512 picture (an int):
+    the first stage works on the 64 x 64 latent, one token per position."""
+    tokens = 64 * 64
+    return tokens * tokens
+
+
+def exercise_05_2():
+    """The same for that block's cross-attention, whose keys are the text encoder's 77 tokens (an int)."""
+    return 64 * 64 * 77

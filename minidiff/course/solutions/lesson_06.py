@@ -132,3 +132,25 @@ def unet(x, t, context, params, config):
         del skips[-taken:]
     h = F.silu(F.group_norm(h, groups, p["conv_norm_out.weight"], p["conv_norm_out.bias"], config.norm_eps))
     return F.conv2d(h, p["conv_out.weight"], p["conv_out.bias"], padding=1)
+
+
+# --- exercises (course/06_unet.md, "Exercises") ---
+
+
+def exercise_06_1():
+    """The side of SD 1.5's feature map at the mid block, for a 512x512 picture (an int): the latent's 64,
+    halved by each downsampler (every down stage but the last has one)."""
+    from minidiff.unet import UNetConfig
+
+    config = UNetConfig.sd15()
+    return config.sample_size // 2 ** (len(config.block_out_channels) - 1)
+
+
+def exercise_06_2():
+    """The number of skips SD 1.5's down path hands to its up path (an int): conv_in's output, every down resnet's
+    output, every downsampler's output."""
+    from minidiff.unet import UNetConfig
+
+    config = UNetConfig.sd15()
+    stages = len(config.block_out_channels)
+    return 1 + stages * config.layers_per_block + (stages - 1)

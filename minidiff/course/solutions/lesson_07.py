@@ -58,13 +58,25 @@ def vae_attention(x, params, groups=32):
     return x + h.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
 
 
+def vae_up_block(x, params, groups=32):
+    """One level of the VAE decoder (decoder.up_blocks.i): its resnets in order (your vae_resblock, under
+    resnets.0, resnets.1, ...), then, when params has upsamplers.0.conv, the upsampler: nearest-neighbour x2,
+    then that 3x3 conv (padding 1). (B, C_in, H, W) -> (B, C_out, 2H, 2W), or (B, C_out, H, W) without one."""
+    for j in range(_count(params, "resnets")):
+        x = vae_resblock(x, _sub(params, f"resnets.{j}"), groups)
+    if "upsamplers.0.conv.weight" in params:
+        x = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), params["upsamplers.0.conv.weight"],
+                     params["upsamplers.0.conv.bias"], padding=1)
+    return x
+
+
 def vae_decode(z, params, groups=32):
     """The VAE decoder from your blocks: the unscaled z (B, 4, h, w) -> the image (B, 3, 8h, 8w) in about [-1, 1].
     params: the AutoencoderKL's state_dict (keys post_quant_conv.*, decoder.*).
 
     x = decoder.conv_in(post_quant_conv(z))                    (1x1, then 3x3 padding 1)
     x = mid_block: resnets.0, attentions.0, resnets.1
-    each up_blocks.i: its resnets in order, then (all but the last) upsamplers.0: nearest x2, 3x3 conv
+    each up_blocks.i: your vae_up_block (its resnets, then, all but the last, its upsampler)
     out = conv_out(SiLU(conv_norm_out(x)))                     (GroupNorm eps 1e-6)
     """
     x = F.conv2d(z, params["post_quant_conv.weight"], params["post_quant_conv.bias"])
@@ -74,11 +86,22 @@ def vae_decode(z, params, groups=32):
     x = vae_attention(x, _sub(p, "mid_block.attentions.0"), groups)
     x = vae_resblock(x, _sub(p, "mid_block.resnets.1"), groups)
     for i in range(_count(p, "up_blocks")):
-        block = _sub(p, f"up_blocks.{i}")
-        for j in range(_count(block, "resnets")):
-            x = vae_resblock(x, _sub(block, f"resnets.{j}"), groups)
-        if "upsamplers.0.conv.weight" in block:
-            x = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), block["upsamplers.0.conv.weight"],
-                         block["upsamplers.0.conv.bias"], padding=1)
+        x = vae_up_block(x, _sub(p, f"up_blocks.{i}"), groups)
     x = F.silu(F.group_norm(x, groups, p["conv_norm_out.weight"], p["conv_norm_out.bias"], 1e-6))
     return F.conv2d(x, p["conv_out.weight"], p["conv_out.bias"], padding=1)
+
+
+# --- exercises (course/07_vae.md, "Exercises") ---
+
+
+def exercise_07_1():
+    """How many times SD's VAE shrinks each side of the picture (an int): VAEConfig.sd() has one level per entry of
+    block_out_channels, with a downsampler between two levels."""
+    from minidiff.vae import VAEConfig
+
+    return 2 ** (len(VAEConfig.sd().block_out_channels) - 1)
+
+
+def exercise_07_2():
+    """The std of SD's unscaled latents z that the scaling factor 0.18215 = 1 / std(z) implies (a number)."""
+    return 1 / 0.18215

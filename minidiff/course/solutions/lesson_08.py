@@ -101,3 +101,19 @@ def text_encoder(ids, params, heads):
     for i in range(len({key.split(".")[2] for key in p if key.startswith("encoder.layers.")})):
         x = clip_layer(x, _sub(p, f"encoder.layers.{i}"), heads, mask)
     return F.layer_norm(x, x.shape[-1:], p["final_layer_norm.weight"], p["final_layer_norm.bias"], 1e-5)
+
+
+# --- exercises (course/08_text_and_guidance.md, "Exercises") ---
+
+
+def exercise_08_1():
+    """The weight of eps_uncond in the guided prediction at guidance scale w = 7.5, written as
+    eps = a eps_uncond + b eps_cond: the number a."""
+    w = 7.5
+    return 1 - w
+
+
+def exercise_08_2():
+    """The pictures that go through the UNet to draw 4 prompts in 20 steps with guidance (an int)."""
+    prompts, steps = 4, 20
+    return 2 * prompts * steps  # each prompt and the empty prompt, every step

@@ -55,3 +55,29 @@ def rename_keys(state, rules):
         rest = [renames[inner], *tail] if inner is not None else rest
         renamed[".".join([new, *rest])] = value
     return renamed
+
+
+# --- exercises (course/11_official_weights.md, "Exercises") ---
+
+
+def _original_key(key):
+    """The original single-file key (without model.diffusion_model.) of a diffusers UNet key of SD 1.5, by your
+    rename_keys run the other way over minidiff.keymap's rules."""
+    from minidiff import keymap
+    from minidiff.config import unet_to_diffusers
+    from minidiff.unet import UNetConfig
+
+    rules = keymap.unet_rules(unet_to_diffusers(UNetConfig.sd15()))
+    backwards = [(new, old, {b: a for a, b in renames.items()}) for old, new, renames in rules]
+    return next(iter(rename_keys({key: None}, backwards)))
+
+
+def exercise_11_1():
+    """The original single-file key (without the prefix model.diffusion_model.) of SD 1.5's
+    down_blocks.0.resnets.0.conv1.weight (a str)."""
+    return _original_key("down_blocks.0.resnets.0.conv1.weight")
+
+
+def exercise_11_2():
+    """The original key of mid_block.attentions.0.proj_in.weight (a str)."""
+    return _original_key("mid_block.attentions.0.proj_in.weight")
