@@ -10,7 +10,8 @@ The contract, for every training entry point that uses this module:
   [rank * B / N, (rank + 1) * B / N) of a global batch of B rows (B must be a multiple of N). Each rank's loss
   is the mean over its B / N rows; DistributedDataParallel (`wrap`) averages the gradients over the N ranks, and
   the mean of N equal-sized means is the mean over all B rows. So the step equals one process's step on the
-  whole batch, up to the order of floating-point sums (about 1e-6 relative in float32).
+  whole batch, up to the order of floating-point sums (about 1e-6 relative in float32). DDP averages only what
+  flows through its own forward, so what is wrapped is the loss with its networks (`LossModule`).
 - **Rank 0 writes.** Checkpoints, logs and pictures that are not per-rank are written only where `is_main()`;
   `barrier()` makes the others wait for it when they must read what it wrote.
 - **Generation** splits a list of jobs by index: rank r takes jobs r, r + N, r + 2N, ... (`my_indices`). Each
@@ -132,6 +133,21 @@ def shard(batch):
 def my_indices(count: int) -> range:
     """The jobs 0 .. count - 1 this rank does when they are dealt out in turn: r, r + N, r + 2N, ..."""
     return range(_world.rank, count, _world.world_size)
+
+
+class LossModule(nn.Module):
+    """A loss over some networks, as one module whose forward is the loss: what `wrap` puts in DDP. DDP averages
+    the gradients only of parameters reached through the wrapped module's forward (a network called directly,
+    outside it, would train on its own shard's gradient alone), so the loss and every network it trains go in:
+    `wrap(LossModule(lambda x, t: my_loss(unet, x, t), unet=unet))(x_shard, t_shard).backward()`."""
+
+    def __init__(self, loss, **networks: nn.Module):
+        super().__init__()
+        self.loss = loss
+        self.networks = nn.ModuleDict(networks)  # registered, so DDP sees (and syncs) their parameters
+
+    def forward(self, *args, **kwargs):
+        return self.loss(*args, **kwargs)
 
 
 def wrap(module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
