@@ -72,6 +72,40 @@ def test_training_on_two_processes_follows_the_one_process_loss_curve(tmp_path):
     assert (tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_prompt_list_draws_the_same_pictures_on_one_or_two_processes(tmp_path, monkeypatch):
+    """`minidiff generate --prompts FILE`: picture i has seed --seed + i wherever it is drawn, so 2 processes
+    (rank 0: prompts 0 and 2, rank 1: prompt 1) write the same files as one process, pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    from minidiff.cli import main
+
+    (tmp_path / "prompts.txt").write_text("a small red circle in the top left\n"
+                                          "a small red circle in the top left\n\n"  # a blank line is skipped
+                                          "a big blue square in the middle\n")
+    monkeypatch.chdir(tmp_path)
+    common = ["--steps", "2", "--seed", "7", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process: the same sums in the same order
+    try:
+        assert main(["generate", "--prompts", "prompts.txt", *common, "--out", "one.png"]) == 0
+        assert main(["generate", "a big blue square in the middle", "--steps", "2", "--seed", "9", "--device",
+                     "cpu", "--out", "single.png"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = torchrun(["-m", "minidiff", "generate", "--prompts", "prompts.txt", *common, "--out", "two.png"],
+                   cwd=tmp_path)
+    assert "wrote two_0.png, two_2.png" in run.stdout and "wrote two_1.png" in run.stdout
+
+    def pixels(name):
+        return np.asarray(Image.open(tmp_path / name))
+
+    for i in range(3):
+        assert np.array_equal(pixels(f"one_{i}.png"), pixels(f"two_{i}.png")), f"picture {i}"
+    assert not np.array_equal(pixels("one_0.png"), pixels("one_1.png"))  # one prompt, seeds 7 and 8
+    assert np.array_equal(pixels("one_2.png"), pixels("single.png"))  # the third prompt's seed is 7 + 2
+
+
 # --- the module on its own, one process -------------------------------------------------------------------
 
 
