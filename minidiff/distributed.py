@@ -77,6 +77,10 @@ def setup(device: str | torch.device = "cpu") -> World:
     if _world.distributed and not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
         if cuda:
+            if _world.local_rank >= torch.cuda.device_count():
+                raise InputError(f"process {_world.local_rank} of this machine has no GPU of its own (there are "
+                                 f"{torch.cuda.device_count()}): NCCL takes one GPU per process, so start at most "
+                                 f"that many (--nproc_per_node)")
             torch.cuda.set_device(_world.local_rank)
         dist.init_process_group("nccl" if cuda else "gloo", rank=_world.rank, world_size=_world.world_size)
     return _world

@@ -180,7 +180,7 @@ def generate_prompts(args, options: dict, loras: list, words: list) -> None:
     try:
         distributed.barrier()  # every process has checked the outputs before any is written
         if world.distributed and args.device in (None, "cuda") and torch.cuda.is_available():
-            args.device = f"cuda:{world.local_rank}"  # a GPU per process
+            args.device = f"cuda:{world.local_rank % torch.cuda.device_count()}"  # the GPUs dealt out in turn
         pipe = load_with_adapters(args, loras, words)
         prompts, seed = options.pop("prompt"), options.pop("seed")
         paths = image_paths(args.out, len(prompts))
