@@ -66,7 +66,7 @@ def test_training_on_two_processes_follows_the_one_process_loss_curve(tmp_path):
     for phase in ("vae", "diffusion"):
         assert len(two["losses"][phase]) == len(one["losses"][phase]) > 0
         torch.testing.assert_close(torch.tensor(two["losses"][phase]), torch.tensor(one["losses"][phase]),
-                                   rtol=LOSS_RTOL, atol=0, msg=lambda m: f"{phase} loss curve: {m}")
+                                   rtol=LOSS_RTOL, atol=0, msg=lambda m, phase=phase: f"{phase} loss curve: {m}")
     assert sorted(p.name for p in (tmp_path / "calls").iterdir()) == ["rank0.txt"]  # rank 1 wrote nothing
     assert "save_folder" in (tmp_path / "calls" / "rank0.txt").read_text().split()
     assert (tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

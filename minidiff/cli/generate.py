@@ -117,9 +117,10 @@ def check_generate_args(args) -> dict:
         outputs["--grid"] = [Path(args.grid)]
     check_outputs(outputs, args.overwrite)
     height, width = parse_size(args.size) if args.size is not None else (None, None)
-    return dict(prompt=prompts if args.prompts else args.prompt, negative_prompt=args.negative, steps=steps, sampler=args.sampler, guidance_scale=args.guidance,
-                seed=args.seed, height=height, width=width, num_images=args.num_images, image=args.image,
-                strength=strength, early_exit=early_exit, preview=args.preview,
+    return dict(prompt=prompts if args.prompts else args.prompt, negative_prompt=args.negative, steps=steps,
+                sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed, height=height, width=width,
+                num_images=args.num_images, image=args.image, strength=strength, early_exit=early_exit,
+                preview=args.preview,
                 trace=bool(args.trace or args.grid), karras=args.karras)
 
 

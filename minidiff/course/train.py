@@ -348,8 +348,9 @@ def train(config: TrainConfig, out=DEFAULT_OUT, progress: bool = True, threads: 
     from minidiff.load import load_components
     from minidiff.pipeline import Pipeline
 
-    for name, size in ("batch", config.batch), ("vae_batch", config.vae_batch), ("vae_batch // 4", config.vae_batch // 4):
-        distributed.check_divisible(max(size, 1), name)
+    for name, size in (("batch", config.batch), ("vae_batch", config.vae_batch),
+                       ("vae_batch // 4 (whole pictures)", max(1, config.vae_batch // 4))):
+        distributed.check_divisible(size, name)  # every global batch splits evenly over the processes
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
