@@ -86,9 +86,20 @@ def _inversion() -> dict:
     }
 
 
+def _distributed() -> dict:
+    """Written by `python -m benchmarks.distributed` (benchmarks/distributed.json): 1 process against torchrun's 2."""
+    run = read_json("benchmarks/distributed.json")
+    return {
+        "distributed.steps": str(run["steps"]),
+        "distributed.vae_diff": f"{run['max_relative_loss_difference']['vae']:.0e}",
+        "distributed.unet_diff": f"{run['max_relative_loss_difference']['diffusion']:.0e}",
+        "distributed.load": f"{max(run['load_average']):.0f}",
+    }
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
-    return _shapes() | _inversion()
+    return _shapes() | _inversion() | _distributed()
 
 
 def marked(text: str) -> list[tuple[str, str]]:

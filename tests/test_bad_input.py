@@ -192,6 +192,12 @@ def files(tmp_path_factory):
     torch.save({f"{to_k}.lora_down.weight": torch.zeros(2, 96)}, root / "lora.pt")
     save_file({"<w>": torch.zeros(96)}, root / "embedding.safetensors")
     save_file({"emb_params": torch.zeros(1, 768)}, root / "embedding_sd15.safetensors")
+    # generate --prompts FILE: one prompt per line
+    (root / "prompts.txt").write_text("a red circle\na blue square\n")
+    (root / "prompts_blank.txt").write_text("\n   \n\t\n")
+    (root / "prompts_latin1.txt").write_bytes("a red circle\nun carr\u00e9 bleu\n".encode("latin-1"))
+    (root / "prompts_many.txt").write_text("a red circle\n" * 1001)
+    (root / "prompts_huge.txt").write_text("a red circle " * 90000)  # 1.1 MiB on one line
     return {"root": root, **{name: root / name for name in os.listdir(root)}, **models}
 
 
@@ -271,7 +277,25 @@ CLI_ROWS = [
     ("dtype-unknown", [*GENERATE, "--dtype", "float64"], "invalid choice: 'float64'"),
     ("preview-unknown", [*GENERATE, "--preview", "fast"], "invalid choice: 'fast'"),
     ("unknown-option", [*GENERATE, "--colour", "red"], "unrecognized arguments: --colour red"),
-    ("no-prompt", ["generate"], "the following arguments are required: prompt"),
+    ("no-prompt", ["generate"], "give a prompt (in quotes), or --prompts FILE"),
+    # --prompts FILE
+    ("prompts-and-prompt", [*GENERATE, "--prompts", "{prompts.txt}"], "give a prompt, or --prompts FILE (one "
+     "prompt per line), not both"),
+    ("prompts-missing", ["generate", "--prompts", "nowhere.txt"], "--prompts nowhere.txt does not exist"),
+    ("prompts-folder", ["generate", "--prompts", "{empty_folder}"], "is a folder"),
+    ("prompts-fifo", ["generate", "--prompts", "{fifo.png}"], "is a FIFO, not a regular file"),
+    ("prompts-blank", ["generate", "--prompts", "{prompts_blank.txt}"], "has no prompts: write one prompt per line"),
+    ("prompts-not-utf8", ["generate", "--prompts", "{prompts_latin1.txt}"], "is not UTF-8 text (line 2, byte 20)"),
+    ("prompts-too-many", ["generate", "--prompts", "{prompts_many.txt}"], "has 1001 prompts, more than 1000"),
+    ("prompts-huge", ["generate", "--prompts", "{prompts_huge.txt}"], "MiB, more than the 1 MiB allowed"),
+    ("prompts-num-images", ["generate", "--prompts", "{prompts.txt}", "--num-images", "2"],
+     "--num-images goes with one prompt, not --prompts"),
+    ("prompts-trace", ["generate", "--prompts", "{prompts.txt}", "--trace", "@t.gif"], "--trace goes with one prompt"),
+    ("prompts-grid", ["generate", "--prompts", "{prompts.txt}", "--grid", "@g.png"], "drop --grid"),
+    ("prompts-seed-past-max", ["generate", "--prompts", "{prompts.txt}", "--seed", str(2**63 - 1)],
+     "(the last prompt's seed) is past"),
+    ("prompts-out-exists", ["generate", "--prompts", "{prompts.txt}", "--out", "@many.png"],
+     "many_1.png already exists"),
     ("no-command", [], "the following arguments are required: command"),
     ("unknown-command", ["paint"], "invalid choice: 'paint'"),
     ("prompt-not-utf8", ["generate", "a red \udcff circle", "--steps", "1"], "is not valid UTF-8 text"),

@@ -1,9 +1,25 @@
-"""`minidiff generate`: text-to-image or image-to-image, with its trace, grid and adapters."""
+"""`minidiff generate`: text-to-image or image-to-image, with its trace, grid and adapters.
+
+`--prompts FILE` generates one image per line: the i-th prompt (blank lines skipped, counting from 0) gets seed
+--seed + i and is written to NAME_i.EXT, so it is the picture `minidiff generate LINE --seed SEED+i` draws. Under
+`torchrun --nproc_per_node N` process r draws prompts r, r + N, ... (minidiff.distributed): the same pictures as one
+process, N at a time.
+"""
 
 import math
 from pathlib import Path
 
-from minidiff.checks import check_choice, check_device, check_float, check_int, check_seed, check_text, shown
+from minidiff.checks import (
+    MAX_SEED,
+    check_choice,
+    check_device,
+    check_float,
+    check_input_file,
+    check_int,
+    check_seed,
+    check_text,
+    shown,
+)
 from minidiff.cli.options import (
     ANIMATION_FORMATS,
     IMAGE_FORMATS,
@@ -21,7 +37,9 @@ from minidiff.files import atomic_save
 
 def add_commands(sub):
     g = sub.add_parser("generate", help="text-to-image (or image-to-image with --image)")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", help="what to draw (or --prompts FILE)")
+    g.add_argument("--prompts", metavar="FILE", help="a UTF-8 text file, one prompt per line: one image each, "
+                   "prompt i with seed --seed + i, written to NAME_i.EXT; split across processes under torchrun")
     g.add_argument("--model", default="shapes", help="a known name (see `minidiff models`) or a path; "
                    "default: the bundled shapes model")
     g.add_argument("--sampler", help="see `minidiff samplers` (default dpmpp_2m; with --noise, the file's: ddim)")
@@ -59,14 +77,17 @@ def add_commands(sub):
 
 def check_generate_args(args) -> dict:
     """Every option of `minidiff generate`, checked before the model is loaded; returns the pipeline's arguments."""
+    prompts = read_prompts(args)
     noise = noise_defaults(args)
-    check_text("the prompt", args.prompt)
     check_text("--negative", args.negative, optional=True)
     check_text("--model", args.model)
     check_device(args.device)
     steps = check_int("--steps", args.steps, 1, 1000, "the training schedules have 1000 timesteps")
     check_float("--guidance", args.guidance, optional=True)
     check_seed(args.seed, "--seed")
+    if args.prompts and args.seed + len(prompts) - 1 > MAX_SEED:
+        raise InputError(f"--seed {args.seed} + {len(prompts) - 1} (the last prompt's seed) is past {MAX_SEED}: "
+                         f"use a smaller --seed")
     check_int("--num-images", args.num_images, 1, 1000, "generate in several runs")
     if args.image is None and args.strength is not None:
         raise InputError("--strength is the img2img strength: give --image too, or drop --strength")
@@ -90,7 +111,7 @@ def check_generate_args(args) -> dict:
     if args.preview == "taesd":
         check_text("--taesd", args.taesd)
     output_format("--out", args.out, IMAGE_FORMATS)
-    outputs = {"--out": image_paths(args.out, args.num_images)}
+    outputs = {"--out": image_paths(args.out, len(prompts) if args.prompts else args.num_images)}
     if args.trace:
         output_format("--trace", args.trace, ANIMATION_FORMATS)
         outputs["--trace"] = [Path(args.trace)]
@@ -101,35 +122,101 @@ def check_generate_args(args) -> dict:
     height, width = parse_size(args.size) if args.size is not None else (None, None)
     if noise is not None:
         height, width = noise_size(args, noise, height, width)
-    return dict(latents=noise, negative_prompt=args.negative, steps=steps, sampler=args.sampler,
-                guidance_scale=args.guidance,
-                seed=args.seed, height=height, width=width, num_images=args.num_images, image=args.image,
-                strength=strength, early_exit=early_exit, preview=args.preview,
+    return dict(prompt=prompts if args.prompts else args.prompt, latents=noise, negative_prompt=args.negative,
+                steps=steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed, height=height,
+                width=width, num_images=args.num_images, image=args.image, strength=strength, early_exit=early_exit,
+                preview=args.preview,
                 trace=bool(args.trace or args.grid), karras=args.karras)
 
 
-def cmd_generate(args):
-    from minidiff.images import evenly_spaced_steps, trace_frames, trace_grid
-    from minidiff.pipeline import load_pipeline
-    from minidiff.samplers import SAMPLERS
+MAX_PROMPTS = 1000  # lines of --prompts, as --num-images: more in several runs
+MAX_PROMPTS_BYTES = 2**20
 
-    options = check_generate_args(args)
-    check_choice("sampler", args.sampler, sorted(SAMPLERS))
-    loras = [parse_adapter("--lora", spec, lora_scale) for spec in args.lora]
-    words = [parse_adapter("--embedding", spec, embedding_token) for spec in args.embedding]
+
+def read_prompts(args) -> list:
+    """The prompt, or the non-blank lines of --prompts (stripped), checked; --prompts excludes some options."""
+    if (args.prompt is None) == (args.prompts is None):
+        raise InputError("give a prompt, or --prompts FILE (one prompt per line), not both"
+                         if args.prompt is not None else "give a prompt (in quotes), or --prompts FILE")
+    if args.prompt is not None:
+        return [check_text("the prompt", args.prompt)]
+    path = check_input_file(args.prompts, "--prompts", max_bytes=MAX_PROMPTS_BYTES)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise InputError(f"--prompts {shown(path)} is not UTF-8 text (line {line}, byte {error.start}): save it as "
+                         f"UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"--prompts {shown(path)} has no prompts: write one prompt per line")
+    if len(prompts) > MAX_PROMPTS:
+        raise InputError(f"--prompts {shown(path)} has {len(prompts)} prompts, more than {MAX_PROMPTS}: split the "
+                         f"file and give later parts --seed {args.seed} + the lines before them")
+    for flag, given in (("--num-images", args.num_images != 1), ("--trace", args.trace), ("--grid", args.grid),
+                        ("--noise", args.noise)):
+        if given:
+            raise InputError(f"{flag} goes with one prompt, not --prompts (one image per line; repeat a line "
+                             f"for more): drop {flag}")
+    return prompts
+
+
+def load_with_adapters(args, loras: list, words: list):
+    from minidiff.pipeline import load_pipeline
+
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype,
                          taesd=args.taesd if args.preview == "taesd" else None)
-    noise = options["latents"]
-    if noise is not None and noise.shape[1] != pipe.latent_channels():
-        raise InputError(f"--noise {shown(args.noise)} holds {noise.shape[1]}-channel latents, but --model "
-                         f"{shown(args.model)} works in {pipe.latent_channels()}: invert the picture with this model")
     for path, scale in loras:
         pipe.load_lora(path, 1.0 if scale is None else scale)
     if loras:
         pipe.fuse_lora()  # one matmul per layer again: sampling as fast as without LoRAs
     for path, token in words:
         pipe.load_textual_inversion(path, token)
-    result = pipe(args.prompt, **options)
+    return pipe
+
+
+def generate_prompts(args, options: dict, loras: list, words: list) -> None:
+    """Image i of options["prompt"] (a list) with seed --seed + i, written to NAME_i.EXT; under torchrun this
+    process draws its share (i = rank, rank + N, ...), on GPU LOCAL_RANK when the device is CUDA."""
+    import torch
+
+    from minidiff import distributed
+
+    world = distributed.setup("cpu")  # gloo: the processes only wait for each other
+    try:
+        distributed.barrier()  # every process has checked the outputs before any is written
+        if world.distributed and args.device in (None, "cuda") and torch.cuda.is_available():
+            args.device = f"cuda:{world.local_rank % torch.cuda.device_count()}"  # the GPUs dealt out in turn
+        pipe = load_with_adapters(args, loras, words)
+        prompts, seed = options.pop("prompt"), options.pop("seed")
+        paths = image_paths(args.out, len(prompts))
+        kind, written = output_format("--out", args.out, IMAGE_FORMATS), []
+        for i in distributed.my_indices(len(prompts)):
+            image = pipe(prompts[i], **options, seed=seed + i, progress=distributed.is_main()).images[0]
+            atomic_save(paths[i], lambda p, image=image: image.save(p, format=kind))
+            written.append(paths[i])
+    finally:
+        distributed.teardown()
+    print("wrote " + (", ".join(shown(o) for o in written) or "nothing (more processes than prompts)"))
+
+
+def cmd_generate(args):
+    from minidiff.images import evenly_spaced_steps, trace_frames, trace_grid
+    from minidiff.samplers import SAMPLERS
+
+    options = check_generate_args(args)
+    check_choice("sampler", args.sampler, sorted(SAMPLERS))
+    loras = [parse_adapter("--lora", spec, lora_scale) for spec in args.lora]
+    words = [parse_adapter("--embedding", spec, embedding_token) for spec in args.embedding]
+    if args.prompts:
+        return generate_prompts(args, options, loras, words)
+    pipe = load_with_adapters(args, loras, words)
+    noise = options["latents"]
+    if noise is not None and noise.shape[1] != pipe.latent_channels():
+        raise InputError(f"--noise {shown(args.noise)} holds {noise.shape[1]}-channel latents, but --model "
+                         f"{shown(args.model)} works in {pipe.latent_channels()}: invert the picture with this model")
+    result = pipe(**options)
     outputs = []
     kind = output_format("--out", args.out, IMAGE_FORMATS)
     for out, image in zip(image_paths(args.out, len(result.images)), result.images):

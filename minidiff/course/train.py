@@ -19,11 +19,16 @@ Notation:
     context         -> c, the text encoder's hidden states for the (possibly dropped) caption
 
 Every random draw comes from the seed: the same command on the same machine writes the same weights.
+
+Under `torchrun --nproc_per_node N` (minidiff.distributed) every process draws each whole global batch (pictures,
+windows, t, eps) from the same seed and trains on its 1/N of the rows; DistributedDataParallel averages the
+gradients, so the steps are one process's on the whole batch, and rank 0 alone writes the folder and the log.
 """
 
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from minidiff import distributed
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.config import to_diffusers
 from minidiff.course import shapes
@@ -102,7 +108,7 @@ class TrainConfig:
                             num_attention_heads=(2, 2), cross_attention_dim=16, norm_num_groups=4, sample_size=8),
             text_encoder=CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2),
-            pool_size=64, vae_steps=3, vae_full_steps=1, vae_batch=4, steps=3, batch=8, warmup=1, eval_prompts=4,
+            pool_size=64, vae_steps=3, vae_full_steps=1, vae_batch=8, steps=3, batch=8, warmup=1, eval_prompts=4,
             eval_steps=2,
         )
 
@@ -156,11 +162,15 @@ def crop(pixels: torch.Tensor, origins: list) -> torch.Tensor:
     return torch.stack([p[:, top : top + CROP, left : left + CROP] for p, (top, left) in zip(pixels, origins)])
 
 
-def vae_loss(vae: AutoencoderKL, images: torch.Tensor, config: TrainConfig, generator: torch.Generator):
-    """Weighted L1 + MSE reconstruction of a posterior sample, plus kl_weight * KL(q(z|x) || N(0, I))."""
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, config: TrainConfig, generator: torch.Generator | None = None,
+             noise: torch.Tensor | None = None):
+    """Weighted L1 + MSE reconstruction of a posterior sample, plus kl_weight * KL(q(z|x) || N(0, I)). The
+    sample's eps is `noise` (B, latent_channels, H/8, W/8), drawn from `generator` when not given."""
     mean, logvar = vae.quant_conv(vae.encoder(images)).chunk(2, dim=1)
     logvar = logvar.clamp(-30.0, 20.0)
-    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator)
+    z = mean + torch.exp(0.5 * logvar) * noise
     error = vae.decode(z) - images
     background = torch.tensor(shapes.BACKGROUND, dtype=images.dtype).view(1, 3, 1, 1) / 127.5 - 1
     on_shape = ((images - background).abs().amax(dim=1, keepdim=True) > 0.05).float()
@@ -170,14 +180,23 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, config: TrainConfig, gene
     return reconstruction + config.kl_weight * kl
 
 
+def latent_shape(vae: AutoencoderKL, images: torch.Tensor) -> tuple:
+    """(B, latent_channels, H / f, W / f) of a batch of pictures, f = 2 ** (levels - 1) (8 for SD's VAE)."""
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    return len(images), vae.config.latent_channels, images.shape[-2] // f, images.shape[-1] // f
+
+
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, specs: list, config: TrainConfig, progress=True) -> list:
-    """Phase 1: fit the VAE on windows of the pool's pictures; returns the loss of every step."""
+    """Phase 1: fit the VAE on windows of the pool's pictures; returns the loss of every step (of the whole
+    global batch when distributed: each process trains on its shard)."""
     generator = torch.Generator().manual_seed(config.seed + 1)
     vae.to(memory_format=torch.channels_last)  # about twice as fast for the CPU's convolutions
+    step_loss = distributed.wrap(distributed.LossModule(
+        lambda images, noise: vae_loss(vae, images, config, noise=noise), vae=vae))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0, foreach=True)
     losses = []
     vae.train()
-    bar = tqdm(range(config.vae_steps), desc="vae", disable=not progress)
+    bar = tqdm(range(config.vae_steps), desc="vae", disable=not (progress and distributed.is_main()))
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config.vae_steps, config.vae_lr, config.warmup)
@@ -187,13 +206,14 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, specs: list, config: Tra
             images = crop(pixels[index], origins)
         else:  # whole pictures: GroupNorm and attention statistics as at inference
             images = pixels[torch.randint(len(pixels), (max(1, config.vae_batch // 4),), generator=generator)]
-        images = to_images(images).contiguous(memory_format=torch.channels_last)
-        loss = vae_loss(vae, images, config, generator)
+        noise = torch.randn(latent_shape(vae, images), generator=generator)
+        images, noise = distributed.shard((images, noise))  # this process's rows of the global batch
+        loss = step_loss(to_images(images).contiguous(memory_format=torch.channels_last), noise)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP: the gradient averaged over the processes, i.e. the whole batch's
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(distributed.all_mean(loss.item()))
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     vae.eval()
     return losses
@@ -220,31 +240,43 @@ def diffusion_loss(unet, text_encoder, ids, latents, schedule: NoiseSchedule, ge
     """|| eps - eps_theta(x_t, t, c) ||^2 with t uniform over the training timesteps."""
     t = torch.randint(schedule.num_train_timesteps, (len(latents),), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
+    return denoising_loss(unet, text_encoder, ids, latents, t, noise, schedule)
+
+
+def denoising_loss(unet, text_encoder, ids, latents, t, noise, schedule: NoiseSchedule):
+    """diffusion_loss with t and eps given."""
     x_t = schedule.add_noise(latents, noise, t)
     return F.mse_loss(unet(x_t, t, text_encoder(ids)), noise)
 
 
 def train_diffusion(unet, text_encoder, tokenizer, latents, specs, config: TrainConfig, progress=True) -> list:
-    """Phase 2: the UNet and the text encoder from scratch, with caption dropout; returns every step's loss."""
+    """Phase 2: the UNet and the text encoder from scratch, with caption dropout; returns every step's loss (of
+    the whole global batch when distributed: each process trains on its shard)."""
     generator = torch.Generator().manual_seed(config.seed + 2)
     rng = np.random.default_rng(config.seed + 3)  # caption wording and dropout
     schedule = NoiseSchedule.sd()
+    step_loss = distributed.wrap(distributed.LossModule(
+        lambda ids, x0, t, noise: denoising_loss(unet, text_encoder, ids, x0, t, noise, schedule),
+        unet=unet, text_encoder=text_encoder))
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.01, foreach=True)
     losses = []
     unet.train(), text_encoder.train()
-    bar = tqdm(range(config.steps), desc="unet + text encoder", disable=not progress)
+    bar = tqdm(range(config.steps), desc="unet + text encoder", disable=not (progress and distributed.is_main()))
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup)
         index = torch.randint(len(latents), (config.batch,), generator=generator)
         captions = ["" if rng.random() < config.caption_dropout else shapes.caption(specs[i], rng) for i in index]
-        loss = diffusion_loss(unet, text_encoder, tokenizer(captions), latents[index], schedule, generator)
+        t = torch.randint(schedule.num_train_timesteps, (config.batch,), generator=generator)  # as diffusion_loss
+        noise = torch.randn((config.batch, *latents.shape[1:]), generator=generator)
+        ids, x0, t, noise = distributed.shard((tokenizer(captions), latents[index], t, noise))
+        loss = step_loss(ids, x0, t, noise)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP: the gradient averaged over the processes, i.e. the whole batch's
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(distributed.all_mean(loss.item()))
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     unet.eval(), text_encoder.eval()
     return losses
@@ -305,39 +337,25 @@ def folder_megabytes(out) -> float:
     return sum(p.stat().st_size for p in Path(out).rglob("*.safetensors")) / 2**20
 
 
-def plot_losses(vae_losses: list, diffusion_losses: list, path: Path) -> None:
-    """The two loss curves (raw and a running mean) side by side, log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, losses, title in ((axes[0], vae_losses, "phase 1: VAE"), (axes[1], diffusion_losses,
-                                                                         "phase 2: UNet + text encoder")):
-        window = max(1, len(losses) // 50)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid") if losses else []
-        ax.plot(losses, alpha=0.3, lw=0.5, label="per step")
-        ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=f"mean of {window}")
-        ax.set(title=title, xlabel="step", ylabel="loss", yscale="log")
-        ax.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 # --- the whole run -----------------------------------------------------------------------------------------
 
 
 def train(config: TrainConfig, out=DEFAULT_OUT, progress: bool = True, threads: int | None = 2) -> dict:
-    """Both phases, save the folder and its loss curve, evaluate the saved model; returns the training log."""
+    """Both phases, save the folder and its loss curve, evaluate the saved model; returns the training log.
+    Under torchrun (after minidiff.distributed.setup) every process trains on its shard of each global batch and
+    rank 0 alone saves, evaluates and writes the log; the others return an empty log."""
+    from minidiff.course.viz import plot_losses
     from minidiff.load import load_components
     from minidiff.pipeline import Pipeline
 
+    for name, size in (("batch", config.batch), ("vae_batch", config.vae_batch),
+                       ("vae_batch // 4 (whole pictures)", max(1, config.vae_batch // 4))):
+        distributed.check_divisible(size, name)  # every global batch splits evenly over the processes
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)  # the initial weights
     vae, unet = AutoencoderKL(config.vae), UNet(config.unet)
     text_encoder = CLIPTextModel(config.text_encoder)
@@ -350,18 +368,20 @@ def train(config: TrainConfig, out=DEFAULT_OUT, progress: bool = True, threads: 
     start = time.perf_counter()
     vae_losses = train_vae(vae, pixels, specs, config, progress)
     vae.requires_grad_(False)
-    z = encode_pool(vae, pixels)
-    reconstruction = reconstruction_adherence(vae, config.eval_prompts, config.seed)
-    tqdm.write(f"VAE reconstructions of {config.eval_prompts} held-out pictures: {reconstruction}")
+    z = encode_pool(vae, pixels)  # every process encodes the whole pool: each needs all of it for its draws
+    if distributed.is_main():
+        reconstruction = reconstruction_adherence(vae, config.eval_prompts, config.seed)
+        tqdm.write(f"VAE reconstructions of {config.eval_prompts} held-out pictures: {reconstruction}")
     vae.config.scaling_factor = float(1 / z.std())
     timings["phase 1: vae"] = time.perf_counter() - start
 
     start = time.perf_counter()
     diffusion_losses = train_diffusion(unet, text_encoder, tokenizer, z * vae.scaling_factor, specs, config, progress)
     timings["phase 2: unet + text encoder"] = time.perf_counter() - start
-
+    if not distributed.is_main():
+        return {}
     save_folder(out, vae, unet, text_encoder, dtype=torch.float16)  # fp16 files: half the size, loaded as fp32
-    plot_losses(vae_losses, diffusion_losses, out / "loss_curve.png")
+    plot_losses(vae_losses, diffusion_losses).savefig(out / "loss_curve.png", dpi=100)
     timings["total training"] = sum(timings.values())
 
     start = time.perf_counter()
@@ -375,11 +395,13 @@ def train(config: TrainConfig, out=DEFAULT_OUT, progress: bool = True, threads: 
         "scaling_factor": vae.scaling_factor,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "threads": torch.get_num_threads(),
+        "processes": distributed.world_size(),
         "torch": torch.__version__,
         "final_loss": {"vae": float(np.mean(vae_losses[-100:])), "diffusion": float(np.mean(diffusion_losses[-100:]))},
         "weights_mb": round(folder_megabytes(out), 2),
         "vae_reconstruction_adherence": reconstruction,
         "held_out_adherence": scores,
+        "losses": {"vae": vae_losses, "diffusion": diffusion_losses},  # every step's, of the whole global batch
     }
     write_json(out / "train_log.json", log)
     return log
@@ -393,7 +415,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-steps", type=int, help="phase 1 (VAE) steps")
     parser.add_argument("--seed", type=int, help="the one seed of the whole run")
     parser.add_argument("--quick", action="store_true", help="tiny networks, a few steps: a smoke test")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads per process (default 2, shared out among torchrun's processes)")
     args = parser.parse_args(argv)
     config = TrainConfig.quick() if args.quick else TrainConfig.shapes()
     for name, value in (("steps", args.steps), ("vae_steps", args.vae_steps), ("seed", args.seed)):
@@ -401,8 +424,17 @@ def main(argv=None) -> int:
             if value < 0 or (name != "seed" and value < 1):
                 parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
             setattr(config, name, value)
-    log = train(config, args.out, threads=args.threads)
-    print(json.dumps({k: log[k] for k in ("timings_s", "final_loss", "weights_mb", "held_out_adherence")}, indent=2))
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
+    threads = args.threads or max(1, 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    distributed.setup("cpu")
+    try:
+        log = train(config, args.out, threads=threads)
+    finally:
+        distributed.teardown()
+    if log:  # rank 0
+        keys = ("timings_s", "final_loss", "weights_mb", "held_out_adherence")
+        print(json.dumps({k: log[k] for k in keys}, indent=2))
     return 0
 
 

@@ -233,6 +233,25 @@ def plot_curves(x, curves: dict, xlabel: str, ylabel: str, title: str = "", log:
     return fig
 
 
+def plot_losses(vae_losses: list, diffusion_losses: list):
+    """The shapes model's two training loss curves (raw and a running mean) side by side, log scale."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, losses, title in ((axes[0], vae_losses, "phase 1: VAE"), (axes[1], diffusion_losses,
+                                                                         "phase 2: UNet + text encoder")):
+        window = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid") if losses else []
+        ax.plot(losses, alpha=0.3, lw=0.5, label="per step")
+        ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=f"mean of {window}")
+        ax.set(title=title, xlabel="step", ylabel="loss", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
 @contextlib.contextmanager
 def quiet_stderr():
     """Silence stderr (Python's, and the process's file descriptor 2) and log records up to warnings, for the
