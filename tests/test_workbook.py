@@ -21,6 +21,7 @@ from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
 from minidiff.course.milestones.networks import _rename_variant
 from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
 from minidiff.course.solutions import lesson_02, lesson_03, lesson_04, lesson_05, lesson_06, lesson_07, lesson_08
+from minidiff.course.solutions import lesson_14
 from minidiff.schedule import NoiseSchedule
 
 WORKBOOK_MILESTONES = [name for name, chosen in MILESTONES.items() if chosen.lesson is not None]
@@ -382,6 +383,9 @@ PLANTED_PARTS = [
     ("text_encoder_from_parts", with_replaced(lesson_08.text_encoder, lesson_08, "causal_mask",
                                               lambda n: torch.ones(n, n, dtype=torch.bool)), "no causal mask"),
     ("rename_keys", lambda s, r: _rename_variant(s, r, renames=False), "renames inside the block"),
+    ("blend_latents", lambda x, m, z, n, a, s: lesson_14.blend_latents(x, m, z, n, 1.0, 0.0), "clean picture"),
+    ("blend_latents", lambda x, m, z, n, a, s: lesson_14.blend_latents(x, 1 - m, z, n, a, s), "mask inverted"),
+    ("blend_latents", lambda x, m, z, n, a, s: lesson_14.blend_latents(x, m, z, n, a, s * s), "sigma squared"),
 ]
 
 
