@@ -22,7 +22,7 @@ by element, so the part inside the mask follows exactly the path it follows when
 blended (what diffusers does), and `keep_outside` puts the picture back outside the mask at the end.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -96,15 +96,15 @@ def blend(x_t, mask, image_latents, noise, alpha: float, sigma: float):
     return mask * x_t + (1 - mask) * (alpha * image_latents + sigma * noise)
 
 
-def blended(model, mask, image_latents, noise, levels):
+def blended(model, mask, image_latents, noise, levels, seen: list):
     """model(x_t, t), given x_t blended (`blend`) at the level `levels(t)` -> (alpha_t, sigma_t) of the call; the
-    first call (the starting latent: pure noise at strength 1, as in diffusers) is left as it is."""
-    first = []
+    first call (the starting latent: pure noise at strength 1, as in diffusers) is left as it is. The timestep of
+    every call is appended to `seen`."""
 
     def call(x_t, t):
-        if first and float(t) != first[0]:
+        if seen and float(t) != seen[0]:
             x_t = blend(x_t, mask, image_latents, noise, *levels(t))
-        first.append(first[0] if first else float(t))
+        seen.append(float(t))
         return model(x_t, t)
 
     return call
@@ -139,6 +139,8 @@ class Inpainting:
     image_latents: torch.Tensor | None  # z_0 (B, 4, H/8, W/8); None for an inpainting UNet at strength 1
     masked_image_latents: torch.Tensor | None  # for an inpainting UNet; None for latent blending
     noise: torch.Tensor
+    seen: list = field(default_factory=list)  # the timestep of each model call (latent blending)
+    levels: object = None  # t -> (alpha_t, sigma_t), set by `model`
 
     @property
     def blending(self) -> bool:
@@ -150,7 +152,20 @@ class Inpainting:
 
     def model(self, model, levels):
         """The sampler's model: blended outside the mask for latent blending, else unchanged."""
-        return blended(model, self.mask, self.image_latents, self.noise, levels) if self.blending else model
+        self.levels = levels
+        return blended(model, self.mask, self.image_latents, self.noise, levels, self.seen) if self.blending else model
+
+    def trace_view(self, recorded: list) -> None:
+        """Latent blending's trace as diffusers' latents read: outside the mask, x_inter is the picture at the level
+        of the next model call (the picture itself after the last) and pred_x0 the picture. Each record holds
+        `calls`, the model calls made before it."""
+        if not self.blending:
+            return
+        for record in recorded:
+            after = record.pop("calls")
+            level = self.levels(self.seen[after]) if after < len(self.seen) else (1.0, 0.0)
+            record["x"] = blend(record["x"], self.mask, self.image_latents, self.noise, *level)
+            record["pred_x0"] = self.keep_outside(record["pred_x0"])
 
     def keep_outside(self, latents):
         """The final latents, with the picture's own outside the mask (latent blending's last step)."""

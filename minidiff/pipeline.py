@@ -281,6 +281,8 @@ class Pipeline:
         def on_step(**info):
             if trace:
                 recorded.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in info.items()})
+                if job is not None:
+                    recorded[-1]["calls"] = len(job.seen)
             if callback is not None:
                 callback(**info)
 
@@ -291,7 +293,10 @@ class Pipeline:
         final = sample(model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
                        schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
                        early_exit=early_exit, progress=progress, first_step=first_step, x0=x0, **sampler_options)
-        return self.finish(job.keep_outside(final) if job is not None else final, recorded, preview)
+        if job is not None:
+            final = job.keep_outside(final)
+            job.trace_view(recorded)
+        return self.finish(final, recorded, preview)
 
     def finish(self, latents, recorded, preview) -> GenerationResult:
         pixels = self.decode(latents, self.vae)

@@ -20,8 +20,16 @@ from minidiff.course.milestones.core import in_lesson_order
 from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
 from minidiff.course.milestones.networks import _rename_variant
 from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
-from minidiff.course.solutions import lesson_02, lesson_03, lesson_04, lesson_05, lesson_06, lesson_07, lesson_08
-from minidiff.course.solutions import lesson_14
+from minidiff.course.solutions import (
+    lesson_02,
+    lesson_03,
+    lesson_04,
+    lesson_05,
+    lesson_06,
+    lesson_07,
+    lesson_08,
+    lesson_14,
+)
 from minidiff.schedule import NoiseSchedule
 
 WORKBOOK_MILESTONES = [name for name, chosen in MILESTONES.items() if chosen.lesson is not None]

@@ -14,7 +14,7 @@ REREAD = "reread lesson 14, section 5 (course/14_inspect_and_edit.md, latent ble
 
 @milestone("inpainting: blend the noised picture outside the mask", lesson=14, function="blend_latents")
 def check_blend_latents(candidate=None):
-    """blend_latents(x_t, mask, image_latents, noise, alpha, sigma) -> x_t inside the mask, alpha z_0 + sigma eps outside
+    """blend_latents(x_t, mask, image_latents, noise, alpha, sigma) -> m x_t + (1 - m) (alpha z_0 + sigma eps)
 
     Two pictures of 4 x 8 x 8 latents with different masks, at three levels of SD's schedule (t = 999, 500, 20).
     """
