@@ -36,7 +36,7 @@ HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # 16/32-bit pict
 
 
 def read_picture(image, what: str) -> Image.Image:
-    """A PIL image or a picture file (read with from_pil's safety limits), in a mode that converts to 8-bit RGB."""
+    """A PIL image or a picture file (read with open_picture's safety limits), in a mode that converts to 8-bit RGB."""
     if not isinstance(image, Image.Image):
         image = open_picture(image, what)
     if image.mode in HIGH_BIT_MODES:
