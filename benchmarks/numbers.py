@@ -97,9 +97,22 @@ def _distributed() -> dict:
     }
 
 
+def _inpaint() -> dict:
+    """Written by `python -m minidiff.course.inpainting --json course/images/inpaint_shapes.json`."""
+    results = read_json("course/images/inpaint_shapes.json")
+    return {
+        "inpaint.inside": percent(results["inside_adherence"]),
+        "inpaint.n": str(results["n"]),
+        "inpaint.outside_psnr": f"{results['outside_psnr_db']:.1f}",
+        "inpaint.outside_psnr_min": f"{results['outside_psnr_min_db']:.1f}",
+        "inpaint.jpeg90_psnr": f"{results['jpeg90_psnr_db']:.1f}",
+        "inpaint.vae_psnr": f"{results['vae_round_trip_psnr_db']:.1f}",
+    }
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
-    return _shapes() | _inversion() | _distributed()
+    return _shapes() | _inversion() | _distributed() | _inpaint()
 
 
 def marked(text: str) -> list[tuple[str, str]]:

@@ -18,22 +18,22 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-def open_image(path) -> Image.Image:
-    """An input image file, read safely: a regular file, not a decompression bomb, complete."""
-    path = check_input_file(path, "the input image", max_bytes=256 * 2**20)
+def open_picture(path, what: str = "the input image") -> Image.Image:
+    """A picture file read whole, refused in one line when it is missing, unreadable or too large."""
+    path = check_input_file(path, what, max_bytes=256 * 2**20)
     try:
         image = Image.open(path)
         if image.width * image.height > MAX_IMAGE_PIXELS:  # read from the header: nothing decoded yet
-            raise InputError(f"the input image {shown(path)} is {image.width}x{image.height} px, more than "
+            raise InputError(f"{what} {shown(path)} is {image.width}x{image.height} px, more than "
                              f"{MAX_IMAGE_PIXELS // 2**20} megapixels: resize it first")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own, larger limit
-        raise InputError(f"the input image {shown(path)} claims more than {MAX_IMAGE_PIXELS // 2**20} megapixels "
+        raise InputError(f"{what} {shown(path)} claims more than {MAX_IMAGE_PIXELS // 2**20} megapixels "
                          "in its header: resize it first") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"cannot read the input image {shown(path)}: {shown(e)}. Give a complete PNG or JPEG "
+        raise InputError(f"cannot read {what} {shown(path)}: {shown(e)}. Give a complete PNG or JPEG "
                          "file") from None
     return image
 
@@ -41,7 +41,7 @@ def open_image(path) -> Image.Image:
 def from_pil(image, height=None, width=None) -> torch.Tensor:
     """A PIL image (or path) -> (1, 3, H, W) in [-1, 1], resized to (height, width) if given."""
     if not isinstance(image, Image.Image):
-        image = open_image(image)
+        image = open_picture(image)
     image = image.convert("RGB")
     if height and width and image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)

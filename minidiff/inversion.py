@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from minidiff.checks import check_bool, check_float, check_input_file, check_int, check_text, shown
 from minidiff.errors import InputError
 from minidiff.files import atomic_save
-from minidiff.images import from_pil, open_image
+from minidiff.images import from_pil, open_picture
 from minidiff.schedule import Denoiser
 
 NOISE_KEY = "noise"  # the tensor's name in a noise file; the metadata holds prompt, steps, guidance, model, spacing
@@ -90,7 +90,7 @@ def invert(pipe, image, prompt: str, steps: int = 50, guidance_scale: float = 1.
         raise InputError("invert works on SD 1.x/2.x pipelines; SDXL's size and crop conditioning is not wired in "
                          "here: use an SD 1.x/2.x model")
     if not isinstance(image, Image.Image):
-        image = open_image(image)
+        image = open_picture(image)
     picture = check_opaque(image)
     check_text("prompt", prompt)
     check_text("negative_prompt", negative_prompt, optional=True)

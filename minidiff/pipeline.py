@@ -9,6 +9,7 @@ Notation (Rombach et al. 2022, latent diffusion; Ho & Salimans 2022, classifier-
     latents           -> z = vae.encode(image) * scaling_factor: the space the UNet works in
     strength          -> img2img: the fraction of the steps run, starting from the image noised to
                          the first of them (strength 0 returns the image, 1 ignores it)
+    mask              -> inpainting: white repaints, black keeps the image (minidiff.inpaint)
 """
 
 import warnings
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from minidiff import embeddings, inversion, lora
+from minidiff import embeddings, inpaint, inversion, lora
 from minidiff.checks import (
     check_bool,
     check_choice,
@@ -134,7 +135,11 @@ class Pipeline:
         return next(self.unet.parameters()).dtype
 
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        return self.unet.config.out_channels  # an inpainting UNet takes 9 channels in, gives 4 out
+
+    def inpainting_unet(self) -> bool:
+        """True for a UNet that takes the mask and the masked picture as extra input channels (minidiff.inpaint)."""
+        return self.unet.config.in_channels != self.latent_channels()
 
     # --- adapters: LoRA (minidiff.lora) and textual inversion (minidiff.embeddings) ---------------------
 
@@ -185,33 +190,38 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_image(self, image, height, width, generator) -> torch.Tensor:
-        """An image -> scaled latents, drawn from the VAE's posterior with `generator` (as diffusers does)."""
-        pixels = from_pil(image, height, width).to(self.device, self.dtype)
+        """An image (or a (1, 3, H, W) tensor in [-1, 1]) -> scaled latents, drawn from the VAE's posterior with
+        `generator` (as diffusers does)."""
+        pixels = (image if torch.is_tensor(image) else from_pil(image, height, width)).to(self.device, self.dtype)
         latent = self.vae.encode(pixels, generator=generator, sample=True)
         return latent * self.vae.scaling_factor
 
-    def guided_model(self, context, uncond, guidance_scale: float, guidance_rescale: float = 0.0):
-        """The function (x_t, t) -> prediction the samplers call: one batched UNet call for CFG."""
+    def guided_model(self, context, uncond, guidance_scale: float, guidance_rescale: float = 0.0, unet=None):
+        """The function (x_t, t) -> prediction the samplers call: one batched UNet call for CFG (to `unet`, a
+        function (x, t, context), when given: an inpainting UNet with its mask channels)."""
         if self.sdxl is not None:  # the same guidance; the UNet call adds SDXL's pooled text and size/crop ids
             if guidance_scale <= 1.0:
                 return lambda x, t: self.sdxl.unet_call(self.unet)(x, t, context)
             both = self.sdxl.batch(uncond, context)
             return guided(self.sdxl.unet_call(self.unet, halves=True), both, guidance_scale, guidance_rescale)
+        unet = unet or self.unet
         if guidance_scale <= 1.0:  # no guidance: the conditional prediction alone
-            return lambda x, t: self.unet(x, t, context)
-        return guided(self.unet, torch.cat([uncond, context]), guidance_scale, guidance_rescale)
+            return lambda x, t: unet(x, t, context)
+        return guided(unet, torch.cat([uncond, context]), guidance_scale, guidance_rescale)
 
     # --- the call ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, steps: int = 20, sampler: str = "dpmpp_2m",
                  guidance_scale: float | None = None, seed: int | None = None, height: int | None = None,
-                 width: int | None = None, num_images: int = 1, image=None, strength: float = 0.8,
+                 width: int | None = None, num_images: int = 1, image=None, strength: float | None = None,
+                 mask=None,
                  early_exit=None, preview: str | None = None, callback=None, trace: bool = False,
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
                  progress: bool = True, **sampler_options) -> GenerationResult:
         """Generate images. See the module docstring for the symbols; returns a GenerationResult. SDXL also takes
-        original_size, crop_top_left, target_size (and the refiner's aesthetic scores): see minidiff.sdxl."""
+        original_size, crop_top_left, target_size (and the refiner's aesthetic scores): see minidiff.sdxl.
+        strength defaults to 0.8 for img2img, 1.0 for inpainting (image and mask)."""
         if self.sdxl is not None:
             self.sdxl.start_call(negative_prompt, sampler_options)  # takes SDXL's size/crop options out
         prompts = prompt_list("prompt", prompt)
@@ -222,6 +232,7 @@ class Pipeline:
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         height = self.default_size() if height is None else check_int("height", height)
         width = self.default_size() if width is None else check_int("width", width)
+        strength = (0.8 if mask is None else 1.0) if strength is None else strength
         self.check_options(steps, sampler, height, width, strength, num_images, len(negatives), len(prompts), preview)
         check_seed(seed)
         check_float("guidance_rescale", guidance_rescale, 0.0, 1.0, "phi mixes the rescaled prediction in: 0 is off")
@@ -230,8 +241,13 @@ class Pipeline:
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be a function callback(step, timestep, sigma, x, pred_x0), got "
                              f"{type(callback).__name__}")
-        if image is not None and not isinstance(image, Image.Image):
+        if image is not None and not isinstance(image, Image.Image) and mask is None:
             check_input_file(image, "the input image")
+        if mask is not None:  # inpainting: the picture and its mask, read and checked
+            image, mask = inpaint.check_inpaint_inputs(image, mask)
+        elif self.inpainting_unet():
+            raise InputError(f"this is an inpainting UNet ({self.unet.config.in_channels} input channels): pass "
+                             "image= and mask= (--image, --mask), or load a text-to-image model")
         batch = len(prompts) * num_images
         check_latents(latents, (batch, self.latent_channels(), height // 8, width // 8))
         self.check_memory(batch, height, width, guidance_scale > 1.0)
@@ -245,14 +261,17 @@ class Pipeline:
 
         context = self.encode_prompt(prompts)
         uncond = self.encode_prompt(negatives) if guidance_scale > 1.0 else None
-        model = self.guided_model(context, uncond, guidance_scale, guidance_rescale)
 
         # all randomness from one CPU generator: the same seed gives the same image on any device
         generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
         shape = (batch, self.latent_channels(), height // 8, width // 8)
-        init = self.encode_image(image, height, width, generator).expand(shape) if image is not None else None
+        # an inpainting UNet starting from pure noise (strength 1) never needs the image's own latents
+        needs_init = image is not None and (mask is None or strength < 1 or not self.inpainting_unet())
+        init = self.encode_image(image, height, width, generator).expand(shape) if needs_init else None
         noise = latents if latents is not None else torch.randn(shape, generator=generator)
         noise = noise.to(self.device, self.dtype)
+        job = inpaint.prepare(self, image, mask, height, width, generator, init, noise) if mask is not None else None
+        model = self.guided_model(context, uncond, guidance_scale, guidance_rescale, job and job.unet(self.unet))
 
         timesteps = sampler_options.pop("timesteps", None)
         sampler_options.setdefault("spacing", self.spacing)
@@ -269,12 +288,21 @@ class Pipeline:
         def on_step(**info):
             if trace:
                 recorded.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in info.items()})
+                if job is not None:
+                    recorded[-1]["calls"] = len(job.seen)
             if callback is not None:
                 callback(**info)
 
+        x0 = init
+        if job is not None:  # latent blending (4 channels) or an inpainting UNet's mask channels (9)
+            model = job.model(model, inpaint.grid_levels(self.schedule, sampler, steps, timesteps, sampler_options))
+            x0 = None if strength == 1.0 else init  # diffusers starts from pure noise at strength 1
         final = sample(model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
                        schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
-                       early_exit=early_exit, progress=progress, first_step=first_step, x0=init, **sampler_options)
+                       early_exit=early_exit, progress=progress, first_step=first_step, x0=x0, **sampler_options)
+        if job is not None:
+            final = job.keep_outside(final)
+            job.trace_view(recorded)
         return self.finish(final, recorded, preview)
 
     def finish(self, latents, recorded, preview) -> GenerationResult:

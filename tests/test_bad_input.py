@@ -198,6 +198,10 @@ def files(tmp_path_factory):
     (root / "prompts_latin1.txt").write_bytes("a red circle\nun carr\u00e9 bleu\n".encode("latin-1"))
     (root / "prompts_many.txt").write_text("a red circle\n" * 1001)
     (root / "prompts_huge.txt").write_text("a red circle " * 90000)  # 1.1 MiB on one line
+    # inpainting: masks and pictures that --mask refuses
+    Image.new("L", (32, 32), 255).save(root / "mask_small.png")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(root / "transparent.png")
+    Image.new("I;16", (64, 64), 300).save(root / "deep.png")
     return {"root": root, **{name: root / name for name in os.listdir(root)}, **models}
 
 
@@ -332,6 +336,21 @@ CLI_ROWS = [
     ("image-truncated", [*GENERATE, "--image", "{truncated.png}"], "cannot read the input image"),
     ("image-text", [*GENERATE, "--image", "{text.png}"], "cannot identify image file"),
     ("image-bomb", [*GENERATE, "--image", "{bomb.png}"], "more than 64 megapixels"),
+    # inputs: inpainting's mask (--mask) and the picture it masks
+    ("mask-without-image", [*GENERATE, "--mask", "{good.png}"], "--mask marks the part of --image to repaint"),
+    ("mask-wrong-size", [*GENERATE, "--image", "{good.png}", "--mask", "{mask_small.png}"],
+     "the mask is 32x32 px but the image is 64x64 px"),
+    ("mask-text", [*GENERATE, "--image", "{good.png}", "--mask", "{text.png}"], "cannot read the mask"),
+    ("mask-truncated", [*GENERATE, "--image", "{good.png}", "--mask", "{truncated.png}"], "cannot read the mask"),
+    ("mask-missing", [*GENERATE, "--image", "{good.png}", "--mask", "@nothing.png"], "does not exist"),
+    ("mask-folder", [*GENERATE, "--image", "{good.png}", "--mask", "{folder.png}"], "is a folder"),
+    ("mask-bomb", [*GENERATE, "--image", "{good.png}", "--mask", "{bomb.png}"], "more than 64 megapixels"),
+    ("mask-16-bit", [*GENERATE, "--image", "{good.png}", "--mask", "{deep.png}"], "the mask is a I"),
+    ("mask-image-transparent", [*GENERATE, "--image", "{transparent.png}", "--mask", "{good.png}"],
+     "the input image has transparent pixels"),
+    ("mask-image-16-bit", [*GENERATE, "--image", "{deep.png}", "--mask", "{good.png}"], "16/32-bit"),
+    ("mask-strength-above-one", [*GENERATE, "--image", "{good.png}", "--mask", "{good.png}", "--strength", "2"],
+     "--strength must be a number from 0.0 to 1.0"),
     # the model
     ("model-unknown-name", [*GENERATE, "--model", "sd99"], "neither a file or folder nor a known model"),
     ("model-missing-path", [*GENERATE, "--model", "@nothing/model.safetensors"], "neither a file or folder"),
@@ -626,6 +645,17 @@ API_ROWS = [
     ("image-truncated", lambda ctx: ctx["pipe"]("x", steps=1, image=ctx["files"]["truncated.png"]), InputError,
      "truncated.png"),
     ("strength-string", call(strength="0.5", image=Image.new("RGB", (64, 64))), InputError, "strength must be"),
+    ("mask-without-image", call(mask=Image.new("L", (64, 64))), InputError, "pass image= (--image) too"),
+    ("mask-wrong-size", call(image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 32))), InputError,
+     "the mask is 64x32 px but the image is 64x64 px"),
+    ("mask-int", call(image=Image.new("RGB", (64, 64)), mask=5), InputError, "must be a path"),
+    ("mask-missing", call(image=Image.new("RGB", (64, 64)), mask="/no/such/mask.png"), InputError, "does not exist"),
+    ("mask-text", lambda ctx: ctx["pipe"]("x", steps=1, image=Image.new("RGB", (64, 64)),
+                                          mask=ctx["files"]["text.png"]), InputError, "cannot read the mask"),
+    ("mask-image-transparent", call(image=Image.new("RGBA", (64, 64), (0, 0, 0, 10)), mask=Image.new("L", (64, 64))),
+     InputError, "transparent pixels"),
+    ("mask-image-float", call(image=Image.new("F", (64, 64)), mask=Image.new("L", (64, 64))), InputError,
+     "the input image is a F (16/32-bit) picture"),
     ("strength-nan", call(strength=float("nan"), image=Image.new("RGB", (64, 64))), InputError, "got nan"),
     ("strength-zero-trace", call(strength=0.0, trace=True, image=Image.new("RGB", (64, 64))), InputError,
      "nothing to trace"),

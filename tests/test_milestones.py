@@ -24,7 +24,7 @@ from minidiff.unet import UNet, timestep_embedding
 FAST_MODULES = ["betas", "alphas_cumprod", "add_noise", "pred_x0", "pred_eps", "ddpm_step", "ddim_step", "timesteps",
                 "euler_step", "dpmpp_2m_step", "timestep_embedding", "attention", "resblock", "guided_eps",
                 "diffusion_loss", "unet", "vae", "scale_latents", "decode_latents", "tokenizer", "text_encoder",
-                "load_unet"]
+                "load_unet", "blend_latents"]
 
 
 def failure(name, candidate) -> str:

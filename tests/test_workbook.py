@@ -422,6 +422,9 @@ PLANTED_PARTS = [
     ("text_encoder_from_parts", with_replaced(lesson_08.text_encoder, lesson_08, "causal_mask",
                                               lambda n: torch.ones(n, n, dtype=torch.bool)), "no causal mask"),
     ("rename_keys", lambda s, r: _rename_variant(s, r, renames=False), "renames inside the block"),
+    ("blend_latents", lambda x, m, z, n, a, s: lesson_14.blend_latents(x, m, z, n, 1.0, 0.0), "clean picture"),
+    ("blend_latents", lambda x, m, z, n, a, s: lesson_14.blend_latents(x, 1 - m, z, n, a, s), "mask inverted"),
+    ("blend_latents", lambda x, m, z, n, a, s: lesson_14.blend_latents(x, m, z, n, a, s * s), "sigma squared"),
 ]
 
 

@@ -53,7 +53,10 @@ def add_commands(sub):
     g.add_argument("--image", help="img2img: the starting image")
     g.add_argument("--noise", help="start from this noise file (from `minidiff invert`): its sampler, steps and "
                    "guidance unless given; the size and the number of images follow the noise")
-    g.add_argument("--strength", type=float, help="img2img: fraction of the steps to run (default 0.8)")
+    g.add_argument("--mask", help="inpainting: a picture of the --image's size, white where it is repainted, black "
+                   "where it is kept")
+    g.add_argument("--strength", type=float, help="img2img: fraction of the steps to run (default 0.8; 1.0 with "
+                   "--mask)")
     g.add_argument("--early-exit", type=float, help="stop at this fraction of the steps (e.g. 0.7) and "
                    "return the model's pred_x0 there")
     g.add_argument("--karras", action="store_true", help="Karras sigmas (sigma-space samplers)")
@@ -91,13 +94,20 @@ def check_generate_args(args) -> dict:
     check_int("--num-images", args.num_images, 1, 1000, "generate in several runs")
     if args.image is None and args.strength is not None:
         raise InputError("--strength is the img2img strength: give --image too, or drop --strength")
-    strength = check_float("--strength", 0.8 if args.strength is None else args.strength, 0.0, 1.0,
+    if args.mask is not None and args.image is None:
+        raise InputError("--mask marks the part of --image to repaint: give --image too, or drop --mask")
+    default_strength = 0.8 if args.mask is None else 1.0
+    strength = check_float("--strength", default_strength if args.strength is None else args.strength, 0.0, 1.0,
                            "the fraction of the steps run from the noised image")
     if args.image is not None:
         from minidiff.images import from_pil
+        from minidiff.inpaint import check_inpaint_inputs
 
         check_text("--image", args.image)
         from_pil(args.image)  # a complete picture, within the size limits: read now, before the model loads
+        if args.mask is not None:
+            check_text("--mask", args.mask)
+            check_inpaint_inputs(args.image, args.mask)
         if (args.trace or args.grid) and int(steps * strength) == 0:
             raise InputError(f"--strength {strength} runs {int(steps * strength)} of the {steps} steps, so there is "
                              "nothing to trace: raise --strength (or --steps), or drop --trace/--grid")
@@ -124,9 +134,8 @@ def check_generate_args(args) -> dict:
         height, width = noise_size(args, noise, height, width)
     return dict(prompt=prompts if args.prompts else args.prompt, latents=noise, negative_prompt=args.negative,
                 steps=steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed, height=height,
-                width=width, num_images=args.num_images, image=args.image, strength=strength, early_exit=early_exit,
-                preview=args.preview,
-                trace=bool(args.trace or args.grid), karras=args.karras)
+                width=width, num_images=args.num_images, image=args.image, mask=args.mask, strength=strength,
+                early_exit=early_exit, preview=args.preview, trace=bool(args.trace or args.grid), karras=args.karras)
 
 
 MAX_PROMPTS = 1000  # lines of --prompts, as --num-images: more in several runs

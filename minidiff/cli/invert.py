@@ -35,7 +35,7 @@ def add_commands(sub):
 
 def check_invert_args(args):
     """Every option, checked before the model loads; returns the picture, read and checked."""
-    from minidiff.images import open_image
+    from minidiff.images import open_picture
     from minidiff.inversion import check_opaque
 
     check_text("--prompt", args.prompt)
@@ -50,7 +50,7 @@ def check_invert_args(args):
         output_format("--reconstruction", args.reconstruction, IMAGE_FORMATS)
         outputs["--reconstruction"] = [Path(args.reconstruction)]
     check_outputs(outputs, args.overwrite)
-    picture = check_opaque(open_image(args.image), f"the image {shown(args.image)}")
+    picture = check_opaque(open_picture(args.image), f"the image {shown(args.image)}")
     size = parse_size(args.size) if args.size is not None else (picture.height, picture.width)
     if size[0] % 8 or size[1] % 8:
         fix = f"{max(8, 8 * round(size[1] / 8))}x{max(8, 8 * round(size[0] / 8))}"

@@ -10,6 +10,7 @@ from minidiff.course.milestones import checklist, formulas, sampling, guidance, 
 from minidiff.course.milestones import blocks, early_exit, networks_parts  # noqa: E402, F401, I001
 from minidiff.course.milestones import inversion  # noqa: E402, F401, I001
 from minidiff.course.milestones import exercises, exercises_late, lora  # noqa: E402, F401, I001
+from minidiff.course.milestones import inpainting  # noqa: E402, F401, I001
 from minidiff.course.milestones.core import (  # noqa: F401
     MILESTONES,
     Mismatch,

@@ -4,6 +4,11 @@ Notation (section 4, DDIM inversion; Song et al. 2021, eq. 12 run backwards):
     alpha_bar_from, alpha_bar_to -> alpha_bar at the level a step starts from (t_prev; alpha_bar_0 for the first
                                     step, as SD ships it) and at the level it goes to (t)
     eps                          -> the network's noise for x, asked at the timestep t the step goes to
+
+Notation (section 5, inpainting):
+    mask m        -> 1 where the picture is repainted and 0 where it is kept, at latent size (B, 1, H/8, W/8)
+    image_latents -> z_0, the picture's latents; noise eps is the noise that started the run
+    alpha, sigma  -> the level of the step, so that the picture at that level is alpha z_0 + sigma eps
 """
 
 import math
@@ -36,3 +41,15 @@ def ddim_invert(model, x_0, alphas_cumprod, steps):
         alpha_bar_from = alphas_cumprod[max(t_prev, 0)]
         x = ddim_inverse_step(x, model(x, t), float(alpha_bar_from), float(alphas_cumprod[t]))
     return x
+
+
+# --- section 5: inpainting ---
+
+
+def blend_latents(x_t, mask, image_latents, noise, alpha, sigma):
+    """Latent blending: x_t where mask is 1 (repainted), the picture noised to (alpha, sigma) where it is 0 (kept).
+
+    x_t, image_latents, noise: (B, 4, h, w); mask: (B, 1, h, w) of 0 and 1; alpha, sigma: numbers.
+    """
+    kept = alpha * image_latents + sigma * noise
+    return mask * x_t + (1 - mask) * kept
