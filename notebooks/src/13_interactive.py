@@ -176,7 +176,8 @@ with torch.no_grad():
     model = pipe.guided_model(context, uncond, 5.0)
     x = torch.randn(1, pipe.latent_channels(), pipe.default_size() // 8, pipe.default_size() // 8)
     parts = {
-        "text encoder (prompt and empty prompt)": median_seconds(lambda: pipe.encode_prompt([options["prompt"], ""]), 5),
+        "text encoder (prompt and empty prompt)":
+            median_seconds(lambda: pipe.encode_prompt([options["prompt"], ""]), 5),
         "20 guided UNet calls (batch of 2)": 20 * median_seconds(lambda: model(x, 500), 5),
         "VAE decode, final picture": median_seconds(lambda: pipe.decode(x), 5),
         "VAE decode, the shown pair": median_seconds(lambda: pipe.decode(torch.cat([x, x])), 5),

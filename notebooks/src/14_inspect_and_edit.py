@@ -34,7 +34,6 @@ torch.manual_seed(0)
 # that noise; then the same climb seen step by step through the callback (x_inter above, pred_x0 below).
 
 # %%
-import numpy as np
 
 from minidiff.course import shapes
 from minidiff.course.evaluate import held_out_prompts
