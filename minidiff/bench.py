@@ -385,11 +385,11 @@ def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repea
               f"latent, CFG batch {2 * images}, {steps} Euler steps + decode, {repeats} repeat(s), medians\n"
               f"device: {measure.describe_device(setup.device)}; torch {torch.__version__}"
               + (f"; compile {compile_options}" if compile_options else "")
+              + (f"; interleaved with {', '.join(measure.engine_version(name) for name in peers)}" if peers
+                 else "; minidiff alone (python -m benchmarks.vs_diffusers: the same ladder against diffusers)")
               + f"\none UNet step: {step_flops(setup, setup.config) / 1e9:.1f} GFLOP"
               + (f"; CPU peak {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} bf16 = {peak['basis']}"
-                 if (peak := measure.cpu_peak_flops()) and setup.device.type == "cpu" else "")
-              + (f"; interleaved with {', '.join(measure.engine_version(name) for name in peers)}" if peers
-                 else "; minidiff alone (python benchmarks/vs_diffusers.py: the same ladder against diffusers)"))
+                 if (peak := measure.cpu_peak_flops()) and setup.device.type == "cpu" else ""))
     results, caches = [], ({}, {})
     try:
         for rung in all_rungs:
