@@ -12,7 +12,9 @@ else fp32) and keep the options of the rung before. The rungs up to +compile (an
 Peers: other engines timed on the same weights and inputs (benchmarks/vs_diffusers.py: diffusers; the library
 imports none). A peer is a factory (config, state: fp32 tensors it must not change, dtype, device, rung: Rung) ->
 a callable (x, t, context). A torch module it returns runs behind the rung's options (FastUNet), as minidiff's
-UNet does; any other callable (an engine with its own compiler) is called as it is, with `t` an int.
+UNet does; any other callable (an engine with its own runtime: benchmarks/vs_engines.py, ONNX Runtime and OpenVINO)
+is called as it is, with `t` an int, and is handed the inputs in its `dtype` attribute if it has one (the dtype it
+computes in), else in the rung's.
 
 Columns:
     ms/step, it/s -> one UNet call on the classifier-free-guidance batch (2 per image), median over steps x repeats
@@ -20,18 +22,20 @@ Columns:
     e2e s         -> `steps` Euler steps with guidance plus the decode to pixels, median over the repeats
     peak MB       -> CUDA max allocated, or the process's peak resident memory (VmHWM) on a CPU
     max dev       -> max |out - out_fp32_eager| / max |out_fp32_eager| on one UNet call; PASS if <= tol
+    % peak        -> FLOPs of one step (measure.count_flops: convolutions, linear layers, attention's products) / its
+                     time, as a share of the CPU's peak in the rung's dtype (measure.cpu_peak_flops; its basis is in
+                     the header); none on a GPU
+    call MB       -> the memory one warm UNet call takes above what was in use before it (measure.call_memory_mb)
     NAME ms       -> per peer: its median ms/step; ratio = minidiff ms / NAME ms; vs NAME = max |out_NAME - out| /
-                     max |out| on the same call
-The summary compares minidiff's fastest rung of the full network with each peer's fastest among the rungs with
-options the peer offers itself (diffusers: up to torch.compile with default options, as it documents), and with
-the peer's fastest behind minidiff's options too (+freeze and later).
+                     max |out| on the same call; NAME dev = its max dev from fp32 eager; NAME MB = its call MB
+The summary compares minidiff's fastest rung of the full network with each torch peer's fastest among the rungs
+with options the peer offers itself (diffusers: up to torch.compile with default options, as it documents), and
+with the peer's fastest behind minidiff's options too (+freeze and later); and with an engine's fastest in each
+dtype it ran, beside minidiff's fastest rung in that dtype.
 The weights are random: the timings are those of the real network, the images are noise.
 """
 
-import csv
 import dataclasses
-import importlib.metadata
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -42,7 +46,6 @@ from torch import nn
 from minidiff import measure
 from minidiff.checkpoint import build, meta_model
 from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save
 from minidiff.pipeline import guided
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
@@ -84,6 +87,10 @@ class PeerResult:
     ms_per_step: float
     ratio: float  # minidiff's ms / the peer's ms
     max_dev: float | None  # max |out_peer - out| / max |out|, against minidiff's output on the same rung
+    fp32_dev: float | None = None  # max |out_peer - out_fp32_eager| / max |out_fp32_eager|
+    call_mb: float | None = None  # the memory one warm call of the peer takes (measure.call_memory_mb)
+    dtype: str = "fp32"  # what the peer computes in
+    own_runtime: bool = False  # an engine called as it is, not a torch module behind the rung's options
 
 
 @dataclass
@@ -102,6 +109,9 @@ class Result:
     distilled: str | None = None  # the BK-SDM rungs run another (smaller) network
     minidiff_options: bool = False  # the rung uses options diffusers does not offer (freeze, reuse memory)
     peers: dict = field(default_factory=dict)  # name -> PeerResult
+    call_mb: float | None = None  # the memory one warm UNet call takes (measure.call_memory_mb)
+    gflop: float | None = None  # FLOPs of one UNet step on the CFG batch / 1e9 (measure.count_flops)
+    peak_share: float | None = None  # gflop / the step's time / the CPU's peak in the rung's dtype
 
 
 def fast_dtype(device) -> torch.dtype:
@@ -162,14 +172,6 @@ def random_weights(module: nn.Module, generator: torch.Generator) -> dict:
 def with_weights(model_class, config, state: dict, dtype, device) -> nn.Module:
     """model_class(config) given `state` in `dtype` (a copy: `state` is kept), with the loaders' CPU defaults."""
     return cpu_defaults(build(meta_model(model_class, config), dict(state), "random weights", dtype, device))
-
-
-def engine_version(name: str) -> str:
-    """'diffusers 0.32.1' when a package of that name is installed, else the name alone."""
-    try:
-        return f"{name} {importlib.metadata.version(name)}"
-    except importlib.metadata.PackageNotFoundError:
-        return name
 
 
 # --- the ladder ----------------------------------------------------------------------------------------
@@ -264,6 +266,15 @@ def unets(setup: Setup, rung: Rung, peers: dict, compile_options: dict):
     return ours, theirs
 
 
+def step_flops(setup: Setup, config: UNetConfig) -> int:
+    """FLOPs of one UNet call on the bench's inputs, counted on `meta` (nothing is computed)."""
+    meta = lambda tensor: tensor.to("meta")
+    unet = meta_model(UNet, config)
+    if setup.added is not None:
+        unet = WithAddedConditioning(unet, {k: meta(v) for k, v in setup.added.items()})
+    return measure.count_flops(unet, meta(setup.x), 500, meta(setup.context))
+
+
 def cached(cache: dict, key, make):
     """make() once per key; only the latest key is kept (the models of earlier rungs are freed)."""
     if key not in cache:
@@ -285,27 +296,36 @@ def run_rung(setup: Setup, rung: Rung, reference_out, peers: dict, compile_optio
     decoder = cached(decoder_cache, (rung.decoder, *options),
                      lambda: build_decoders(setup, rung.dtype, rung, compile_options))
     x, context, t = setup.x.to(rung.dtype), setup.context.to(rung.dtype), 500
+    # each peer gets the inputs in the dtype it computes in (an fp32 engine on a bf16 rung: the fp32 inputs)
+    inputs = [(x, t, context)] + [(setup.x.to(getattr(peer, "dtype", rung.dtype)), t,
+                                   setup.context.to(getattr(peer, "dtype", rung.dtype))) for peer in theirs.values()]
 
     with torch.no_grad():
         out = ours(x, t, context)  # the first call also compiles / captures
         dev = None if rung.tolerance is None else measure.relative_error(out, reference_out)
-        peer_devs = {name: measure.relative_error(peer(x, t, context), out) for name, peer in theirs.items()}
+        peer_outs = {name: peer(*args) for (name, peer), args in zip(theirs.items(), inputs[1:])}
+        peer_devs = {name: (measure.relative_error(peer_out, out), None if rung.distilled else
+                            measure.relative_error(peer_out, reference_out)) for name, peer_out in peer_outs.items()}
+        del peer_outs
         if rung.cuda_graphs:
             out = ours(x, t, context)  # a replay of the captured graph
             dev = None if rung.tolerance is None else measure.relative_error(out, reference_out)
         ours(x, t, context)  # warm-up: the first calls after compiling are slow
-        for peer in theirs.values():
-            peer(x, t, context)
+        for peer, args in zip(theirs.values(), inputs[1:]):
+            peer(*args)
         decoder.decode(setup.noise[:1].to(rung.dtype) / decoder.scaling_factor)  # warm-up (and compile)
 
     # UNet ms/step: single calls on the same inputs, minidiff and the peers taking turns and turns going first
     # (A B B A ...), so that each sees the machine, its caches and the allocator's state as the others do
-    timers = [measure.CallTimer(call, setup.device) for call in (ours, *theirs.values())]
+    timers = [(measure.CallTimer(call, setup.device), args) for call, args in zip((ours, *theirs.values()), inputs)]
     with torch.no_grad():
         for call in range(setup.steps * setup.repeats):
-            for timer in timers if call % 2 == 0 else timers[::-1]:
-                timer(x, t, context)
-    ms, *peer_ms = [statistics.median(timer.milliseconds()) for timer in timers]
+            for timer, args in timers if call % 2 == 0 else timers[::-1]:
+                timer(*args)
+    ms, *peer_ms = [statistics.median(timer.milliseconds()) for timer, _ in timers]
+    with torch.no_grad():
+        call_mb, *peer_mb = [measure.call_memory_mb(lambda call=call, args=args: call(*args), setup.device)
+                             for call, args in zip((ours, *theirs.values()), inputs)]
     log(f"  {rung.name}: {setup.steps * setup.repeats} UNet calls timed, median ms minidiff {ms:.1f}"
         + "".join(f", {name} {value:.1f}" for name, value in zip(theirs, peer_ms)))
 
@@ -332,10 +352,15 @@ def run_rung(setup: Setup, rung: Rung, reference_out, peers: dict, compile_optio
     if setup.device.type == "cuda":  # the one expected: the NaN check after the loop (Denoiser.check_finite)
         syncs = measure.count_syncs(sampling)
     passed = bool(torch.isfinite(out).all()) and (dev is None or dev <= rung.tolerance)
-    peer_results = {name: PeerResult(value, ms / value, peer_devs[name]) for name, value in zip(theirs, peer_ms)}
+    peer_results = {name: PeerResult(value, ms / value, *peer_devs[name], mb,
+                                     DTYPE_NAMES[getattr(peer, "dtype", rung.dtype)], not isinstance(peer, nn.Module))
+                    for (name, peer), value, mb in zip(theirs.items(), peer_ms, peer_mb)}
+    gflop = step_flops(setup, setup.config if rung.distilled is None else distilled_config(setup.config,
+                                                                                            rung.distilled)) / 1e9
+    peak = measure.cpu_peak_flops().get(DTYPE_NAMES[rung.dtype]) if setup.device.type == "cpu" else None
     return Result(rung.name, DTYPE_NAMES[rung.dtype], ms, 1000 / ms, statistics.median(e2e),
                   statistics.median(decode_ms), max(peaks), dev, rung.tolerance, passed, syncs, rung.distilled,
-                  rung.minidiff_options, peer_results)
+                  rung.minidiff_options, peer_results, call_mb, gflop, peak and gflop * 1e9 / (ms / 1000) / peak)
 
 
 def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repeats: int = 3, device=None,
@@ -360,8 +385,11 @@ def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repea
               f"latent, CFG batch {2 * images}, {steps} Euler steps + decode, {repeats} repeat(s), medians\n"
               f"device: {measure.describe_device(setup.device)}; torch {torch.__version__}"
               + (f"; compile {compile_options}" if compile_options else "")
-              + (f"; interleaved with {', '.join(engine_version(name) for name in peers)}" if peers
-                 else "; minidiff alone (python benchmarks/vs_diffusers.py: the same ladder against diffusers)"))
+              + (f"; interleaved with {', '.join(measure.engine_version(name) for name in peers)}" if peers
+                 else "; minidiff alone (python -m benchmarks.vs_diffusers: the same ladder against diffusers)")
+              + f"\none UNet step: {step_flops(setup, setup.config) / 1e9:.1f} GFLOP"
+              + (f"; CPU peak {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} bf16 = {peak['basis']}"
+                 if (peak := measure.cpu_peak_flops()) and setup.device.type == "cpu" else ""))
     results, caches = [], ({}, {})
     try:
         for rung in all_rungs:
@@ -371,72 +399,6 @@ def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repea
         if reuse_memory_available():
             reuse_freed_memory(False)  # the process's allocator as it was
     return header, results
-
-
-def peer_names(results: list) -> list:
-    """The peers of the results, in the order they ran."""
-    return list(dict.fromkeys(name for r in results for name in r.peers))
-
-
-def format_table(results: list) -> str:
-    """The results as a fixed-width table: three columns per peer (its ms, the ratio, the deviation from it)."""
-    number = lambda value, spec: "-" if value is None else format(value, spec)
-    names = peer_names(results)
-    width = lambda name: max(12, len(name) + 3)
-    lines = [f"{'rung':18s} {'dtype':5s} {'ms/step':>9s} {'it/s':>7s} {'e2e s':>8s} {'decode ms':>9s} "
-             f"{'peak MB':>8s} {'max dev':>8s} {'tol':>7s} {'ok':4s} "
-             + "".join(f"{name + ' ms':>{width(name)}s} {'ratio':>6s} {'vs ' + name:>{width(name)}s} "
-                       for name in names) + f"{'syncs':>5s}"]
-    for r in results:
-        peers = {name: r.peers.get(name) for name in names}
-        lines.append(f"{r.rung:18s} {r.dtype:5s} {r.ms_per_step:9.1f} {r.it_per_s:7.2f} {r.e2e_s:8.2f} "
-                     f"{r.decode_ms:9.1f} {r.peak_mb:8.0f} {number(r.max_dev, '8.1e')} "
-                     f"{number(r.tolerance, '7.0e')} {'PASS' if r.passed else 'FAIL'} "
-                     + "".join(f"{number(p and p.ms_per_step, f'{width(name)}.1f')} {number(p and p.ratio, '6.2f')} "
-                               f"{number(p and p.max_dev, f'{width(name)}.1e')} " for name, p in peers.items())
-                     + number(r.syncs, "5d"))
-    return "\n".join(lines)
-
-
-def summary(results: list) -> str:
-    """minidiff's fastest rung of the full network against each peer's fastest with its own options, and against
-    the peer's fastest behind minidiff's options too."""
-    full = [r for r in results if r.distilled is None]
-    ours, lines = min(full, key=lambda r: r.ms_per_step, default=None), []
-    for name in peer_names(full):
-        theirs = [r for r in full if name in r.peers]
-        for label, rows in ((f"{name} with its own options", [r for r in theirs if not r.minidiff_options]),
-                            (f"{name} behind minidiff's options too", [r for r in theirs if r.minidiff_options])):
-            if rows:
-                best = min(rows, key=lambda r: r.peers[name].ms_per_step)
-                lines.append(f"  {label}: {best.rung} {best.peers[name].ms_per_step:.1f}; ratio "
-                             f"{ours.ms_per_step / best.peers[name].ms_per_step:.2f}")
-    if not lines:
-        return ""  # no peer: nothing to compare
-    return "\n".join([f"fastest (full network, UNet ms/step): minidiff {ours.rung} {ours.ms_per_step:.1f}", *lines])
-
-
-def flat_row(result: Result) -> dict:
-    """The result as one flat row: its fields, then NAME_ms, NAME_ratio and NAME_max_dev per peer."""
-    row = dataclasses.asdict(result)
-    for name, peer in row.pop("peers").items():
-        row |= {f"{name}_ms": peer["ms_per_step"], f"{name}_ratio": peer["ratio"], f"{name}_max_dev": peer["max_dev"]}
-    return row
-
-
-def write_results(path, results: list) -> None:
-    """Write the results as JSON or CSV (by the file's extension), atomically."""
-    rows = [flat_row(r) for r in results]
-    if str(path).endswith(".json"):
-        atomic_save(path, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))
-    elif str(path).endswith(".csv"):
-        def save(tmp):
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-                writer.writeheader(), writer.writerows(rows)
-        atomic_save(path, save)
-    else:
-        raise MinidiffError(f"cannot tell the format of {path}: name it .json or .csv")
 
 
 def profile_unet(config="sd15", size: int = 256, images: int = 1, device=None, dtype=torch.float32,

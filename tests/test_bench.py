@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from minidiff.bench import (
     TOLERANCE,
@@ -16,17 +17,16 @@ from minidiff.bench import (
     Rung,
     bench,
     distilled_config,
-    format_table,
     ladder,
     make_setup,
     run_rung,
-    summary,
     with_weights,
-    write_results,
 )
+from minidiff.checkpoint import meta_model
 from minidiff.cli import main
+from minidiff.measure import count_flops, cpu_peak_flops, format_table, summary, write_results
 from minidiff.speed import reuse_memory_available
-from minidiff.unet import UNet, UNetConfig
+from minidiff.unet import Attention, UNet, UNetConfig
 
 QUICK = ["--config", "tiny", "--size", "64", "--steps", "1", "--repeats", "1", "--compile-backend", "eager"]
 
@@ -99,12 +99,23 @@ def test_peers_run_in_turns_on_the_same_weights_and_get_their_columns(tmp_path):
         for peer in r.peers.values():
             assert peer.ms_per_step > 0 and peer.ratio == pytest.approx(r.ms_per_step / peer.ms_per_step)
             assert peer.max_dev == 0.0  # the same network, weights and inputs
+            assert peer.fp32_dev == r.max_dev and peer.call_mb is not None and peer.call_mb >= 0
+        assert [p.own_runtime for p in r.peers.values()] == [False, True]  # a module runs behind the options
+        assert [p.dtype for p in r.peers.values()] == [r.dtype] * 2
     header_row = format_table(results).splitlines()[0].split()
-    assert header_row[-11:] == ["twin", "ms", "ratio", "vs", "twin", "engine", "ms", "ratio", "vs", "engine", "syncs"]
+    assert header_row[-19:] == ["twin", "ms", "ratio", "vs", "twin", "twin", "dev", "twin", "MB",
+                                "engine", "ms", "ratio", "vs", "engine", "engine", "dev", "engine", "MB", "syncs"]
+    comparison = summary(results).splitlines()
+    assert comparison[1].startswith("  twin with its own options: ")
+    # the engine is not behind minidiff's options: it is compared by the dtype it computes in
+    dtypes = dict.fromkeys(r.dtype for r in results)  # fp32, then bf16 on a CPU with bf16 instructions
+    assert [line.split(" (")[0] for line in comparison[2:]] == [f"  engine {dtype}" for dtype in dtypes]
+    assert "its own runtime" in comparison[2] and "minidiff's fastest fp32 rung fp32 eager" in comparison[2]
     write_results(tmp_path / "r.json", results)
     row = json.loads((tmp_path / "r.json").read_text())[0]
     assert row["twin_ms"] == results[0].peers["twin"].ms_per_step and row["engine_max_dev"] == 0.0
     assert row["twin_ratio"] == pytest.approx(row["ms_per_step"] / row["twin_ms"])
+    assert row["engine_own_runtime"] and not row["twin_own_runtime"] and row["engine_dtype"] == "fp32"
 
 
 def test_the_summary_compares_the_fastest_full_network_rungs():
@@ -154,3 +165,40 @@ def test_bad_arguments_give_one_line(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("config", [UNetConfig.tiny(), UNetConfig.sd15(), UNetConfig.bk_sdm_tiny()])
+def test_the_step_flops_equal_torchs_flop_counter(config):
+    """count_flops (hooks on convolutions, linear layers and attention) against torch.utils.flop_counter, which counts
+    the same operators (conv, mm, bmm, SDPA) from the dispatcher; on meta, nothing is computed."""
+    unet = meta_model(UNet, config).eval()
+    x, context = torch.randn(2, 4, 32, 32, device="meta"), torch.randn(2, 77, config.cross_attention_dim, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, 500, context)
+    assert count_flops(unet, x, 500, context) == counter.get_total_flops() > 0
+    if config == UNetConfig.sd15():  # CFG batch 2 at 256 px
+        assert count_flops(unet, x, 500, context) == 360_212_889_600
+
+
+def test_the_attention_flops_by_hand():
+    attention = Attention(32, heads=2, context_dim=24).eval()  # inner width 32
+    x, context = torch.randn(3, 10, 32), torch.randn(3, 5, 24)
+    projections = 2 * 3 * (10 * 32 * 32 + 2 * 5 * 24 * 32 + 10 * 32 * 32)  # to_q, to_k and to_v, to_out
+    products = 2 * 2 * 3 * 10 * 5 * 32  # Q K^T and the weights times V: 2 B N M inner each
+    assert count_flops(attention, x, context) == projections + products
+    itself = Attention(32, heads=2).eval()  # self-attention: 10 keys
+    assert count_flops(itself, x) == 2 * 3 * (4 * 10 * 32 * 32) + 4 * 3 * 10 * 10 * 32
+
+
+@pytest.mark.parametrize("flags, fp32, bf16", [
+    ("fpu sse avx2 fma avx512f avx512_bf16", 64, 128),
+    ("fpu sse avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile", 64, 1024),
+    ("fpu sse avx2 fma", 32, 32),
+    ("fpu sse sse2", 8, 8),
+])
+def test_the_cpu_peak_follows_the_flags(flags, fp32, bf16):
+    cpuinfo = f"processor\t: 0\ncpu MHz\t\t: 1500.000\nflags\t\t: {flags}\n\nprocessor\t: 1\ncpu MHz\t\t: 2000.0\n"
+    peak = cpu_peak_flops(threads=3, cpuinfo=cpuinfo)
+    assert peak["fp32"] == 3 * 2.0e9 * fp32 and peak["bf16"] == 3 * 2.0e9 * bf16 and peak["fp16"] == peak["fp32"]
+    assert peak["basis"].startswith(f"3 cores x 2.00 GHz x {fp32} fp32 / {bf16} bf16 FLOPs per cycle")
+    assert cpu_peak_flops(cpuinfo="processor\t: 0\n") == {}  # no clock: no peak

@@ -68,7 +68,8 @@ def cmd_bench(args, peers=None):
     """The ladder, with the peers ({name: factory}, minidiff.bench) in turns: benchmarks/ passes them."""
     import torch
 
-    from minidiff.bench import bench, format_table, summary, write_results
+    from minidiff.bench import bench
+    from minidiff.measure import format_table, summary, write_results
 
     check_speed_args(args)
     check_int("--steps", args.steps, 1, 1000)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from minidiff import bench
+from minidiff import bench, measure
 from minidiff.course.milestones import check
 from minidiff.course.viz import course_pipeline, quiet_stderr, show_trace
 from minidiff.speed import optimize
@@ -70,7 +70,7 @@ header, results = bench.bench("tiny", size=64, steps=2, repeats=1, log=lambda *_
                               rungs=["fp32", "half", "channels_last", "taesd", "bk_small", "bk_tiny"],
                               compile_options={"backend": "eager"})
 print(header)
-print(bench.format_table(results))
+print(measure.format_table(results))
 
 # %% [markdown]
 # Read it for the *method*, not for the CPU numbers: on a CPU without bf16 instructions the bf16 rung is emulated

@@ -32,11 +32,12 @@ def test_the_script_prints_the_table_and_summary_with_diffusers_columns(capsys, 
     out = capsys.readouterr().out
     assert status == 0, out
     lines = out.splitlines()
-    assert "interleaved with diffusers" in lines[1]
-    assert lines[2].split()[-6:] == ["diffusers", "ms", "ratio", "vs", "diffusers", "syncs"]
+    assert "interleaved with diffusers" in lines[1] and lines[2].startswith("one UNet step: ")
+    assert lines[3].split()[-10:] == ["diffusers", "ms", "ratio", "vs", "diffusers", "diffusers", "dev", "diffusers",
+                                      "MB", "syncs"]
     for name in ("fp32 eager", "+bf16"):
         row = next(line for line in lines if line.startswith(name))
-        assert " PASS " in row and row.split()[-4] != "-", row  # diffusers' ms is filled in
+        assert " PASS " in row and row.split()[-6] != "-", row  # diffusers' ms is filled in
     assert lines[-2].startswith("fastest (full network, UNet ms/step): minidiff ")
     assert lines[-1].startswith("  diffusers with its own options: ")
     rows = json.loads((tmp_path / "r.json").read_text())

@@ -198,11 +198,11 @@ def check_attention_kernels(candidate=None):
 def check_bench(candidate=None):
     """(no candidate) minidiff.bench's fp32 and half-precision rungs on the tiny UNet: a table, every rung PASS"""
     try:
-        from minidiff import bench
+        from minidiff import bench, measure
     except ImportError as error:
         raise Skipped(f"minidiff.bench cannot be imported ({error})") from None
     _, results = bench.bench("tiny", size=64, steps=2, repeats=1, rungs=["fp32", "half"], log=lambda *_: None)
-    table = bench.format_table(results)
+    table = measure.format_table(results)
     failed = [result.rung for result in results if not result.passed]
     if failed or not results:
         raise Mismatch(f"bench rung(s) {', '.join(failed) or '(none ran)'} failed their tolerance:\n{table}")
