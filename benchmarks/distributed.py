@@ -6,7 +6,7 @@ Trains the shapes model's VAE and then its UNet + text encoder (`TrainConfig.sha
 128 latents) for --steps steps each on a pool of 1,024 pictures, first as one process with 2 CPU threads, then
 under `torchrun --standalone --nproc_per_node 2` with one thread per process (each half of every batch, gradients
 averaged by DistributedDataParallel). It writes both loss curves, their largest relative difference and the
-seconds per step of each phase to --out, which benchmarks/numbers.py quotes in the README.
+seconds per step of each phase to --out, which benchmarks/quoted.py quotes in the README.
 """
 
 import argparse
@@ -56,7 +56,7 @@ def worker(steps: int, out: str) -> None:
 
 def run(steps: int, processes: int, out: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    # as a module: run as a script, benchmarks/ would come first on sys.path and its numbers.py shadow the stdlib's
+    # as a module, so that benchmarks/ is importable as a package
     worker_args = ["-m", "benchmarks.distributed", "--worker", "--steps", str(steps), "--out", str(out)]
     if processes == 1:
         command = [sys.executable, *worker_args]

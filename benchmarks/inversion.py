@@ -1,6 +1,6 @@
 """DDIM inversion, measured: the round trip's order on the exact Gaussian model, and invert-then-generate on the
 bundled shapes model (PSNR, checker agreement), written to benchmarks/results/inversion.json (quoted in the README
-and lesson 14 through benchmarks/numbers.py) and the picture course/images/inversion.png.
+and lesson 14 through benchmarks/quoted.py) and the picture course/images/inversion.png.
 
     python -m benchmarks.inversion [--pictures 24] [--steps 50]
 """

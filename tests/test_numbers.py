@@ -1,10 +1,10 @@
-"""Numbers quoted in the README and the lessons equal the files their measurements wrote (benchmarks/numbers.py)."""
+"""Numbers quoted in the README and the lessons equal the files their measurements wrote (benchmarks/quoted.py)."""
 
 import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("numbers_tool", ROOT / "benchmarks" / "numbers.py")
+spec = importlib.util.spec_from_file_location("quoted_tool", ROOT / "benchmarks" / "quoted.py")
 numbers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(numbers)
 
@@ -23,5 +23,5 @@ def test_a_stale_or_unknown_number_is_reported(tmp_path):
     doc.write_text("held out: <!--n:shapes.held_out-->96.0%<!--/n-->, <!--n:shapes.nothing-->1<!--/n-->")
     problems = numbers.check([doc])
     assert problems == [f"{doc}: shapes.held_out reads '96.0%', its measurement says '95.3%'",
-                        f"{doc}: 'shapes.nothing' names no measurement (see benchmarks/numbers.py)"]
+                        f"{doc}: 'shapes.nothing' names no measurement (see benchmarks/quoted.py)"]
     assert numbers.write([doc]) == 1 and "<!--n:shapes.held_out-->95.3%<!--/n-->" in doc.read_text()

@@ -8,8 +8,8 @@ The markers are HTML comments, so they do not show on GitHub. Every key is a fun
 number from the file a command wrote (the training log of `python -m minidiff.course.train shapes`, the JSON of
 `minidiff bench --json`, ...), so that a quoted number cannot drift from its measurement:
 
-    python benchmarks/numbers.py            # check: every marked number equals its source (tests/test_numbers.py)
-    python benchmarks/numbers.py --write    # rewrite the marked numbers from their sources
+    python benchmarks/quoted.py            # check: every marked number equals its source (tests/test_numbers.py)
+    python benchmarks/quoted.py --write    # rewrite the marked numbers from their sources
 """
 
 import argparse
@@ -126,7 +126,7 @@ def check(documents=DOCUMENTS) -> list[str]:
         for key, text in marked(path.read_text()):
             where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
             if key not in values:
-                problems.append(f"{where}: {key!r} names no measurement (see benchmarks/numbers.py)")
+                problems.append(f"{where}: {key!r} names no measurement (see benchmarks/quoted.py)")
             elif text != values[key]:
                 problems.append(f"{where}: {key} reads {text!r}, its measurement says {values[key]!r}")
     return problems
