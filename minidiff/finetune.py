@@ -232,7 +232,7 @@ def batch_loss(pipe, latents: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, 
     if pipe.prediction_type == "v_prediction":  # v = alpha_t eps - sigma_t z
         alpha, sigma = (s.to(latents).reshape(-1, 1, 1, 1) for s in pipe.schedule.alpha_sigma(t))
         target = alpha * noise - sigma * latents
-    return F.mse_loss(prediction.float(), target.float())
+    return F.mse_loss(prediction, target)
 
 
 def learning_rate(step: int, peak: float, warmup: int) -> float:
