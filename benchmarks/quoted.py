@@ -110,9 +110,31 @@ def _inpaint() -> dict:
     }
 
 
+def _new_word() -> dict:
+    """Written by `python -m minidiff.course.new_word` (benchmarks/new_word.json): a LoRA and a new word trained on
+    the shapes model, judged with and without the word against the model as it is."""
+    run = read_json("benchmarks/new_word.json")
+    base = run["base"]
+    values = {"new_word.prompts": str(base["word_prompts"]), "new_word.without_prompts": str(base["without_prompts"]),
+              "new_word.base.word": percent(base["word"]), "new_word.base.without": percent(base["without_word"])}
+    for method in ("lora", "textual_inversion"):
+        result = run[method]
+        values |= {
+            f"new_word.{method}.word": percent(result["word"]),
+            f"new_word.{method}.without": percent(result["without_word"]),
+            f"new_word.{method}.drop": f"{100 * (base['without_word'] - result['without_word']):.1f}",
+            f"new_word.{method}.steps": str(result["steps"]),
+            f"new_word.{method}.pictures": str(result["pictures"]),
+            f"new_word.{method}.cpu_min": f"{result['cpu_minutes']:.1f}",
+            f"new_word.{method}.two_core_min": f"{result['cpu_minutes'] / 2:.1f}",
+            f"new_word.{method}.wall_min": f"{result['train_minutes']:.0f}",
+        }
+    return values
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
-    return _shapes() | _inversion() | _distributed() | _inpaint()
+    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word()
 
 
 def marked(text: str) -> list[tuple[str, str]]:

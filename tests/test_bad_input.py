@@ -202,6 +202,26 @@ def files(tmp_path_factory):
     Image.new("L", (32, 32), 255).save(root / "mask_small.png")
     Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(root / "transparent.png")
     Image.new("I;16", (64, 64), 300).save(root / "deep.png")
+    # training folders (minidiff.finetune): pictures with same-named captions, good and bad, and a real checkpoint
+    def train_folder(name, captions: dict, pictures=None):
+        folder = root / name
+        folder.mkdir()
+        for stem in pictures if pictures is not None else captions:
+            shutil.copy(good, folder / (stem if "." in stem else stem + ".png"))
+        for stem, text in captions.items():
+            (folder / f"{stem.partition('.')[0]}.txt").write_bytes(text)
+    train_folder("train_data", {"a": b"a <w> picture", "b": b"a red <w>"})
+    train_folder("train_no_caption", {"a": b"a <w>"}, pictures=["a", "b"])
+    train_folder("train_empty_caption", {"a": b"  \n"})
+    train_folder("train_not_utf8", {"a": b"a \xff picture"})
+    train_folder("train_no_pictures", {"a": b"a <w>"}, pictures=[])
+    train_folder("train_shared_caption", {"a": b"a <w>"}, pictures=["a.png", "a.jpg"])
+    train_folder("train_truncated", {"a": b"a <w>"})
+    (root / "train_truncated" / "a.png").write_bytes(good.read_bytes()[:60])
+    from minidiff.finetune import FinetuneConfig, finetune
+
+    finetune(load_pipeline("shapes", device="cpu"), root / "train_data", FinetuneConfig(steps=1, batch=1),
+             root / "trained.safetensors", checkpoint=root / "train.checkpoint.safetensors", progress=False)
     return {"root": root, **{name: root / name for name in os.listdir(root)}, **models}
 
 
@@ -216,6 +236,9 @@ def file_listing(folder: Path) -> dict:
 GENERATE = ["generate", "a red circle", "--steps", "1", "--device", "cpu"]
 INVERT = ["invert", "{good.png}", "--prompt", "a red circle", "--steps", "1", "--out", "@noise.safetensors",
           "--device", "cpu"]
+TRAIN_AT = lambda folder, out="@l.safetensors": ["train", "lora", folder, "--device", "cpu", "--out", out]
+TRAIN = TRAIN_AT("{train_data}")
+TRAIN_WORD = ["train", "textual-inversion", "{train_data}", "--device", "cpu", "--out", "@w.safetensors"]
 CLI_ROWS = [
     # numbers: type and range
     ("steps-zero", [*GENERATE, "--steps", "0"], "--steps must be an integer from 1 to 1000"),
@@ -411,6 +434,53 @@ CLI_ROWS = [
     ("noise-bad-metadata", [*GENERATE[:2], *GENERATE[4:], "--noise", "{noise_bad_steps.safetensors}"],
      "its metadata steps='many' is not a whole number: give --steps yourself"),
     ("noise-with-image", [*GENERATE, "--noise", "{noise.safetensors}", "--image", "{good.png}"], "give one of them"),
+    # minidiff train lora | textual-inversion: the folder, the numbers, the outputs, a resume
+    ("train-folder-missing", [*TRAIN_AT("@nowhere")], "is not a folder: give a folder of pictures"),
+    ("train-folder-a-file", [*TRAIN_AT("{notes.txt}")], "is not a folder"),
+    ("train-folder-no-pictures", [*TRAIN_AT("{train_no_pictures}")], "holds no pictures"),
+    ("train-picture-without-caption", [*TRAIN_AT("{train_no_caption}")], "b.png has no caption: write it in"),
+    ("train-caption-empty", [*TRAIN_AT("{train_empty_caption}")], "a.txt is empty"),
+    ("train-caption-not-utf8", [*TRAIN_AT("{train_not_utf8}")], "a.txt is not UTF-8 text"),
+    ("train-caption-shared", [*TRAIN_AT("{train_shared_caption}")], "share the caption file a.txt"),
+    ("train-picture-truncated", [*TRAIN_AT("{train_truncated}")], "cannot read the input image"),
+    ("train-method-unknown", ["train", "dreambooth", "{train_data}"], "invalid choice: 'dreambooth'"),
+    ("train-steps-zero", [*TRAIN, "--steps", "0"], "--steps must be an integer from 1"),
+    ("train-steps-word", [*TRAIN, "--steps", "many"], "invalid int value: 'many'"),
+    ("train-batch-zero", [*TRAIN, "--batch", "0"], "--batch must be an integer from 1 to 4096"),
+    ("train-lr-nan", [*TRAIN, "--lr", "nan"], "--lr must be a number from 1e-08 to 1.0, got nan"),
+    ("train-lr-zero", [*TRAIN, "--lr", "0"], "--lr must be a number from 1e-08"),
+    ("train-warmup-negative", [*TRAIN, "--warmup", "-1"], "--warmup must be an integer from 0"),
+    ("train-rank-zero", [*TRAIN, "--rank", "0"], "--rank must be an integer from 1 to 1024"),
+    ("train-alpha-negative", [*TRAIN, "--alpha", "-4"], "--alpha must be a number from 1e-06"),
+    ("train-seed-negative", [*TRAIN, "--seed", "-1"], "--seed must be an integer from 0"),
+    ("train-save-every-zero", [*TRAIN, "--save-every", "0"], "--save-every must be an integer from 1"),
+    ("train-device-unknown", [*TRAIN, "--device", "gpu9"], "unknown device 'gpu9'"),
+    ("train-model-unknown", [*TRAIN, "--model", "sd99"], "neither a file or folder nor a known model"),
+    ("train-out-extension", [*TRAIN_AT("{train_data}", "@l.pt")],
+     "l.pt: unknown extension .pt; use one of .safetensors"),
+    ("train-out-exists", [*TRAIN_AT("{train_data}", "@old.safetensors")], "old.safetensors already exists"),
+    ("train-out-is-folder", [*TRAIN_AT("{train_data}", "@")], "is a folder"),
+    ("train-checkpoint-extension", [*TRAIN, "--checkpoint", "@c.ckpt"], "unknown extension .ckpt"),
+    ("train-checkpoint-same-as-out", [*TRAIN, "--checkpoint", "@l.safetensors"], "both write"),
+    ("train-loss-curve-jpeg", [*TRAIN, "--loss-curve", "@curve.jpg"], "--loss-curve"),
+    ("train-loss-curve-exists", [*TRAIN, "--loss-curve", "@old.png"], "old.png already exists"),
+    ("train-resume-missing", [*TRAIN, "--resume", "@gone.safetensors"], "does not exist"),
+    ("train-resume-pickle", [*TRAIN, "--resume", "{object.ckpt}"], "--resume"),
+    ("train-resume-not-a-checkpoint", [*TRAIN, "--resume", "{lora.safetensors}"],
+     "is not a minidiff fine-tuning checkpoint"),
+    ("train-resume-other-rank", [*TRAIN, "--batch", "1", "--rank", "8", "--resume", "{train.checkpoint.safetensors}"],
+     "was trained with rank = 4, this run asks for 8"),
+    ("train-resume-finished", [*TRAIN, "--batch", "1", "--steps", "1", "--resume", "{train.checkpoint.safetensors}"],
+     "is at step 1 already: ask for more --steps"),
+    ("train-word-no-token", ["train", "textual-inversion", "{train_data}"], "required: --token"),
+    ("train-word-token-spaces", [*TRAIN_WORD, "--token", "my word"], "--token must be one word without spaces"),
+    ("train-word-token-empty", [*TRAIN_WORD, "--token", ""], "--token must be one word"),
+    ("train-word-not-in-captions", [*TRAIN_WORD, "--token", "<zz>"], "no caption in"),
+    ("train-word-taken", [*TRAIN_WORD, "--token", "a"], "clashes with"),
+    ("train-word-vectors-zero", [*TRAIN_WORD, "--token", "<w>", "--vectors", "0"],
+     "--vectors must be an integer from 1"),
+    ("train-word-vectors-many", [*TRAIN_WORD, "--token", "<w>", "--vectors", "17"], "77 positions"),
+    ("train-word-init-empty", [*TRAIN_WORD, "--token", "<w>", "--init-word", " "], "has no tokens"),
     # the other commands
     ("info-missing", ["info", "@nothing"], "neither a file or folder"),
     ("download-unknown", ["download", "sd99"], "unknown model 'sd99'"),

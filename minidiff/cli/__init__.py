@@ -5,9 +5,10 @@
     minidiff invert picture.png --prompt "a red circle" --out noise.safetensors   (then generate --noise)
     minidiff samplers | models | info MODEL | download NAME
     minidiff bench [--config sd15] [--size 256] | profile [--trace t.json] | export-onnx OUT_DIR [--model shapes]
+    minidiff train lora FOLDER [--out lora.safetensors] | textual-inversion FOLDER --token "<my-word>" [--resume FILE]
 
 Each file of minidiff/cli/ holds one group of subcommands and their checks (generate.py, invert.py, models.py,
-speed.py; what they share is in options.py); build_parser asks each to add its own. Other packages add commands
+speed.py, train.py; what they share is in options.py); build_parser asks each to add its own. Other packages add commands
 through the "minidiff.commands" entry point (a function given the subparsers): minidiff.course adds
 `minidiff milestones` and `minidiff sampler-table` that way, so the library never imports it.
 
@@ -19,7 +20,7 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from minidiff.cli import generate, invert, models, speed
+from minidiff.cli import generate, invert, models, speed, train
 from minidiff.errors import MinidiffError
 
 
@@ -34,7 +35,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(prog="minidiff", description="Stable Diffusion from scratch, readable and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, invert, models, speed):  # minidiff/cli/<command>.py each add their subcommands
+    for command in (generate, invert, models, speed, train):  # minidiff/cli/<command>.py each add their subcommands
         command.add_commands(sub)
     for plugin in entry_points(group="minidiff.commands"):  # the course's commands (milestones, sampler-table)
         plugin.load()(sub)

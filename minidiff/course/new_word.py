@@ -1,0 +1,149 @@
+"""Teach the shapes model a new word, a made-up name for one colour and shape, from a few dozen pictures.
+
+    python -m minidiff.course.new_word [--methods base lora textual_inversion] [--steps 300] [--prompts 60]
+
+The word "dax" names an orange triangle. `write_folder` draws the pictures (shapes.render) at six of the nine
+places and writes each one's caption with the word where the colour and shape would be ("a small dax in the top
+left"), as a folder that `minidiff train lora` / `minidiff train textual-inversion` read (minidiff.finetune). Then:
+
+    with the word     held-out prompts put the word at the three places no training picture shows it, both sizes;
+                      the checker (shapes.check) must read an orange triangle at that place
+    without the word  the held-out combinations of the bundled model's own evaluation (evaluate.evaluate), with
+                      the LoRA or the word loaded against without: what the adapter costs the rest of the model
+
+The LoRA learns the plain word "dax" (BPE pieces the model never saw trained); textual inversion learns a new token
+"<dax>". Each is read back from the file it was written to, as `minidiff generate --lora / --embedding` would.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minidiff.course import shapes
+from minidiff.course.evaluate import evaluate, generate
+from minidiff.finetune import FinetuneConfig, finetune
+from minidiff.pipeline import load_pipeline
+
+WORD, TOKEN = "dax", "<dax>"  # the LoRA's word, and textual inversion's new token
+COLOUR, SHAPE = "orange", "triangle"
+HELD_OUT_PLACES = ("top right", "left", "bottom")  # no training picture shows the word here
+TRAIN_PLACES = tuple(p for p in shapes.POSITIONS if p not in HELD_OUT_PLACES)
+WORD_TEMPLATES = (
+    "a {size} {word} {where_phrase}",
+    "{where}: {word}, {size}",
+    "a {word}, {where}",
+    "there is a {size} {word} {where_phrase}",
+    "{word} {where_phrase}",
+    "a picture of a {size} {word} {where_phrase}",
+    "{where}, {size} {word}",
+)
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "new_word.json"
+
+
+def word_caption(word: str, spec: shapes.ShapeSpec, rng: np.random.Generator) -> str:
+    """A caption of a picture of the word's shape, the word standing for its colour and shape."""
+    pick = lambda options: options[rng.integers(len(options))]
+    return pick(WORD_TEMPLATES).format(word=word, size=pick(shapes.SIZE_WORDS[spec.size]),
+                                       where=pick(shapes.WHERE_WORDS[spec.position]),
+                                       where_phrase=pick(shapes.WHERE_PHRASES[spec.position]))
+
+
+def write_folder(folder, word: str, n: int = 40, seed: int = 0, regular: int = 0) -> list:
+    """n pictures of the word's shape at the training places (each place and size in turn), each with its caption
+    in a .txt of the same name, and `regular` pictures of the model's own training split with their plain captions
+    (kohya's regularisation pictures: they keep the rest of the model as it was); returns the specs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    specs = [shapes.ShapeSpec(SHAPE, COLOUR, TRAIN_PLACES[i % len(TRAIN_PLACES)],
+                              shapes.SIZES[(i // len(TRAIN_PLACES)) % 2]) for i in range(n)]
+    for i, spec in enumerate(specs):
+        shapes.render(spec, rng).save(folder / f"{word.strip('<>')}_{i:03d}.png")
+        (folder / f"{word.strip('<>')}_{i:03d}.txt").write_text(word_caption(word, spec, rng) + "\n")
+    for i, spec in enumerate(shapes.random_specs(regular, rng, "train")):
+        shapes.render(spec, rng).save(folder / f"regular_{i:03d}.png")
+        (folder / f"regular_{i:03d}.txt").write_text(shapes.caption(spec, rng) + "\n")
+    return specs
+
+
+def word_prompts(word: str, n: int, seed: int = 1) -> list:
+    """n (prompt, spec) pairs with the word at the held-out places, both sizes, wording drawn from seed."""
+    rng = np.random.default_rng(seed)
+    specs = [shapes.ShapeSpec(SHAPE, COLOUR, HELD_OUT_PLACES[i % len(HELD_OUT_PLACES)],
+                              shapes.SIZES[(i // len(HELD_OUT_PLACES)) % 2]) for i in range(n)]
+    return [(word_caption(word, spec, rng), spec) for spec in specs]
+
+
+def word_adherence(pipe, word: str, n: int, seed: int = 1, guidance_scale: float = 5.0) -> dict:
+    """The checker's verdict on pictures of n held-out prompts with the word (DPM++ 2M, 20 steps)."""
+    pairs = word_prompts(word, n, seed)
+    images = generate(pipe, [prompt for prompt, _ in pairs], seed, steps=20, guidance_scale=guidance_scale)
+    return shapes.adherence(images, [spec for _, spec in pairs])
+
+
+def measure(work, methods=("base", "lora", "textual_inversion"), pictures: int = 40, prompts: int = 60,
+            without: int = 128, steps: int = 300, progress: bool = True) -> dict:
+    """For each method: the bundled model as it is ("base"), or an adapter trained on a folder of pictures and read
+    back from its file; each judged with the word (word_adherence) and without it (evaluate). Returns the results."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for method in methods:
+        word = TOKEN if method == "textual_inversion" else WORD
+        entry = {}
+        if method != "base":
+            folder = work / f"data_{method}"
+            regular = pictures if method == "lora" else 0  # a new token cannot change the other prompts
+            write_folder(folder, word, pictures, regular=regular)
+            config = FinetuneConfig(method=method, steps=steps, token=TOKEN)
+            out = work / f"{method}.safetensors"
+            log = finetune(load_pipeline("shapes", device="cpu", dtype=torch.float32), folder, config, out,
+                           loss_curve=work / f"{method}_loss.png", progress=progress)
+            entry = {"pictures": pictures, "regular_pictures": regular, "steps": steps, "batch": config.batch,
+                     "lr": config.lr, "final_loss": log["final_loss"], "train_minutes": log["seconds"] / 60,
+                     "cpu_minutes": log["cpu_seconds"] / 60, "threads": torch.get_num_threads()}
+        pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32)
+        if method == "lora":
+            pipe.load_lora(out)
+            pipe.fuse_lora()
+        elif method == "textual_inversion":
+            pipe.load_textual_inversion(out)
+        scores = word_adherence(pipe, word, prompts)
+        entry |= {"word": scores["all"], "word_colour": scores["colour"], "word_shape": scores["shape"],
+                  "word_position": scores["position"], "word_prompts": prompts,
+                  "without_word": evaluate(pipe, without)[0]["all"], "without_prompts": without}
+        results[method] = entry
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minidiff.course.new_word", description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["base", "lora", "textual_inversion"],
+                        choices=["base", "lora", "textual_inversion"], help="what to measure (default: all three)")
+    parser.add_argument("--pictures", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each adapter")
+    parser.add_argument("--prompts", type=int, default=60, help="held-out prompts with the word")
+    parser.add_argument("--without", type=int, default=128, help="held-out prompts without it")
+    parser.add_argument("--work", default="new_word_work", help="folder for the pictures, files and loss curves")
+    parser.add_argument("--out", default=str(RESULTS), help="the results JSON (methods measured are updated in it)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
+                        "threads waiting on a busy machine)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = measure(args.work, args.methods, args.pictures, args.prompts, args.without, args.steps)
+    for entry in results.values():
+        entry |= {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    out.write_text(json.dumps(merged | results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
