@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff import distributed
 from minidiff.checks import check_choice, check_float, check_int, check_seed, check_text, shown
 from minidiff.embeddings import add_word
 from minidiff.errors import CheckpointError, InputError, MinidiffError
@@ -347,6 +348,7 @@ def finetune(pipe, folder, config: FinetuneConfig, out, checkpoint=None, resume=
     from tqdm.auto import tqdm
 
     config.check()
+    distributed.check_divisible(config.batch, "--batch")
     check_pipeline(pipe)
     pictures, captions = read_folder(folder)
     if config.method == "textual_inversion" and not any(config.token in caption for caption in captions):
@@ -362,6 +364,8 @@ def finetune(pipe, folder, config: FinetuneConfig, out, checkpoint=None, resume=
         params = attach_word(pipe, config.token, config.vectors, config.init_word)
     latents = encode_pictures(pipe, pictures)
     ids = pipe.tokenizer(captions).to(pipe.device)
+    step_loss = distributed.wrap(distributed.LossModule(
+        lambda z, c, t, noise: batch_loss(pipe, z, c, t, noise), unet=pipe.unet, text_encoder=pipe.text_encoder))
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
     step, losses = 0, []
     if resume is not None:
@@ -369,21 +373,22 @@ def finetune(pipe, folder, config: FinetuneConfig, out, checkpoint=None, resume=
         if step >= config.steps:
             raise InputError(f"the checkpoint {shown(resume)} is at step {step} already: ask for more --steps")
     start, cpu_start = time.perf_counter(), time.process_time()
-    bar = tqdm(range(step, config.steps), initial=step, total=config.steps, disable=not progress,
-               desc=f"train {config.method.replace('_', ' ')}")
+    bar = tqdm(range(step, config.steps), initial=step, total=config.steps,
+               disable=not (progress and distributed.is_main()), desc=f"train {config.method.replace('_', ' ')}")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config.lr, config.warmup)
-        index, t, noise = draw_batch(generator, len(latents), config.batch, pipe.schedule.num_train_timesteps,
-                                     latents.shape[1:])
-        loss = batch_loss(pipe, latents[index], ids[index], t.to(pipe.device), noise.to(pipe.device))
+        index, t, noise = distributed.shard(draw_batch(generator, len(latents), config.batch,
+                                                       pipe.schedule.num_train_timesteps, latents.shape[1:]))
+        loss = step_loss(latents[index], ids[index], t.to(pipe.device), noise.to(pipe.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(distributed.all_mean(loss.item()))
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        if checkpoint is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
+        due = (step + 1) % config.save_every == 0 or step + 1 == config.steps
+        if checkpoint is not None and due and distributed.is_main():
             save_checkpoint(checkpoint, params, optimizer, step + 1, generator, losses, header)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     for p in params.values():
@@ -391,8 +396,9 @@ def finetune(pipe, folder, config: FinetuneConfig, out, checkpoint=None, resume=
     if config.method == "textual_inversion":
         embeddings = pipe.text_encoder.text_model.embeddings
         embeddings.token_embedding = embeddings.token_embedding.merged()
-    save_adapter(out, params, config, config.token)
-    if loss_curve is not None:
+    if distributed.is_main():
+        save_adapter(out, params, config, config.token)
+    if loss_curve is not None and distributed.is_main():
         plot_losses(loss_curve, losses, f"{config.method.replace('_', ' ')} on {len(pictures)} pictures")
     tail = losses[-50:]
     return {"method": config.method, "steps": config.steps, "pictures": len(pictures), "seconds": seconds,

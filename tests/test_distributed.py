@@ -16,6 +16,7 @@ from minidiff.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240  # a hung rendezvous or collective fails the test instead of hanging CI
+ADAPTER_RTOL = 2e-3  # the trained tensors and AdamW's moments, against each tensor's largest element: measured 4.6e-4
 LOSS_RTOL = 1e-5  # the shards' losses and gradients are summed in another order: measured <= 7e-7 relative
 
 SPY = """
@@ -70,6 +71,39 @@ def test_training_on_two_processes_follows_the_one_process_loss_curve(tmp_path):
     assert sorted(p.name for p in (tmp_path / "calls").iterdir()) == ["rank0.txt"]  # rank 1 wrote nothing
     assert "save_folder" in (tmp_path / "calls" / "rank0.txt").read_text().split()
     assert (tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["lora", "textual-inversion"])
+def test_adapter_training_on_two_processes_follows_the_one_process_loss_curve(tmp_path, monkeypatch, method):
+    """`minidiff train lora | textual-inversion` under torchrun: 2 processes (each half of every batch of 4) against
+    one on the same batches: the same loss at every step and the same trained tensors; rank 0 alone writes."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, colour in enumerate(("red", "blue", "green", "white", "yellow", "purple")):
+        Image.new("RGB", (64, 64), colour).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a <w> picture, {colour}\n")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread in every process: the same sums in the same order
+    word = ["--token", "<w>"] if method == "textual-inversion" else []
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"{processes}" / "adapter.safetensors"
+        out.parent.mkdir()
+        torchrun(["-m", "minidiff", "train", method, str(data), *word, "--steps", "3", "--batch", "4",
+                  "--save-every", "3", "--device", "cpu", "--out", str(out)], processes=processes)
+        assert sorted(p.name for p in out.parent.iterdir()) == ["adapter.checkpoint.safetensors", "adapter.loss.png",
+                                                                "adapter.safetensors"]
+        with safe_open(out.with_name("adapter.checkpoint.safetensors"), "pt") as f:
+            runs[processes] = {key: f.get_tensor(key) for key in f.keys() if key != "generator"}
+    one, two = runs[1], runs[2]
+    assert one.keys() == two.keys() and len(one["losses"]) == 3
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=LOSS_RTOL, atol=0)
+    # the tensors after 3 AdamW steps: Adam divides by the gradient's own size, so an element whose gradient is
+    # near zero moves by up to lr whatever its rounding; held relative to the largest element of each tensor
+    worst = max(float((two[key] - one[key]).abs().max() / one[key].abs().max().clamp_min(1e-30)) for key in one)
+    assert worst <= ADAPTER_RTOL, f"the trained tensors of 2 processes differ from one process's by {worst:.1e}"
 
 
 def test_prompt_list_draws_the_same_pictures_on_one_or_two_processes(tmp_path, monkeypatch):

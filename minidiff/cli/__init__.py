@@ -8,8 +8,8 @@
     minidiff train lora FOLDER [--out lora.safetensors] | textual-inversion FOLDER --token "<my-word>" [--resume FILE]
 
 Each file of minidiff/cli/ holds one group of subcommands and their checks (generate.py, invert.py, models.py,
-speed.py, train.py; what they share is in options.py); build_parser asks each to add its own. Other packages add commands
-through the "minidiff.commands" entry point (a function given the subparsers): minidiff.course adds
+speed.py, train.py; what they share is in options.py); build_parser asks each to add its own. Other packages add
+commands through the "minidiff.commands" entry point (a function given the subparsers): minidiff.course adds
 `minidiff milestones` and `minidiff sampler-table` that way, so the library never imports it.
 
 A user mistake prints one line, `minidiff: error: ...`, and exits with status 2: no traceback.

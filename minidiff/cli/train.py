@@ -107,12 +107,25 @@ def check_train_args(args):
 
 
 def cmd_train(args):
+    """Under torchrun each process trains on its shard of every global batch; process 0 alone writes (see
+    minidiff/distributed.py)."""
+    import torch
+
+    from minidiff import distributed
     from minidiff.finetune import finetune
     from minidiff.pipeline import load_pipeline
 
     config, out, checkpoint, curve = check_train_args(args)
-    pipe = load_pipeline(args.model, device=args.device, dtype="float32")
-    log = finetune(pipe, args.folder, config, out, checkpoint=checkpoint, resume=args.resume, loss_curve=curve)
+    cuda = args.device in (None, "cuda") and torch.cuda.is_available() or str(args.device).startswith("cuda")
+    world = distributed.setup("cuda" if cuda else "cpu")
+    try:
+        device = f"cuda:{world.local_rank}" if cuda and world.distributed else args.device
+        pipe = load_pipeline(args.model, device=device, dtype="float32")
+        log = finetune(pipe, args.folder, config, out, checkpoint=checkpoint, resume=args.resume, loss_curve=curve)
+    finally:
+        distributed.teardown()
+    if not distributed.is_main():
+        return
     use = f"--lora {shown(out)}" if config.method == "lora" else f"--embedding {shown(out)}"
     print(f"wrote {shown(out)}, {shown(curve)}, {shown(checkpoint)}: {config.steps} steps on {log['pictures']} "
           f"pictures, final loss {log['final_loss']:.4f}, {log['seconds'] / 60:.1f} min. Use it: minidiff generate "
