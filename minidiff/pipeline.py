@@ -11,6 +11,7 @@ Notation (Rombach et al. 2022, latent diffusion; Ho & Salimans 2022, classifier-
                          the first of them (strength 0 returns the image, 1 ignores it)
 """
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from minidiff import embeddings, lora
+from minidiff.attention_maps import record_attention
 from minidiff.checks import (
     check_bool,
     check_choice,
@@ -36,6 +38,7 @@ from minidiff.images import from_pil, to_pil
 from minidiff.samplers import SAMPLERS, sample
 from minidiff.sdxl import SDXLConditioning
 from minidiff.speed import vae_decode
+from minidiff.steering import Steering
 
 
 def guided(model_call, context, guidance_scale: float, guidance_rescale: float = 0.0):
@@ -69,6 +72,7 @@ class GenerationResult:
     images: list  # PIL images
     latents: torch.Tensor  # the final latents (scaled, what the UNet works in)
     trace: list = field(default_factory=list)  # TraceStep per step, when trace=True
+    attention_maps: list = field(default_factory=list)  # TokenMaps per image, when attention_maps=True
 
 
 def prompt_list(name: str, prompt) -> list:
@@ -202,9 +206,11 @@ class Pipeline:
                  width: int | None = None, num_images: int = 1, image=None, strength: float = 0.8,
                  early_exit=None, preview: str | None = None, callback=None, trace: bool = False,
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
-                 progress: bool = True, **sampler_options) -> GenerationResult:
+                 progress: bool = True, attention_maps: bool = False, **sampler_options) -> GenerationResult:
         """Generate images. See the module docstring for the symbols; returns a GenerationResult. SDXL also takes
-        original_size, crop_top_left, target_size (and the refiner's aesthetic scores): see minidiff.sdxl."""
+        original_size, crop_top_left, target_size (and the refiner's aesthetic scores): see minidiff.sdxl.
+        callback: called at the end of every step; it may change the latent or the guidance (minidiff.steering).
+        attention_maps: also return each image's cross-attention map per prompt token (minidiff.attention_maps)."""
         if self.sdxl is not None:
             self.sdxl.start_call(negative_prompt, sampler_options)  # takes SDXL's size/crop options out
         prompts = prompt_list("prompt", prompt)
@@ -220,6 +226,7 @@ class Pipeline:
         check_float("guidance_rescale", guidance_rescale, 0.0, 1.0, "phi mixes the rescaled prediction in: 0 is off")
         check_bool("trace", trace)
         check_bool("progress", progress)
+        check_bool("attention_maps", attention_maps)
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be a function callback(step, timestep, sigma, x, pred_x0), got "
                              f"{type(callback).__name__}")
@@ -238,7 +245,8 @@ class Pipeline:
 
         context = self.encode_prompt(prompts)
         uncond = self.encode_prompt(negatives) if guidance_scale > 1.0 else None
-        model = self.guided_model(context, uncond, guidance_scale, guidance_rescale)
+        steering = Steering(self, context, uncond, guidance_scale, guidance_rescale,
+                            lambda: self.encode_prompt(negatives))  # the model, its guidance open to the callback
 
         # all randomness from one CPU generator: the same seed gives the same image on any device
         generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
@@ -262,13 +270,17 @@ class Pipeline:
         def on_step(**info):
             if trace:
                 recorded.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in info.items()})
-            if callback is not None:
-                callback(**info)
+            return steering.step_end(callback, info) if callback is not None else None
 
-        final = sample(model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
-                       schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
-                       early_exit=early_exit, progress=progress, first_step=first_step, x0=init, **sampler_options)
-        return self.finish(final, recorded, preview)
+        recording = record_attention(self.unet, batch, height // 8, width // 8) if attention_maps else None
+        with recording or contextlib.nullcontext() as recorder:
+            final = sample(steering.model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
+                           schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
+                           early_exit=early_exit, progress=progress, first_step=first_step, x0=init,
+                           **sampler_options)
+        result = self.finish(final, recorded, preview)
+        result.attention_maps = recorder.maps(self.tokenizer, prompts) if attention_maps else []
+        return result
 
     def finish(self, latents, recorded, preview) -> GenerationResult:
         pixels = self.decode(latents, self.vae)
