@@ -87,7 +87,8 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
 
 
 def attention_grid(images: list, token_maps: list, tile: int = 128, opacity: float = 0.6) -> Image.Image:
-    """One row per image: the image, then one heat map per prompt token laid over it, the token written below.
+    """One row per image: the image, then one heat map per prompt token laid over it, the token written below;
+    each map is stretched to its own minimum .. maximum (the pale end of the palette is where the token acted most).
 
     token_maps: a minidiff.attention_maps.TokenMaps per image (maps in [0, 1] at the latent size).
     """
@@ -109,7 +110,9 @@ def attention_grid(images: list, token_maps: list, tile: int = 128, opacity: flo
         for column, (token, token_map) in enumerate(zip(maps.tokens, maps.maps), start=1):
             upsampled = torch.nn.functional.interpolate(token_map[None, None].float(), size=(tile, tile),
                                                         mode="bilinear", align_corners=False)[0, 0].numpy()
-            blended = (1 - opacity) * pixels + opacity * heat_colours(upsampled)
+            spread = upsampled.max() - upsampled.min()
+            stretched = (upsampled - upsampled.min()) / spread if spread > 0 else upsampled  # its own 0 .. 1
+            blended = (1 - opacity) * pixels + opacity * heat_colours(stretched)
             grid.paste(Image.fromarray(blended.round().astype(np.uint8)), (column * tile, top))
             draw.text((column * tile + 2, top + tile + 1), token[:18], fill="black")
     return grid

@@ -40,6 +40,10 @@ def add_commands(sub):
     g.add_argument("--trace", help="write an animation (.gif, or animated .png / .webp): x_inter on top, pred_x0 "
                    "below")
     g.add_argument("--grid", help="write a PNG: x_inter and pred_x0 rows at 8 steps")
+    g.add_argument("--attention-maps", metavar="FILE", help="write a PNG: the image, then one heat map per prompt "
+                   "token of where it was attended to (cross-attention over layers, heads and steps)")
+    g.add_argument("--guidance-cutoff", type=float, metavar="FRACTION", help="switch guidance off after this "
+                   "fraction of the steps (e.g. 0.4): the rest call the UNet on the prompt alone")
     g.add_argument("--preview", choices=["vae", "taesd"], default="vae", help="decoder for --trace/--grid")
     g.add_argument("--taesd", default="taesd", help="TAESD weights for --preview taesd")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA, kohya/A1111 or "
@@ -94,18 +98,24 @@ def check_generate_args(args) -> dict:
     if args.grid:
         output_format("--grid", args.grid, IMAGE_FORMATS)
         outputs["--grid"] = [Path(args.grid)]
+    if args.attention_maps:
+        output_format("--attention-maps", args.attention_maps, IMAGE_FORMATS)
+        outputs["--attention-maps"] = [Path(args.attention_maps)]
+    check_float("--guidance-cutoff", args.guidance_cutoff, 0.0, 1.0, "the fraction of the steps run with guidance",
+                optional=True)
     check_outputs(outputs, args.overwrite)
     height, width = parse_size(args.size) if args.size is not None else (None, None)
     return dict(negative_prompt=args.negative, steps=steps, sampler=args.sampler, guidance_scale=args.guidance,
                 seed=args.seed, height=height, width=width, num_images=args.num_images, image=args.image,
                 strength=strength, early_exit=early_exit, preview=args.preview,
-                trace=bool(args.trace or args.grid), karras=args.karras)
+                trace=bool(args.trace or args.grid), karras=args.karras, attention_maps=bool(args.attention_maps))
 
 
 def cmd_generate(args):
-    from minidiff.images import evenly_spaced_steps, trace_frames, trace_grid
+    from minidiff.images import attention_grid, evenly_spaced_steps, trace_frames, trace_grid
     from minidiff.pipeline import load_pipeline
     from minidiff.samplers import SAMPLERS
+    from minidiff.steering import guidance_cutoff
 
     options = check_generate_args(args)
     check_choice("sampler", args.sampler, sorted(SAMPLERS))
@@ -119,6 +129,9 @@ def cmd_generate(args):
         pipe.fuse_lora()  # one matmul per layer again: sampling as fast as without LoRAs
     for path, token in words:
         pipe.load_textual_inversion(path, token)
+    if args.guidance_cutoff is not None:  # diffusers' SDCFGCutoffCallback: counted over the steps run
+        steps_run = int(options["steps"] * options["strength"]) if args.image else options["steps"]
+        options["callback"] = guidance_cutoff(steps_run, args.guidance_cutoff)
     result = pipe(args.prompt, **options)
     outputs = []
     kind = output_format("--out", args.out, IMAGE_FORMATS)
@@ -137,4 +150,9 @@ def cmd_generate(args):
         kind = output_format("--grid", args.grid, IMAGE_FORMATS)
         atomic_save(args.grid, lambda p: trace_grid(result.trace, chosen).save(p, format=kind))
         outputs.append(args.grid)
+    if args.attention_maps:
+        kind = output_format("--attention-maps", args.attention_maps, IMAGE_FORMATS)
+        grid = attention_grid(result.images, result.attention_maps)
+        atomic_save(args.attention_maps, lambda p: grid.save(p, format=kind))
+        outputs.append(args.attention_maps)
     print("wrote " + ", ".join(shown(o) for o in outputs))
