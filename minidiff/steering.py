@@ -71,7 +71,7 @@ class Steering:
             raise InputError(f"the callback returned {literal(shown)}: return None (nothing changes), a latent shaped "
                              "like x, or a dict with 'x' and/or 'guidance_scale'")
         if "guidance_scale" in returned:
-            self.guidance_scale = check_float("the callback's guidance_scale", returned["guidance_scale"], 0.0,
+            self.guidance_scale = check_float("the callback's guidance_scale", returned["guidance_scale"],
                                               fix="w <= 1 switches guidance off")
         return returned.get("x")
 
