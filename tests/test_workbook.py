@@ -20,6 +20,7 @@ from minidiff.course.milestones.core import in_lesson_order
 from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
 from minidiff.course.milestones.networks import _rename_variant
 from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
+from minidiff.course.milestones.steering import _aggregate_variant, _cutoff_at
 from minidiff.course.solutions import lesson_02, lesson_03, lesson_04, lesson_05, lesson_06, lesson_07, lesson_08
 from minidiff.schedule import NoiseSchedule
 
@@ -273,6 +274,13 @@ PLANTED = [
     ("diffusion_loss", lambda *a: diffusion_loss(*a, target="x0"), "not the clean latents"),
     ("diffusion_loss", lambda *a: diffusion_loss(*a, sqrt=False), "missing sqrt"),
     ("diffusion_loss", lambda *a: diffusion_loss(*a, t_from_one=True), "0 .. T - 1"),
+    ("aggregate_attention", lambda p, h, w: _aggregate_variant(p, h, w, normalise="none"), "divided by its own max"),
+    ("aggregate_attention", lambda p, h, w: _aggregate_variant(p, h, w, normalise="global"), "not by the largest"),
+    ("aggregate_attention", lambda p, h, w: _aggregate_variant(p, h, w, transposed=True), "not (w, h)"),
+    ("aggregate_attention", lambda p, h, w: _aggregate_variant(p, h, w, mode="nearest"), "bilinearly"),
+    ("guidance_cutoff_callback", _cutoff_at(lambda n, r: round(n * r)), "not round()"),
+    ("guidance_cutoff_callback", _cutoff_at(lambda n, r: int(n * r) + 1), "one step late"),
+    ("guidance_cutoff_callback", _cutoff_at(lambda n, r: int(n * r) - 1), "one step early"),
 ]
 
 
