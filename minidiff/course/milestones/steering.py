@@ -95,15 +95,18 @@ def check_guidance_cutoff_callback(candidate=None):
     for steps, ratio in ((10, 0.4), (7, 0.4), (20, 0.55)):
         mistakes = [
             (f"the cutoff step is int(steps * ratio), rounded down, not round(); {CUTOFF}",
-             lambda: _guidance_in_effect(_cutoff_at(lambda n, r: round(n * r))(steps, ratio), steps)),
+             lambda steps=steps, ratio=ratio: _guidance_in_effect(_cutoff_at(lambda n, r: round(n * r))(steps, ratio),
+                                                                  steps)),
             (f"guidance goes off one step late: return the new guidance AT step int(steps * ratio), counted from 0, "
              f"and it holds from the next step; {CUTOFF}",
-             lambda: _guidance_in_effect(_cutoff_at(lambda n, r: int(n * r) + 1)(steps, ratio), steps)),
+             lambda steps=steps, ratio=ratio: _guidance_in_effect(
+                 _cutoff_at(lambda n, r: int(n * r) + 1)(steps, ratio), steps)),
             (f"guidance goes off one step early: the step int(steps * ratio) itself still runs guided; {CUTOFF}",
-             lambda: _guidance_in_effect(_cutoff_at(lambda n, r: int(n * r) - 1)(steps, ratio), steps)),
+             lambda steps=steps, ratio=ratio: _guidance_in_effect(
+                 _cutoff_at(lambda n, r: int(n * r) - 1)(steps, ratio), steps)),
         ]
         callback = call_candidate(make, signature(check_guidance_cutoff_callback), steps, ratio)
-        yours = call_candidate(lambda: _guidance_in_effect(callback, steps), signature(check_guidance_cutoff_callback))
+        yours = call_candidate(_guidance_in_effect, signature(check_guidance_cutoff_callback), callback, steps)
         compare(yours, _guidance_in_effect(guidance_cutoff(steps, ratio), steps), Tolerance(0.0),
                 f"{steps} steps, ratio {ratio}: guidance per step", mistakes)
     return "the guidance of every step of 10, 7 and 20-step runs, exactly"
