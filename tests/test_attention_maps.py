@@ -118,7 +118,7 @@ def test_shape_words_peak_inside_the_shape_and_the_readme_says_how_often(shapes_
     assert shares["n"] >= 48
     assert shares["shape"] >= 2 * shares["chance"], shares
     section = README.read_text().split("### Inside a run")[1].split("\n## ")[0]
-    quoted = re.search(r"shape word peaks inside the shape in (\d+)% .* colour word in (\d+)% .* chance (\d+)%",
+    quoted = re.search(r"shape word peaks inside the shape in (\d+)%.*colour word in (\d+)%.*chance (\d+)%",
                        section.replace("\n", " "))
     assert quoted, "the README section quotes the shares"
     assert [int(q) for q in quoted.groups()] == [round(100 * shares[k]) for k in ("shape", "colour", "chance")]
