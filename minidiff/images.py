@@ -1,4 +1,5 @@
-"""Pictures in and out: tensors <-> PIL images, an input image read safely, and the trace drawn as a grid or frames."""
+"""Pictures in and out: tensors <-> PIL images, an input image read safely, the trace drawn as a grid or frames, and
+attention maps drawn as heat maps over the image."""
 
 import warnings
 
@@ -88,3 +89,47 @@ def psnr(image, reference) -> float:
                          f"{b.shape[1]}x{b.shape[0]} px")
     mse = float(((a - b) ** 2).mean())
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+# a heat-map palette: dark blue (0) through purple, red, orange to pale yellow (1)
+HEAT_STOPS = np.array([[12, 10, 60], [110, 30, 140], [215, 50, 70], [250, 150, 30], [255, 245, 170]], np.float32)
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) RGB floats along HEAT_STOPS."""
+    position = np.clip(values, 0, 1) * (len(HEAT_STOPS) - 1)
+    low = np.minimum(position.astype(int), len(HEAT_STOPS) - 2)
+    fraction = (position - low)[..., None]
+    return HEAT_STOPS[low] * (1 - fraction) + HEAT_STOPS[low + 1] * fraction
+
+
+def attention_grid(images: list, token_maps: list, tile: int = 128, opacity: float = 0.6) -> Image.Image:
+    """One row per image: the image, then one heat map per prompt token laid over it, the token written below;
+    each map is stretched to its own minimum .. maximum (the pale end of the palette is where the token acted most).
+
+    token_maps: a minidiff.attention_maps.TokenMaps per image (maps in [0, 1] at the latent size).
+    """
+    from PIL import ImageDraw
+
+    if not images or len(images) != len(token_maps):
+        raise MinidiffError(f"attention_grid needs one TokenMaps per image, got {len(images)} images and "
+                            f"{len(token_maps)} maps: generate with attention_maps=True")
+    label = 14  # pixels of text under each tile
+    columns = 1 + max(len(maps.tokens) for maps in token_maps)
+    grid = Image.new("RGB", (columns * tile, len(images) * (tile + label)), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, (image, maps) in enumerate(zip(images, token_maps)):
+        top = row * (tile + label)
+        base = image.convert("RGB").resize((tile, tile), Image.BICUBIC)
+        grid.paste(base, (0, top))
+        draw.text((2, top + tile + 1), "image", fill="black")
+        pixels = np.asarray(base, np.float32)
+        for column, (token, token_map) in enumerate(zip(maps.tokens, maps.maps), start=1):
+            upsampled = torch.nn.functional.interpolate(token_map[None, None].float(), size=(tile, tile),
+                                                        mode="bilinear", align_corners=False)[0, 0].numpy()
+            spread = upsampled.max() - upsampled.min()
+            stretched = (upsampled - upsampled.min()) / spread if spread > 0 else upsampled  # its own 0 .. 1
+            blended = (1 - opacity) * pixels + opacity * heat_colours(stretched)
+            grid.paste(Image.fromarray(blended.round().astype(np.uint8)), (column * tile, top))
+            draw.text((column * tile + 2, top + tile + 1), token[:18], fill="black")
+    return grid

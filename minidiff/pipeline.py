@@ -12,6 +12,7 @@ Notation (Rombach et al. 2022, latent diffusion; Ho & Salimans 2022, classifier-
     mask              -> inpainting: white repaints, black keeps the image (minidiff.inpaint)
 """
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from minidiff import embeddings, inpaint, inversion, lora
+from minidiff.attention_maps import record_attention
 from minidiff.checks import (
     check_bool,
     check_choice,
@@ -37,6 +39,7 @@ from minidiff.images import from_pil, to_pil
 from minidiff.samplers import SAMPLERS, sample
 from minidiff.sdxl import SDXLConditioning
 from minidiff.speed import vae_decode
+from minidiff.steering import Steering
 
 
 def guided(model_call, context, guidance_scale: float, guidance_rescale: float = 0.0):
@@ -70,6 +73,7 @@ class GenerationResult:
     images: list  # PIL images
     latents: torch.Tensor  # the final latents (scaled, what the UNet works in)
     trace: list = field(default_factory=list)  # TraceStep per step, when trace=True
+    attention_maps: list = field(default_factory=list)  # TokenMaps per image, when attention_maps=True
 
 
 def prompt_list(name: str, prompt) -> list:
@@ -218,10 +222,12 @@ class Pipeline:
                  mask=None,
                  early_exit=None, preview: str | None = None, callback=None, trace: bool = False,
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
-                 progress: bool = True, **sampler_options) -> GenerationResult:
+                 progress: bool = True, attention_maps: bool = False, **sampler_options) -> GenerationResult:
         """Generate images. See the module docstring for the symbols; returns a GenerationResult. SDXL also takes
         original_size, crop_top_left, target_size (and the refiner's aesthetic scores): see minidiff.sdxl.
-        strength defaults to 0.8 for img2img, 1.0 for inpainting (image and mask)."""
+        strength defaults to 0.8 for img2img, 1.0 for inpainting (image and mask).
+        callback: called at the end of every step; it may change the latent or the guidance (minidiff.steering).
+        attention_maps: also return each image's cross-attention map per prompt token (minidiff.attention_maps)."""
         if self.sdxl is not None:
             self.sdxl.start_call(negative_prompt, sampler_options)  # takes SDXL's size/crop options out
         prompts = prompt_list("prompt", prompt)
@@ -238,6 +244,7 @@ class Pipeline:
         check_float("guidance_rescale", guidance_rescale, 0.0, 1.0, "phi mixes the rescaled prediction in: 0 is off")
         check_bool("trace", trace)
         check_bool("progress", progress)
+        check_bool("attention_maps", attention_maps)
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be a function callback(step, timestep, sigma, x, pred_x0), got "
                              f"{type(callback).__name__}")
@@ -271,7 +278,9 @@ class Pipeline:
         noise = latents if latents is not None else torch.randn(shape, generator=generator)
         noise = noise.to(self.device, self.dtype)
         job = inpaint.prepare(self, image, mask, height, width, generator, init, noise) if mask is not None else None
-        model = self.guided_model(context, uncond, guidance_scale, guidance_rescale, job and job.unet(self.unet))
+        steering = Steering(self, context, uncond, guidance_scale, guidance_rescale,  # guidance open to the callback
+                            lambda: self.encode_prompt(negatives), unet=job and job.unet(self.unet))
+        model = steering.model
 
         timesteps = sampler_options.pop("timesteps", None)
         sampler_options.setdefault("spacing", self.spacing)
@@ -290,20 +299,23 @@ class Pipeline:
                 recorded.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in info.items()})
                 if job is not None:
                     recorded[-1]["calls"] = len(job.seen)
-            if callback is not None:
-                callback(**info)
+            return steering.step_end(callback, info) if callback is not None else None
 
         x0 = init
         if job is not None:  # latent blending (4 channels) or an inpainting UNet's mask channels (9)
             model = job.model(model, inpaint.grid_levels(self.schedule, sampler, steps, timesteps, sampler_options))
             x0 = None if strength == 1.0 else init  # diffusers starts from pure noise at strength 1
-        final = sample(model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
-                       schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
-                       early_exit=early_exit, progress=progress, first_step=first_step, x0=x0, **sampler_options)
+        recording = record_attention(self.unet, batch, height // 8, width // 8) if attention_maps else None
+        with recording or contextlib.nullcontext() as recorder:
+            final = sample(model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
+                           schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
+                           early_exit=early_exit, progress=progress, first_step=first_step, x0=x0, **sampler_options)
         if job is not None:
             final = job.keep_outside(final)
             job.trace_view(recorded)
-        return self.finish(final, recorded, preview)
+        result = self.finish(final, recorded, preview)
+        result.attention_maps = recorder.maps(self.tokenizer, prompts) if attention_maps else []
+        return result
 
     def finish(self, latents, recorded, preview) -> GenerationResult:
         pixels = self.decode(latents, self.vae)

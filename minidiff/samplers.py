@@ -22,6 +22,8 @@ After step i a sampler calls
     callback(step=i, timestep=t, sigma=s, x=x_inter, pred_x0=pred_x0)
 with t and s = sqrt((1 - alpha_bar_t) / alpha_bar_t) where the model was evaluated, x_inter the new
 latent in VP space (what the UNet sees) and pred_x0 the model's guess of the clean latent.
+A callback that returns a tensor shaped like x_inter changes the run: the sampler goes on from that latent
+(diffusers' callback_on_step_end contract); one that returns None changes nothing.
 
 Notation shared by all samplers (Ho et al. 2020; Karras et al. 2022):
     abar, abar_prev   -> alpha_bar_t, alpha_bar_{t_prev}: the signal kept at this and the next timestep
@@ -47,8 +49,11 @@ from minidiff.solvers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc 
 
 
 def _report(callback, step, t, sigma, x, pred_x0):
-    if callback is not None:
-        callback(step=step, timestep=t, sigma=float(sigma), x=x, pred_x0=pred_x0)
+    """Tell the callback about the step; returns the latent to go on from: x, or the one the callback returned."""
+    if callback is None:
+        return x
+    changed = callback(step=step, timestep=t, sigma=float(sigma), x=x, pred_x0=pred_x0)
+    return x if changed is None else changed
 
 
 # --- samplers in VP space: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps ------------------------------
@@ -76,7 +81,7 @@ def sample_ddpm(denoiser, x, timesteps, *, generator=None, callback=None):
         if t > 0:
             posterior_var = max((1 - abar_prev) / (1 - abar) * beta, 1e-20)
             x = x + math.sqrt(posterior_var) * randn_like(x, generator)
-        _report(callback, i, t, schedule.sigmas[t], x, pred_x0)
+        x = _report(callback, i, t, schedule.sigmas[t], x, pred_x0)
     return x
 
 
@@ -105,7 +110,7 @@ def sample_ddim(denoiser, x, timesteps, prev_timesteps, *, generator=None, callb
         # random noise
         noise = sigma_t * randn_like(x, generator) if eta > 0 else 0.0
         x = math.sqrt(a_prev) * pred_x0 + dir_xt + noise
-        _report(callback, i, t, schedule.sigmas[t], x, pred_x0)
+        x = _report(callback, i, t, schedule.sigmas[t], x, pred_x0)
     return x
 
 
@@ -135,7 +140,7 @@ def sample_lcm(denoiser, x, timesteps, *, generator=None, callback=None):
             x = math.sqrt(abar_prev) * denoised + math.sqrt(1 - abar_prev) * randn_like(x, generator)
         else:
             x = denoised
-        _report(callback, i, t, schedule.sigmas[t], x, denoised)
+        x = _report(callback, i, t, schedule.sigmas[t], x, denoised)
     return x
 
 
@@ -145,6 +150,15 @@ def sample_lcm(denoiser, x, timesteps, *, generator=None, callback=None):
 def _to_vp(x, sigma):
     """k-diffusion x = x_t / alpha_t at noise level sigma -> the VP latent x_t."""
     return x * (1 / math.sqrt(1 + sigma**2))
+
+
+def _report_k(callback, step, t, sigma, sigma_next, x, pred_x0):
+    """_report for the samplers in k-diffusion space: the callback sees, and may return, the VP latent x_t."""
+    if callback is None:
+        return x
+    x_t = _to_vp(x, sigma_next)
+    changed = _report(callback, step, t, sigma, x_t, pred_x0)
+    return x if changed is x_t else changed * math.sqrt(1 + sigma_next**2)
 
 
 def sample_euler(denoiser, x, timesteps, sigmas, *, generator=None, callback=None):
@@ -160,7 +174,7 @@ def sample_euler(denoiser, x, timesteps, sigmas, *, generator=None, callback=Non
         pred_x0, pred_eps = denoiser.at_sigma(x, sigma, t)
         d = pred_eps
         x = x + d * (sigma_next - sigma)
-        _report(callback, i, t, sigma, _to_vp(x, sigma_next), pred_x0)
+        x = _report_k(callback, i, t, sigma, sigma_next, x, pred_x0)
     return x
 
 
@@ -182,7 +196,7 @@ def sample_euler_a(denoiser, x, timesteps, sigmas, *, generator=None, callback=N
         x = x + d * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + sigma_up * randn_like(x, generator)
-        _report(callback, i, t, sigma, _to_vp(x, sigma_next), pred_x0)
+        x = _report_k(callback, i, t, sigma, sigma_next, x, pred_x0)
     return x
 
 
@@ -205,7 +219,7 @@ def sample_heun(denoiser, x, timesteps, sigmas, *, generator=None, callback=None
             x = x + (d + d_next) / 2 * (sigma_next - sigma)
         else:
             x = x_euler
-        _report(callback, i, t, sigma, _to_vp(x, sigma_next), pred_x0)
+        x = _report_k(callback, i, t, sigma, sigma_next, x, pred_x0)
     return x
 
 
@@ -291,6 +305,19 @@ def _shape_checked(model):
         return out
 
     return checked
+
+
+def _checked_latent(changed, x):
+    """What a callback returned: None (go on from x), or a latent shaped like x to go on from instead."""
+    if changed is None:
+        return None
+    if not torch.is_tensor(changed) or not changed.is_floating_point() or changed.shape != x.shape:
+        got = tuple(changed.shape) if torch.is_tensor(changed) else type(changed).__name__
+        raise SamplerError(f"the callback returned {got}: return None (nothing changes) or a latent shaped like its "
+                           f"x, {tuple(x.shape)}, to go on from")
+    if not torch.isfinite(changed).all():
+        raise SamplerError("the callback returned a latent with NaN or inf: return finite values (or None)")
+    return changed.to(x.device, x.dtype)
 
 
 def _check_start(first_step, x0, noise, noise_is_x_t: bool, n_steps: int) -> None:
@@ -385,10 +412,10 @@ def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsil
     def on_step(**info):
         bar.update(1)
         denoiser.step = info["step"] + 1  # the model calls that follow belong to the next step
-        if callback is not None:
-            callback(**info)
+        changed = _checked_latent(callback(**info), info["x"]) if callback is not None else None
         if stop_after is not None and info["step"] + 1 == stop_after:
             raise _EarlyExit(info["pred_x0"])
+        return changed
 
     try:
         x = function(denoiser, x, *grid, generator=generator, callback=on_step, **options)

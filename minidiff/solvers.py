@@ -40,6 +40,11 @@ def _vp(sigma: float):
     return alpha, sigma * alpha, lam
 
 
+def _changed(returned, x):
+    """The latent to go on from after a callback: x, or what the callback returned in its place."""
+    return x if returned is None else returned
+
+
 def _predict_x0(denoiser, x_t, sigma: float, t: int):
     """x_theta(x_t) at grid noise level sigma; on a Karras grid sigma is not exactly sigma(t), and the
     reference converts the model output with the grid's sigma while the model sees the rounded t."""
@@ -83,8 +88,8 @@ def _dpmpp_2m(denoiser, x, timesteps, sigmas, eta, generator, callback):
                 x_next = x_next + (sigma_vp_next * math.sqrt(-math.expm1(-2 * eta * h))) * z  # fresh noise
             x = x_next.to(out_dtype)
             previous = (D0, h)
-        if callback is not None:
-            callback(step=i, timestep=t, sigma=sigma, x=x, pred_x0=pred_x0)
+        if callback is not None:  # the callback may hand back another latent to go on from
+            x = _changed(callback(step=i, timestep=t, sigma=sigma, x=x, pred_x0=pred_x0), x)
     return x
 
 
@@ -186,6 +191,6 @@ def sample_unipc(denoiser, x, timesteps, sigmas, *, generator=None, callback=Non
                 r = (lams[i] - lams[i - 1]) / h
                 D = m[-1] + 0.5 * (m[-1] - m[-2]) / r
             x = (sigmas_vp[i + 1] / sigmas_vp[i] * x_start - (alphas[i + 1] * B_h) * D).to(out_dtype)
-        if callback is not None:
-            callback(step=i, timestep=t, sigma=sigmas[i], x=x, pred_x0=pred_x0)
+        if callback is not None:  # the callback may hand back another latent to go on from
+            x = _changed(callback(step=i, timestep=t, sigma=sigmas[i], x=x, pred_x0=pred_x0), x)
     return x

@@ -21,6 +21,7 @@ from minidiff.course.milestones.core import in_lesson_order
 from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
 from minidiff.course.milestones.networks import _rename_variant
 from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
+from minidiff.course.milestones.steering import _aggregate_variant, _cutoff_at
 from minidiff.course.solutions import (
     lesson_02,
     lesson_03,
@@ -308,6 +309,13 @@ PLANTED = [
     ("ddim_invert", inverted(order=lambda grid: grid), "walked the wrong way"),
     ("ddim_invert", inverted(ask_at_from=True), "the timestep the step comes from"),
     ("ddim_invert", inverted(start_at_one=True), "set_alpha_to_one=True"),
+    ("aggregate_attention", lambda p, h, w: _aggregate_variant(p, h, w, normalise="none"), "divided by its own max"),
+    ("aggregate_attention", lambda p, h, w: _aggregate_variant(p, h, w, normalise="global"), "not by the largest"),
+    ("aggregate_attention", lambda p, h, w: _aggregate_variant(p, h, w, transposed=True), "not (w, h)"),
+    ("aggregate_attention", lambda p, h, w: _aggregate_variant(p, h, w, mode="nearest"), "bilinearly"),
+    ("guidance_cutoff_callback", _cutoff_at(lambda n, r: round(n * r)), "not round()"),
+    ("guidance_cutoff_callback", _cutoff_at(lambda n, r: int(n * r) + 1), "one step late"),
+    ("guidance_cutoff_callback", _cutoff_at(lambda n, r: int(n * r) - 1), "one step early"),
 ]
 
 

@@ -63,6 +63,10 @@ def add_commands(sub):
     g.add_argument("--trace", help="write an animation (.gif, or animated .png / .webp): x_inter on top, pred_x0 "
                    "below")
     g.add_argument("--grid", help="write a PNG: x_inter and pred_x0 rows at 8 steps")
+    g.add_argument("--attention-maps", metavar="FILE", help="write a PNG: the image, then one heat map per prompt "
+                   "token of where it was attended to (cross-attention over layers, heads and steps)")
+    g.add_argument("--guidance-cutoff", type=float, metavar="FRACTION", help="switch guidance off after this "
+                   "fraction of the steps (e.g. 0.4): the rest call the UNet on the prompt alone")
     g.add_argument("--preview", choices=["vae", "taesd"], default="vae", help="decoder for --trace/--grid")
     g.add_argument("--taesd", default="taesd", help="TAESD weights for --preview taesd")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA, kohya/A1111 or "
@@ -128,6 +132,11 @@ def check_generate_args(args) -> dict:
     if args.grid:
         output_format("--grid", args.grid, IMAGE_FORMATS)
         outputs["--grid"] = [Path(args.grid)]
+    if args.attention_maps:
+        output_format("--attention-maps", args.attention_maps, IMAGE_FORMATS)
+        outputs["--attention-maps"] = [Path(args.attention_maps)]
+    check_float("--guidance-cutoff", args.guidance_cutoff, 0.0, 1.0, "the fraction of the steps run with guidance",
+                optional=True)
     check_outputs(outputs, args.overwrite)
     height, width = parse_size(args.size) if args.size is not None else (None, None)
     if noise is not None:
@@ -135,7 +144,8 @@ def check_generate_args(args) -> dict:
     return dict(prompt=prompts if args.prompts else args.prompt, latents=noise, negative_prompt=args.negative,
                 steps=steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed, height=height,
                 width=width, num_images=args.num_images, image=args.image, mask=args.mask, strength=strength,
-                early_exit=early_exit, preview=args.preview, trace=bool(args.trace or args.grid), karras=args.karras)
+                early_exit=early_exit, preview=args.preview, trace=bool(args.trace or args.grid), karras=args.karras,
+                attention_maps=bool(args.attention_maps))
 
 
 MAX_PROMPTS = 1000  # lines of --prompts, as --num-images: more in several runs
@@ -164,7 +174,7 @@ def read_prompts(args) -> list:
         raise InputError(f"--prompts {shown(path)} has {len(prompts)} prompts, more than {MAX_PROMPTS}: split the "
                          f"file and give later parts --seed {args.seed} + the lines before them")
     for flag, given in (("--num-images", args.num_images != 1), ("--trace", args.trace), ("--grid", args.grid),
-                        ("--noise", args.noise)):
+                        ("--noise", args.noise), ("--attention-maps", args.attention_maps)):
         if given:
             raise InputError(f"{flag} goes with one prompt, not --prompts (one image per line; repeat a line "
                              f"for more): drop {flag}")
@@ -211,13 +221,17 @@ def generate_prompts(args, options: dict, loras: list, words: list) -> None:
 
 
 def cmd_generate(args):
-    from minidiff.images import evenly_spaced_steps, trace_frames, trace_grid
+    from minidiff.images import attention_grid, evenly_spaced_steps, trace_frames, trace_grid
     from minidiff.samplers import SAMPLERS
+    from minidiff.steering import guidance_cutoff
 
     options = check_generate_args(args)
     check_choice("sampler", args.sampler, sorted(SAMPLERS))
     loras = [parse_adapter("--lora", spec, lora_scale) for spec in args.lora]
     words = [parse_adapter("--embedding", spec, embedding_token) for spec in args.embedding]
+    if args.guidance_cutoff is not None:  # diffusers' SDCFGCutoffCallback: counted over the steps run
+        steps_run = int(options["steps"] * options["strength"]) if args.image else options["steps"]
+        options["callback"] = guidance_cutoff(steps_run, args.guidance_cutoff)
     if args.prompts:
         return generate_prompts(args, options, loras, words)
     pipe = load_with_adapters(args, loras, words)
@@ -243,6 +257,11 @@ def cmd_generate(args):
         kind = output_format("--grid", args.grid, IMAGE_FORMATS)
         atomic_save(args.grid, lambda p: trace_grid(result.trace, chosen).save(p, format=kind))
         outputs.append(args.grid)
+    if args.attention_maps:
+        kind = output_format("--attention-maps", args.attention_maps, IMAGE_FORMATS)
+        grid = attention_grid(result.images, result.attention_maps)
+        atomic_save(args.attention_maps, lambda p: grid.save(p, format=kind))
+        outputs.append(args.attention_maps)
     print("wrote " + ", ".join(shown(o) for o in outputs))
 
 

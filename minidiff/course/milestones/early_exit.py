@@ -17,8 +17,12 @@ def _ddim_trace(model, noise, steps: int):
     from minidiff.samplers import sample
 
     xs, x0s = [], []
-    sample(model, noise, "ddim", steps, callback=lambda **info: (xs.append(info["x"].clone()),
-                                                                 x0s.append(info["pred_x0"].clone())))
+
+    def record(x, pred_x0, **info):  # returns None: a callback's return would steer the run (minidiff.steering)
+        xs.append(x.clone())
+        x0s.append(pred_x0.clone())
+
+    sample(model, noise, "ddim", steps, callback=record)
     return xs, x0s
 
 

@@ -1,0 +1,124 @@
+"""Cross-attention maps (minidiff.attention_maps): the hook changes nothing when off (bit-identical outputs), records
+the probabilities the attention computes, and the maps of the shapes model are measured against the drawn shape."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from minidiff.attention_maps import record_attention, token_maps, upsampled_sum
+from minidiff.errors import InputError
+from minidiff.speed import FastUNet, cpu_defaults
+from minidiff.unet import UNet, UNetConfig
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet(UNetConfig.tiny()).eval()
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "cpu-defaults"])
+def test_hook_off_is_bit_identical_and_on_changes_nothing(fast):
+    unet = tiny_unet()
+    if fast:  # the modules load.built puts in place on a CPU: MatmulConv3x3, BlockedFeedForward, cpu_attention
+        cpu_defaults(unet)
+    x, context = torch.randn(2, 4, 16, 24), torch.randn(2, 77, 32)
+    kernels = [m.kernel for m in unet.modules() if hasattr(m, "kernel")]
+    with torch.no_grad():
+        before = unet(x, 500, context)
+        with record_attention(unet, 1, 16, 24) as recorder:
+            during = unet(x, 500, context)
+        after = unet(x, 500, context)
+    assert torch.equal(before, after) and torch.equal(before, during)
+    assert [m.kernel for m in unet.modules() if hasattr(m, "kernel")] == kernels  # put back, the very objects
+    assert recorder.calls == 16 and recorder.total.shape == (1, 77, 16, 24)  # one per transformer block
+
+
+def test_recorded_probabilities_are_the_attentions():
+    """P V with the recorded P reproduces the module's attention output (before to_out)."""
+    unet = tiny_unet()
+    module = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    seen = {}
+    kernel = module.kernel
+
+    def spy(q, k, v, mask=None):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask)
+        seen.update(q=q, k=k, v=v, out=out)
+        return out
+
+    module.kernel = spy
+    with torch.no_grad(), record_attention(unet, 2, 16, 16) as recorder:
+        recorder_add = recorder.add
+        probs = []
+        recorder.add = lambda q, k, mask=None: (probs.append((q, k)), recorder_add(q, k, mask))
+        unet(torch.randn(2, 4, 16, 16), 10, torch.randn(2, 77, 32))
+    module.kernel = kernel
+    q, k = probs[0]
+    p = ((q / q.shape[-1] ** 0.5) @ k.transpose(-2, -1)).softmax(-1)
+    torch.testing.assert_close(p @ seen["v"], seen["out"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_aggregation_keeps_each_position_and_normalises_per_token():
+    """A (h=2, w=4) map with all the attention of token 1 at row 0, column 3: upsampled to 4 x 8, its peak is in the
+    top-right quarter, not transposed; each token's map has maximum 1."""
+    probs = torch.full((1, 2, 8, 3), 0.0)
+    probs[..., 0] = 1.0
+    probs[0, :, 3, :] = torch.tensor([0.0, 1.0, 0.0])  # position 3 = (row 0, column 3)
+    summed = upsampled_sum(probs, 4, 8)
+    assert summed.shape == (1, 3, 4, 8)
+    row, column = divmod(int(summed[0, 1].argmax()), 8)
+    assert row < 2 and column >= 6
+    maps = token_maps([probs, probs], 4, 8)
+    assert torch.allclose(maps[0, :2].amax(dim=(-2, -1)), torch.ones(2)) and maps[0, 2].abs().max() == 0
+
+
+def test_a_compiled_unet_is_refused():
+    unet = tiny_unet()
+    with pytest.raises(InputError, match="compiled or replayed"):
+        with record_attention(FastUNet(unet, compile=True), 1, 16, 16):
+            pass
+    with record_attention(FastUNet(unet, channels_last=True), 1, 16, 16) as recorder:  # runs the modules: fine
+        FastUNet(unet, channels_last=True)(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, 32))
+    assert recorder.calls == 16
+
+
+def test_pipeline_maps_per_token(shapes_pipe):
+    plain = shapes_pipe("a large red circle in the top left", steps=4, seed=1, progress=False)
+    result = shapes_pipe("a large red circle in the top left", steps=4, seed=1, progress=False, attention_maps=True)
+    assert torch.equal(plain.latents, result.latents)  # recording changes nothing
+    (maps,) = result.attention_maps
+    assert maps.tokens == ["a", "large", "red", "circle", "in", "the", "top", "left"]
+    assert maps.maps.shape == (8, 8, 8) and torch.allclose(maps.maps.amax(dim=(1, 2)), torch.ones(8))
+    assert torch.equal(maps["circle"], maps.maps[3])
+    cyan = shapes_pipe("a cyan square", steps=2, seed=1, progress=False, attention_maps=True).attention_maps[0]
+    assert cyan.tokens[1:3] == ["cy", "an"] and cyan.positions("cyan") == [1, 2]
+    with pytest.raises(InputError, match="not a word of the prompt"):
+        maps["blue"]
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    from minidiff.course.viz import shapes_available
+    from minidiff.pipeline import load_pipeline
+
+    if not shapes_available():
+        pytest.skip("weights/shapes is not there")
+    return load_pipeline("shapes", device="cpu")
+
+
+def test_shape_words_peak_inside_the_shape_and_the_readme_says_how_often(shapes_pipe):
+    """64 held-out prompts: the map of the shape word peaks inside the drawn shape far above chance; the colour
+    word's does not (this model's colour words attend to the background). The README quotes these shares."""
+    from minidiff.course.attention_peaks import peak_shares
+
+    shares = peak_shares(shapes_pipe, n=64)
+    assert shares["n"] >= 48
+    assert shares["shape"] >= 2 * shares["chance"], shares
+    section = README.read_text().split("### Inside a run")[1].split("\n## ")[0]
+    quoted = re.search(r"shape word peaks inside the shape in (\d+)%.*colour word in (\d+)%.*chance (\d+)%",
+                       section.replace("\n", " "))
+    assert quoted, "the README section quotes the shares"
+    assert [int(q) for q in quoted.groups()] == [round(100 * shares[k]) for k in ("shape", "colour", "chance")]
