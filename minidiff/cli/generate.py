@@ -31,6 +31,8 @@ def add_commands(sub):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", help="N or WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's own)")
     g.add_argument("--negative", help="negative prompt")
+    g.add_argument("--no-prompt-weights", action="store_true", help="read ( ) [ ] : \\ in the prompts as plain "
+                   "text; by default (word:1.3), (word) = 1.1, [word] = 1/1.1 and BREAK weight words (see the README)")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--image", help="img2img: the starting image")
     g.add_argument("--strength", type=float, help="img2img: fraction of the steps to run (default 0.8)")
@@ -59,6 +61,11 @@ def check_generate_args(args) -> dict:
     """Every option of `minidiff generate`, checked before the model is loaded; returns the pipeline's arguments."""
     check_text("the prompt", args.prompt)
     check_text("--negative", args.negative, optional=True)
+    if not args.no_prompt_weights:  # bad weight syntax is reported before the model loads
+        from minidiff.prompts import parse_prompt_weights
+
+        for text in (args.prompt, args.negative or ""):
+            parse_prompt_weights(text)
     check_text("--model", args.model)
     check_device(args.device)
     steps = check_int("--steps", args.steps, 1, 1000, "the training schedules have 1000 timesteps")
@@ -99,7 +106,7 @@ def check_generate_args(args) -> dict:
     return dict(negative_prompt=args.negative, steps=steps, sampler=args.sampler, guidance_scale=args.guidance,
                 seed=args.seed, height=height, width=width, num_images=args.num_images, image=args.image,
                 strength=strength, early_exit=early_exit, preview=args.preview,
-                trace=bool(args.trace or args.grid), karras=args.karras)
+                trace=bool(args.trace or args.grid), karras=args.karras, prompt_weights=not args.no_prompt_weights)
 
 
 def cmd_generate(args):
