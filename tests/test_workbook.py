@@ -19,6 +19,7 @@ from minidiff.course.milestones.blocks import _attention_variant, _block_variant
 from minidiff.course.milestones.core import in_lesson_order
 from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
 from minidiff.course.milestones.networks import _rename_variant
+from minidiff.course.milestones.prompt_weights import weighted_states
 from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
 from minidiff.course.solutions import lesson_02, lesson_03, lesson_04, lesson_05, lesson_06, lesson_07, lesson_08
 from minidiff.schedule import NoiseSchedule
@@ -273,6 +274,11 @@ PLANTED = [
     ("diffusion_loss", lambda *a: diffusion_loss(*a, target="x0"), "not the clean latents"),
     ("diffusion_loss", lambda *a: diffusion_loss(*a, sqrt=False), "missing sqrt"),
     ("diffusion_loss", lambda *a: diffusion_loss(*a, t_from_one=True), "0 .. T - 1"),
+    ("apply_token_weights", lambda h, w: weighted_states(h, w, rescale=False), "not scaled back"),
+    ("apply_token_weights", lambda h, w: weighted_states(h, w, over="batch"), "not over the whole batch"),
+    ("apply_token_weights", lambda h, w: weighted_states(h, w, over="token"), "not per token"),
+    ("apply_token_weights", lambda h, w: weighted_states(h, w, inverted=True), "inverted"),
+    ("apply_token_weights", lambda h, w: h * w[..., None] * h.mean() / (h * w[..., None]).mean(), "whole batch"),
 ]
 
 

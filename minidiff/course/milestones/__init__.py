@@ -8,6 +8,7 @@
 # the milestones register themselves on import, the checklist first (the order `minidiff milestones` prints)
 from minidiff.course.milestones import checklist, formulas, sampling, guidance, networks  # noqa: E402, F401, I001
 from minidiff.course.milestones import blocks, early_exit, networks_parts  # noqa: E402, F401, I001
+from minidiff.course.milestones import prompt_weights  # noqa: E402, F401, I001
 from minidiff.course.milestones.core import (  # noqa: F401
     MILESTONES,
     Mismatch,
