@@ -4,6 +4,7 @@ against a direct computation, exactly today's embeddings without syntax, SDXL, a
 import pytest
 import torch
 
+from minidiff.cli import main
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.course.viz import shapes_available, tiny_pipeline
 from minidiff.errors import InputError
@@ -179,6 +180,15 @@ def test_literal_parentheses_need_prompt_weights_off(pipe):
                                pipe.text_encoder(pipe.tokenizer(["f(x:y)"])), rtol=0, atol=0)
 
 
+def test_the_command_reads_weights_or_with_no_prompt_weights_plain_text(tiny_sd, tmp_path, capsys):
+    common = ["--model", str(tiny_sd[0]), "--steps", "1", "--size", "64", "--device", "cpu"]
+    assert main(["generate", "a (red:1.3) circle", "--negative", "[blue]", *common, "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["generate", "f(x:y)", *common, "--out", str(tmp_path / "b.png")]) == 2
+    assert "the weight 'y' in '(x:y)' is not a number" in capsys.readouterr().err
+    assert main(["generate", "f(x:y)", "--no-prompt-weights", *common, "--out", str(tmp_path / "b.png")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
 def test_a_long_prompt_with_a_short_negative_generates(pipe):
     result = pipe(words(100), negative_prompt="(red:1.2)", steps=2, progress=False, guidance_scale=5.0)
     assert len(result.images) == 1
@@ -206,3 +216,15 @@ def test_sdxl_chunks_both_encoders_and_pools_the_first_chunk():
     torch.testing.assert_close(text.pooled[1:], short.pooled, rtol=0, atol=1e-6)
     ids, _ = tokenize_prompts(tokenizers[1], [prompt])
     assert ids[0, 1, 6:].tolist() == [0] * 71  # bigG's chunks pad with "!" (id 0), ViT-L's with <|endoftext|>
+
+
+@pytest.mark.skipif(not shapes_available(), reason="needs the bundled shapes model (weights/shapes)")
+def test_up_weighting_the_colour_word_wins_colour_back_from_a_negative_prompt():
+    """The measurement of benchmarks/prompt_weights.py on 24 held-out prompts: the colour word as the negative prompt
+    costs colour adherence, and writing it (colour:1.6) in the prompt wins some back (the README's numbers: 128)."""
+    from benchmarks.prompt_weights import measure
+    from minidiff.pipeline import load_pipeline
+
+    results, _, _ = measure(load_pipeline("shapes", device="cpu", dtype=torch.float32), 24, [1.6], batch=24)
+    plain, against, weighted = (r["colour"] for r in results.values())
+    assert against < plain and weighted > against, results
