@@ -1,7 +1,7 @@
 """Text-to-image and image-to-image: a prompt in, a picture out, and a view of how it formed.
 
 Notation (Rombach et al. 2022, latent diffusion; Ho & Salimans 2022, classifier-free guidance):
-    context           -> c, the text encoder's hidden states for the prompt (B, 77, width)
+    context           -> c, the text encoder's hidden states for the prompt (B, 77 * chunks, width): minidiff.prompts
     uncond            -> the hidden states of the negative (or empty) prompt
     guidance_scale    -> w: eps = eps_uncond + w (eps_cond - eps_uncond); w <= 1 means no guidance
     guidance_rescale  -> phi (Lin et al. 2023, eq. 16): mix the guided prediction rescaled to the

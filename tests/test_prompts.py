@@ -182,7 +182,8 @@ def test_literal_parentheses_need_prompt_weights_off(pipe):
 
 def test_the_command_reads_weights_or_with_no_prompt_weights_plain_text(tiny_sd, tmp_path, capsys):
     common = ["--model", str(tiny_sd[0]), "--steps", "1", "--size", "64", "--device", "cpu"]
-    assert main(["generate", "a (red:1.3) circle", "--negative", "[blue]", *common, "--out", str(tmp_path / "a.png")]) == 0
+    weighted = ["generate", "a (red:1.3) circle", "--negative", "[blue]", *common, "--out", str(tmp_path / "a.png")]
+    assert main(weighted) == 0
     assert main(["generate", "f(x:y)", *common, "--out", str(tmp_path / "b.png")]) == 2
     assert "the weight 'y' in '(x:y)' is not a number" in capsys.readouterr().err
     assert main(["generate", "f(x:y)", "--no-prompt-weights", *common, "--out", str(tmp_path / "b.png")]) == 0
@@ -221,7 +222,7 @@ def test_sdxl_chunks_both_encoders_and_pools_the_first_chunk():
 @pytest.mark.skipif(not shapes_available(), reason="needs the bundled shapes model (weights/shapes)")
 def test_up_weighting_the_colour_word_wins_colour_back_from_a_negative_prompt():
     """The measurement of benchmarks/prompt_weights.py on 24 held-out prompts: the colour word as the negative prompt
-    costs colour adherence, and writing it (colour:1.6) in the prompt wins some back (the README's numbers: 128)."""
+    costs colour adherence, and writing it (colour:1.6) in the prompt wins some back (the README: the full run)."""
     from benchmarks.prompt_weights import measure
     from minidiff.pipeline import load_pipeline
 
