@@ -19,11 +19,12 @@ The encoding (tokenize_prompts, join_chunks; Pipeline.encode_prompt calls them):
     context   the chunks' hidden states side by side: (B, 77 * chunks, width); the UNet's cross-attention reads any
               number of positions. SDXL's pooled embedding comes from the first chunk.
     weights   w_i per position (1 at START, END and padding): h_i <- w_i h_i, then the chunk is scaled so that the
-              mean over all its positions and channels is what it was: h <- h * mean(h) / mean(w h) (A1111's
-              rescale, and diffusers' long-prompt-weighting pipeline's), unless that mean is near 0 (MEAN_FLOOR)
-A prompt of at most 75 tokens without weight syntax gives exactly today's ids and hidden states (no weighting is
-applied when every weight is 1). A1111 takes the mean over the whole batch of a chunk; minidiff takes it per prompt,
-so that a prompt's embedding does not depend on the other prompts of its batch (the same for a batch of one prompt).
+              mean over all its positions and channels is what it was: h <- h * mean(h) / mean(w h), unless that
+              mean is near 0 (MEAN_FLOOR)
+A prompt of at most 75 tokens without weight syntax gives exactly the ids and hidden states of the plain encoder call
+(no weighting is applied when every weight is 1). The rescale is A1111's, which takes the mean of a chunk over the
+whole batch (diffusers' long-prompt-weighting pipeline: per prompt, over all its chunks); minidiff takes it per prompt
+and per chunk, so that a prompt's embedding does not depend on the prompts beside it in the batch.
 """
 
 import math
