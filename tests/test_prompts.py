@@ -219,7 +219,6 @@ def test_sdxl_chunks_both_encoders_and_pools_the_first_chunk():
     assert ids[0, 1, 6:].tolist() == [0] * 71  # bigG's chunks pad with "!" (id 0), ViT-L's with <|endoftext|>
 
 
-@pytest.mark.slow  # 72 pictures of 20 steps
 @pytest.mark.skipif(not shapes_available(), reason="needs the bundled shapes model (weights/shapes)")
 def test_up_weighting_the_colour_word_wins_colour_back_from_a_negative_prompt():
     """The measurement of benchmarks/prompt_weights.py on 24 held-out prompts: the colour word as the negative prompt
