@@ -132,9 +132,21 @@ def _new_word() -> dict:
     return values
 
 
+def _prompt_weights() -> dict:
+    """Written by `python -m benchmarks.prompt_weights` (benchmarks/prompt_weights.json): colour adherence of held-out
+    prompts against a negative prompt naming their colour, the colour word at each weight."""
+    record = read_json("benchmarks/prompt_weights.json")
+    numbers = {"weights.n": str(record["n"])}
+    for label, result in record["results"].items():
+        key = "none" if label == "no negative prompt" else label.split(" at ")[1].split(",")[0]
+        numbers[f"weights.colour_{key}"] = percent(result["colour"])
+        numbers[f"weights.all_{key}"] = percent(result["all"])
+    return numbers
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
-    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word()
+    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
 
 
 def marked(text: str) -> list[tuple[str, str]]:

@@ -1,7 +1,7 @@
 """Text-to-image and image-to-image: a prompt in, a picture out, and a view of how it formed.
 
 Notation (Rombach et al. 2022, latent diffusion; Ho & Salimans 2022, classifier-free guidance):
-    context           -> c, the text encoder's hidden states for the prompt (B, 77, width)
+    context           -> c, the text encoder's hidden states for the prompt (B, 77 * chunks, width): minidiff.prompts
     uncond            -> the hidden states of the negative (or empty) prompt
     guidance_scale    -> w: eps = eps_uncond + w (eps_cond - eps_uncond); w <= 1 means no guidance
     guidance_rescale  -> phi (Lin et al. 2023, eq. 16): mix the guided prediction rescaled to the
@@ -13,7 +13,6 @@ Notation (Rombach et al. 2022, latent diffusion; Ho & Salimans 2022, classifier-
 """
 
 import contextlib
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +35,7 @@ from minidiff.checks import (
 )
 from minidiff.errors import InputError, MinidiffError
 from minidiff.images import from_pil, to_pil
+from minidiff.prompts import count_chunks, join_chunks, tokenize_prompts
 from minidiff.samplers import SAMPLERS, sample
 from minidiff.sdxl import SDXLConditioning
 from minidiff.speed import vae_decode
@@ -176,13 +176,15 @@ class Pipeline:
     # --- the three stages ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list) -> torch.Tensor:
-        """Token ids -> the text encoder's hidden states (SDXL: both encoders' and the pooled embedding); warns when
-        a prompt is cut at 77 tokens."""
-        warn_if_truncated(self.tokenizer, prompts)
+    def encode_prompt(self, prompts: list, min_chunks: int = 1, prompt_weights: bool = True) -> torch.Tensor:
+        """Prompts -> the text encoder's hidden states (B, 77 * chunks, width) (SDXL: both encoders' and the pooled
+        embedding): weights such as (word:1.3) applied, a prompt past 75 tokens in chunks of 75 (minidiff.prompts)."""
         if self.sdxl is not None:
-            return self.sdxl.encode(self.text_encoder, self.tokenizer, prompts, self.device, self.dtype)
-        return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype)
+            return self.sdxl.encode(self.text_encoder, self.tokenizer, prompts, self.device, self.dtype, min_chunks,
+                                    prompt_weights)
+        ids, weights = tokenize_prompts(self.tokenizer, prompts, min_chunks, prompt_weights)
+        states = self.text_encoder(ids.view(-1, ids.shape[-1]).to(self.device))  # (B * chunks, 77, width)
+        return join_chunks(states, weights).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, decoder=None) -> torch.Tensor:
@@ -222,12 +224,14 @@ class Pipeline:
                  mask=None,
                  early_exit=None, preview: str | None = None, callback=None, trace: bool = False,
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
-                 progress: bool = True, attention_maps: bool = False, **sampler_options) -> GenerationResult:
+                 progress: bool = True, attention_maps: bool = False,
+                 prompt_weights: bool = True, **sampler_options) -> GenerationResult:
         """Generate images. See the module docstring for the symbols; returns a GenerationResult. SDXL also takes
         original_size, crop_top_left, target_size (and the refiner's aesthetic scores): see minidiff.sdxl.
         strength defaults to 0.8 for img2img, 1.0 for inpainting (image and mask).
         callback: called at the end of every step; it may change the latent or the guidance (minidiff.steering).
-        attention_maps: also return each image's cross-attention map per prompt token (minidiff.attention_maps)."""
+        attention_maps: also return each image's cross-attention map per prompt token (minidiff.attention_maps).
+        prompt_weights: read (word:1.3), (word), [word], BREAK in the prompts (minidiff.prompts); False: plain text."""
         if self.sdxl is not None:
             self.sdxl.start_call(negative_prompt, sampler_options)  # takes SDXL's size/crop options out
         prompts = prompt_list("prompt", prompt)
@@ -245,6 +249,8 @@ class Pipeline:
         check_bool("trace", trace)
         check_bool("progress", progress)
         check_bool("attention_maps", attention_maps)
+        check_bool("prompt_weights", prompt_weights)
+        chunks = count_chunks(self.tokenizer, prompts + negatives, prompt_weights)  # the same for both halves of CFG
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be a function callback(step, timestep, sigma, x, pred_x0), got "
                              f"{type(callback).__name__}")
@@ -266,8 +272,8 @@ class Pipeline:
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
 
-        context = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negatives) if guidance_scale > 1.0 else None
+        context = self.encode_prompt(prompts, chunks, prompt_weights)
+        uncond = self.encode_prompt(negatives, chunks, prompt_weights) if guidance_scale > 1.0 else None
 
         # all randomness from one CPU generator: the same seed gives the same image on any device
         generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
@@ -279,7 +285,8 @@ class Pipeline:
         noise = noise.to(self.device, self.dtype)
         job = inpaint.prepare(self, image, mask, height, width, generator, init, noise) if mask is not None else None
         steering = Steering(self, context, uncond, guidance_scale, guidance_rescale,  # guidance open to the callback
-                            lambda: self.encode_prompt(negatives), unet=job and job.unet(self.unet))
+                            lambda: self.encode_prompt(negatives, chunks, prompt_weights),
+                            unet=job and job.unet(self.unet))
         model = steering.model
 
         timesteps = sampler_options.pop("timesteps", None)
@@ -364,15 +371,6 @@ class Pipeline:
             raise MinidiffError(f"preview must be 'vae' or 'taesd', got {preview!r}")
         if preview == "taesd" and self.taesd is None:
             raise MinidiffError("preview='taesd' needs a TAESD: load_pipeline(..., taesd=path or 'taesd')")
-
-
-def warn_if_truncated(tokenizer, prompts: list) -> None:
-    """Warn when a prompt is cut at the text encoder's 77 positions."""
-    for prompt in prompts:
-        dropped = len(tokenizer.dropped_tokens(prompt))
-        if dropped:
-            warnings.warn(f"the prompt is longer than the text encoder's 77 positions: its last {dropped} "
-                          f"token(s) were dropped ({prompt[:40]!r}...)", stacklevel=4)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

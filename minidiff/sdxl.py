@@ -24,27 +24,33 @@ import torch
 from torch import nn
 
 from minidiff.errors import MinidiffError
+from minidiff.prompts import join_chunks, tokenize_prompts
 
 
 class TextConditioning(NamedTuple):
     """What SDXL's UNet reads of a prompt: the per-token context and the pooled embedding."""
 
-    context: torch.Tensor  # (B, 77, 2048): [ViT-L penultimate, bigG penultimate] (refiner: bigG alone, 1280)
+    context: torch.Tensor  # (B, 77 * chunks, 2048): [ViT-L penultimate, bigG penultimate] (refiner: bigG alone, 1280)
     pooled: torch.Tensor  # (B, 1280): bigG's projected end-of-text state
 
 
-def encode_text(text_encoders, tokenizers, prompts: list, device=None) -> TextConditioning:
+def encode_text(text_encoders, tokenizers, prompts: list, device=None, min_chunks: int = 1,
+                prompt_weights: bool = True) -> TextConditioning:
     """Both encoders' penultimate states side by side, and the pooled output of the last encoder (bigG).
 
-    An encoder may be None (the refiner has bigG alone)."""
+    An encoder may be None (the refiner has bigG alone). Weights and chunks as in minidiff.prompts, each encoder's
+    states weighted on their own; the pooled embedding is that of the first chunk (as A1111 does), unweighted."""
     states, pooled = [], None
     for encoder, tokenizer in zip(text_encoders, tokenizers):
         if encoder is None:
             continue
-        ids = tokenizer(prompts).to(device or next(encoder.parameters()).device)
-        penultimate, pooled = encoder.penultimate_and_pooled(ids)
-        states.append(penultimate)
-    return TextConditioning(torch.cat(states, dim=-1), pooled)  # (B, 77, sum of widths)
+        ids, weights = tokenize_prompts(tokenizer, prompts, min_chunks, prompt_weights)  # (B, chunks, 77)
+        batch, chunks, length = ids.shape
+        flat = ids.view(batch * chunks, length).to(device or next(encoder.parameters()).device)
+        penultimate, pooled = encoder.penultimate_and_pooled(flat)
+        states.append(join_chunks(penultimate, weights))
+        pooled = pooled.view(batch, chunks, -1)[:, 0]  # the first chunk's
+    return TextConditioning(torch.cat(states, dim=-1), pooled)  # (B, 77 * chunks, sum of widths)
 
 
 def time_ids(original_size, crop_top_left, target_size, aesthetic_score=None) -> torch.Tensor:
@@ -76,8 +82,10 @@ class SDXLConditioning:
         self.micro = {name: options.pop(name, default) for name, default in defaults.items()}
         self.zero_uncond = negative_prompt is None and self.force_zeros_for_empty_prompt
 
-    def encode(self, text_encoder, tokenizer, prompts: list, device, dtype) -> TextConditioning:
-        text = encode_text((text_encoder, self.text_encoder_2), (tokenizer, self.tokenizer_2), prompts, device)
+    def encode(self, text_encoder, tokenizer, prompts: list, device, dtype, min_chunks: int = 1,
+               prompt_weights: bool = True) -> TextConditioning:
+        text = encode_text((text_encoder, self.text_encoder_2), (tokenizer, self.tokenizer_2), prompts, device,
+                           min_chunks, prompt_weights)
         return TextConditioning(text.context.to(dtype), text.pooled.to(dtype))
 
     def added_cond_kwargs(self, unet_config, pooled, x, uncond: bool = False) -> dict:

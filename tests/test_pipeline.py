@@ -61,9 +61,11 @@ def test_trace_has_every_step_decoded_and_makes_a_grid_and_frames(pipe):
     assert len(trace_frames(result.trace)) == 5
 
 
-def test_long_prompt_warns_with_the_number_of_dropped_tokens(pipe):
-    with pytest.warns(UserWarning, match=r"last 15 token"):  # 90 words + start and end = 92 > 77
-        pipe(" ".join(["circle"] * 90), steps=1, height=64, width=64, progress=False)
+def test_long_prompt_is_encoded_whole_in_two_chunks_without_a_warning(pipe, recwarn):
+    prompt = " ".join(["circle"] * 90)  # 90 tokens > 75: two chunks of 77 positions (minidiff.prompts)
+    assert pipe.encode_prompt([prompt]).shape[1] == 2 * 77
+    pipe(prompt, steps=1, height=64, width=64, progress=False)
+    assert not [w for w in recwarn if "token" in str(w.message)]
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -20,6 +20,7 @@ from minidiff.course.milestones.blocks import _attention_variant, _block_variant
 from minidiff.course.milestones.core import in_lesson_order
 from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
 from minidiff.course.milestones.networks import _rename_variant
+from minidiff.course.milestones.prompt_weights import weighted_states
 from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
 from minidiff.course.milestones.steering import _aggregate_variant, _cutoff_at
 from minidiff.course.solutions import (
@@ -316,6 +317,11 @@ PLANTED = [
     ("guidance_cutoff_callback", _cutoff_at(lambda n, r: round(n * r)), "not round()"),
     ("guidance_cutoff_callback", _cutoff_at(lambda n, r: int(n * r) + 1), "one step late"),
     ("guidance_cutoff_callback", _cutoff_at(lambda n, r: int(n * r) - 1), "one step early"),
+    ("apply_token_weights", lambda h, w: weighted_states(h, w, rescale=False), "not scaled back"),
+    ("apply_token_weights", lambda h, w: weighted_states(h, w, over="batch"), "not over the whole batch"),
+    ("apply_token_weights", lambda h, w: weighted_states(h, w, over="token"), "not per token"),
+    ("apply_token_weights", lambda h, w: weighted_states(h, w, inverted=True), "inverted"),
+    ("apply_token_weights", lambda h, w: h * w[..., None] * h.mean() / (h * w[..., None]).mean(), "whole batch"),
 ]
 
 

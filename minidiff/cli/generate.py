@@ -49,6 +49,8 @@ def add_commands(sub):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", help="N or WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's own)")
     g.add_argument("--negative", help="negative prompt")
+    g.add_argument("--no-prompt-weights", action="store_true", help="read ( ) [ ] : \\ in the prompts as plain "
+                   "text; by default (word:1.3), (word) = 1.1, [word] = 1/1.1 and BREAK weight words (see the README)")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--image", help="img2img: the starting image")
     g.add_argument("--noise", help="start from this noise file (from `minidiff invert`): its sampler, steps and "
@@ -87,6 +89,11 @@ def check_generate_args(args) -> dict:
     prompts = read_prompts(args)
     noise = noise_defaults(args)
     check_text("--negative", args.negative, optional=True)
+    if not args.no_prompt_weights:  # bad weight syntax is reported before the model loads
+        from minidiff.prompts import parse_prompt_weights
+
+        for text in (args.prompt, args.negative or ""):
+            parse_prompt_weights(text)
     check_text("--model", args.model)
     check_device(args.device)
     steps = check_int("--steps", args.steps, 1, 1000, "the training schedules have 1000 timesteps")
@@ -145,7 +152,7 @@ def check_generate_args(args) -> dict:
                 steps=steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed, height=height,
                 width=width, num_images=args.num_images, image=args.image, mask=args.mask, strength=strength,
                 early_exit=early_exit, preview=args.preview, trace=bool(args.trace or args.grid), karras=args.karras,
-                attention_maps=bool(args.attention_maps))
+                attention_maps=bool(args.attention_maps), prompt_weights=not args.no_prompt_weights)
 
 
 MAX_PROMPTS = 1000  # lines of --prompts, as --num-images: more in several runs

@@ -12,6 +12,7 @@ from minidiff.course.milestones import inversion  # noqa: E402, F401, I001
 from minidiff.course.milestones import exercises, exercises_late, lora  # noqa: E402, F401, I001
 from minidiff.course.milestones import inpainting  # noqa: E402, F401, I001
 from minidiff.course.milestones import steering  # noqa: E402, F401, I001
+from minidiff.course.milestones import prompt_weights  # noqa: E402, F401, I001
 from minidiff.course.milestones.core import (  # noqa: F401
     MILESTONES,
     Mismatch,

@@ -1,5 +1,8 @@
 """Lesson 14, inspect and edit: the pieces the student writes, one group per section of course/14_inspect_and_edit.md.
 
+Notation (section 3, prompt weights):
+    states, weights -> (N, 77, d) hidden states of N prompt chunks and (N, 77) per-token weights
+
 Notation (section 4, DDIM inversion; Song et al. 2021, eq. 12 run backwards):
     alpha_bar_from, alpha_bar_to -> alpha_bar at the level a step starts from (t_prev; alpha_bar_0 for the first
                                     step, as SD ships it) and at the level it goes to (t)
@@ -56,6 +59,19 @@ def guidance_cutoff_callback(steps, ratio):
         return {"guidance_scale": 0.0} if step == cutoff else None
 
     return callback
+
+
+# --- section 3: weighting words ---
+
+
+def apply_token_weights(states, weights):
+    """A1111's prompt weighting of N chunks: every position's hidden state times its weight, h_i <- w_i h_i, then
+    each chunk scaled by one number so that its mean over all its positions and channels is what it was before
+    weighting: h <- (w h) * mean(h) / mean(w h). states (N, 77, d), weights (N, 77); returns (N, 77, d).
+    """
+    weighted = states * weights[..., None]
+    original_mean = states.mean(dim=(-2, -1), keepdim=True)  # (N, 1, 1): one mean per chunk
+    return weighted * original_mean / weighted.mean(dim=(-2, -1), keepdim=True)
 
 
 # --- section 4: DDIM inversion ---
