@@ -63,7 +63,7 @@ def test_bad_returns_are_named(shapes_pipe):
     base = dict(steps=2, seed=2, progress=False)
     with pytest.raises(InputError, match="'latents'"):
         shapes_pipe("a red circle", callback=lambda **info: {"latents": info["x"]}, **base)
-    with pytest.raises(InputError, match="guidance_scale must be a number"):
+    with pytest.raises(InputError, match="guidance_scale must be a finite number"):
         shapes_pipe("a red circle", callback=lambda **info: {"guidance_scale": "high"}, **base)
     with pytest.raises(SamplerError, match=r"returned \(1, 4, 4, 4\)"):
         shapes_pipe("a red circle", callback=lambda **info: torch.zeros(1, 4, 4, 4), **base)

@@ -92,7 +92,7 @@ def check_generate_args(args) -> dict:
     if not args.no_prompt_weights:  # bad weight syntax is reported before the model loads
         from minidiff.prompts import parse_prompt_weights
 
-        for text in (args.prompt, args.negative or ""):
+        for text in [*prompts, args.negative or ""]:
             parse_prompt_weights(text)
     check_text("--model", args.model)
     check_device(args.device)
