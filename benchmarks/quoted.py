@@ -144,9 +144,24 @@ def _prompt_weights() -> dict:
     return numbers
 
 
+def _sdxl_cpu() -> dict:
+    """Written by `minidiff bench --config sdxl --size 512 ... --json benchmarks/results/sdxl_cpu_512.json`."""
+    rows = {row["rung"]: row for row in read_json("benchmarks/results/sdxl_cpu_512.json")}
+    fp32, bf16 = rows["fp32 eager"], rows["+bf16"]
+    return {
+        "sdxl_cpu.gflop": f"{fp32['gflop']:.1f}",
+        "sdxl_cpu.fp32_ms": f"{fp32['ms_per_step']:.0f}",
+        "sdxl_cpu.bf16_ms": f"{bf16['ms_per_step']:.0f}",
+        "sdxl_cpu.fp32_peak": percent(fp32["peak_share"]),
+        "sdxl_cpu.bf16_peak": percent(bf16["peak_share"]),
+        "sdxl_cpu.bf16_dev": f"{bf16['max_dev']:.1e}",
+        "sdxl_cpu.bf16_mb": f"{bf16['peak_mb'] / 1024:.1f}",
+    }
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
-    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
+    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights() | _sdxl_cpu()
 
 
 def marked(text: str) -> list[tuple[str, str]]:
