@@ -159,9 +159,23 @@ def _sdxl_cpu() -> dict:
     }
 
 
+def _end_to_end() -> dict:
+    """Written by `python -m benchmarks.end_to_end --repeats 5 --json benchmarks/results/end_to_end.json`."""
+    run = read_json("benchmarks/results/end_to_end.json")
+    return {
+        "e2e.threads": str(run["threads"]),
+        "e2e.load": f"{run['load']:.1f}",
+        "e2e.warm_s": f"{run['image wall_s']:.2f}",
+        "e2e.unet_s": f"{run['UNet steps wall_s']:.2f}",
+        "e2e.text_ms": f"{1000 * run['text encoder wall_s']:.0f}",
+        "e2e.decoder_ms": f"{1000 * run['decoder wall_s']:.0f}",
+        "e2e.cold_s": f"{run['cold wall_s']:.1f}",
+    }
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
-    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights() | _sdxl_cpu()
+    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights() | _sdxl_cpu() | _end_to_end()
 
 
 def marked(text: str) -> list[tuple[str, str]]:
