@@ -173,9 +173,23 @@ def _end_to_end() -> dict:
     }
 
 
+def _engines() -> dict:
+    """Written by `python -m benchmarks.vs_engines --config sd15 --size 256 --steps 2 --repeats 2 --rungs fp32,half
+    --json benchmarks/results/engines_sd15_256.json`."""
+    rows = {row["rung"]: row for row in read_json("benchmarks/results/engines_sd15_256.json")}
+    values = {}
+    for rung, key in (("fp32 eager", "fp32"), ("+bf16", "bf16")):
+        row = rows[rung]
+        values[f"engines256.{key}_ms"] = f"{row['ms_per_step']:.0f}"
+        for engine in ("onnxruntime", "openvino"):
+            values[f"engines256.{key}_{engine}_ms"] = f"{row[engine + '_ms']:.0f}"
+            values[f"engines256.{key}_{engine}_ratio"] = f"{row[engine + '_ratio']:.2f}"
+    return values
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
-    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights() | _sdxl_cpu() | _end_to_end()
+    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights() | _sdxl_cpu() | _end_to_end() | _engines()
 
 
 def marked(text: str) -> list[tuple[str, str]]:
