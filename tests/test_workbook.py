@@ -54,6 +54,20 @@ def failure(name, candidate) -> str:
 # --- the workbook and its blanks ---------------------------------------------------------------------------------
 
 
+def _bilinear_up_block(x, params, groups=32):
+    """lesson 07's up block with the upsampler's nearest-neighbour x2 replaced by bilinear."""
+    import torch.nn.functional as F
+
+    from minidiff.course.solutions import lesson_07
+
+    resnets = {k: v for k, v in params.items() if not k.startswith("upsamplers.")}
+    x = lesson_07.vae_up_block(x, resnets, groups)
+    if "upsamplers.0.conv.weight" not in params:
+        return x
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="bilinear"), params["upsamplers.0.conv.weight"],
+                    params["upsamplers.0.conv.bias"], padding=1)
+
+
 def test_every_blank_has_the_solutions_signature_and_docstring():
     for lesson in workbook.lessons():
         solution = ast.parse((workbook.SOLUTIONS / workbook.file_name(lesson)).read_text())
@@ -424,6 +438,7 @@ PLANTED_PARTS = [
     ("vae_up_block", lambda x, p, groups=32: lesson_07.vae_up_block(lesson_07.vae_up_block(
         x, {k: v for k, v in p.items() if k.startswith("upsamplers.")}, groups),
         {k: v for k, v in p.items() if k.startswith("resnets.")}, groups), "resnets first"),
+    ("vae_up_block", lambda x, p, groups=32: _bilinear_up_block(x, p, groups), "nearest-neighbour"),
     ("vae_decode", no_post_quant_conv, "post_quant_conv"),
     ("bpe_merge", lambda s, r: _bpe_variant(s, r, "first"), "first known pair"),
     ("bpe_merge", lambda s, r: _bpe_variant(s, r, "highest"), "highest rank"),
