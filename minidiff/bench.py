@@ -19,7 +19,10 @@ computes in), else in the rung's.
 Columns:
     ms/step, it/s -> one UNet call on the classifier-free-guidance batch (2 per image), median over steps x repeats
                      calls, taken in turns with the peers' (A B B A ...)
-    e2e s         -> `steps` Euler steps with guidance plus the decode to pixels, median over the repeats
+    e2e s         -> `steps` Euler steps with guidance plus the decode to pixels, median over the repeats; the VAE
+                     decodes as the Pipeline does (minidiff.speed.vae_decode: a float16 decode that overflows is
+                     redone in float32; random weights do not overflow as SDXL's trained VAE does in float16, so
+                     an SDXL fp16 e2e is that of a VAE that stays finite, such as its fp16-fixed finetune)
     peak MB       -> CUDA max allocated, or the process's peak resident memory (VmHWM) on a CPU
     max dev       -> max |out - out_fp32_eager| / max |out_fp32_eager| on one UNet call; PASS if <= tol
     % peak        -> FLOPs of one step (measure.count_flops: convolutions, linear layers, attention's products) / its
@@ -50,7 +53,8 @@ from minidiff.pipeline import guided
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
 from minidiff.sdxl import WithAddedConditioning
-from minidiff.speed import FastUNet, cpu_defaults, reuse_freed_memory, reuse_memory_available, timestep_tensor
+from minidiff.speed import (FastUNet, cpu_defaults, reuse_freed_memory, reuse_memory_available, timestep_tensor,
+                            vae_decode)
 from minidiff.taesd import TAESD
 from minidiff.tokenizer import MAX_LENGTH
 from minidiff.unet import UNet, UNetConfig
@@ -232,14 +236,21 @@ def with_added(unet: nn.Module, setup: Setup) -> nn.Module:
     return unet if setup.added is None else WithAddedConditioning(unet, setup.added)
 
 
+def vae_config(config: UNetConfig) -> VAEConfig:
+    """The VAE the UNet's latents are decoded with: SDXL's (the same network, its own latent scale) for a UNet with
+    SDXL's conditioning, SD's for the others, and a tiny one for the tiny UNets."""
+    if config.block_out_channels[0] < 320:
+        return VAEConfig.tiny()
+    return VAEConfig.sdxl() if config.addition_embed_type == "text_time" else VAEConfig.sd()
+
+
 def build_decoders(setup: Setup, dtype, rung: Rung, compile_options):
-    """The rung's decoder (the SD VAE, or a tiny one for the tiny UNet; or TAESD) in its dtype and layout."""
+    """The rung's decoder (the UNet's VAE, vae_config; or TAESD) in its dtype and layout."""
     generator = torch.Generator().manual_seed(1)
     if rung.decoder == "taesd":
         config, model_class = None, TAESD
     else:
-        config = VAEConfig.tiny() if setup.config.block_out_channels[0] < 320 else VAEConfig.sd()
-        model_class = AutoencoderKL
+        config, model_class = vae_config(setup.config), AutoencoderKL
     state = random_weights(meta_model(model_class, config), generator)
     decoder = with_weights(model_class, config, state, dtype, setup.device)
     if rung.channels_last:
@@ -247,6 +258,12 @@ def build_decoders(setup: Setup, dtype, rung: Rung, compile_options):
     if rung.compile:
         decoder.decoder.compile(**compile_options)
     return decoder
+
+
+def decode(decoder, latents):
+    """The rung's decoder on the sampler's latents: the VAE as the Pipeline decodes (float16 overflow redone)."""
+    z = latents / decoder.scaling_factor
+    return vae_decode(decoder, z) if isinstance(decoder, AutoencoderKL) else decoder.decode(z)
 
 
 def unets(setup: Setup, rung: Rung, peers: dict, compile_options: dict):
@@ -313,7 +330,7 @@ def run_rung(setup: Setup, rung: Rung, reference_out, peers: dict, compile_optio
         ours(x, t, context)  # warm-up: the first calls after compiling are slow
         for peer, args in zip(theirs.values(), inputs[1:]):
             peer(*args)
-        decoder.decode(setup.noise[:1].to(rung.dtype) / decoder.scaling_factor)  # warm-up (and compile)
+        decode(decoder, setup.noise[:1].to(rung.dtype))  # warm-up (and compile)
 
     # UNet ms/step: single calls on the same inputs, minidiff and the peers taking turns and turns going first
     # (A B B A ...), so that each sees the machine, its caches and the allocator's state as the others do
@@ -340,7 +357,7 @@ def run_rung(setup: Setup, rung: Rung, reference_out, peers: dict, compile_optio
         latents = sampling()
         decode_start = time.perf_counter()
         with torch.no_grad():
-            decoder.decode(latents / decoder.scaling_factor)
+            decode(decoder, latents)
         measure.synchronize(setup.device)
         end = time.perf_counter()
         e2e.append(end - start)

@@ -18,7 +18,7 @@ Shape legend: B batch, C channels, H W latent height and width, L text tokens.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,13 @@ class UNetConfig:
         """A miniature SD 1.x layout (same block types, a few channels) for fast tests."""
         return cls(block_out_channels=(32, 64, 64, 64), num_attention_heads=(2, 4, 4, 4), cross_attention_dim=32,
                    sample_size=16)
+
+    @classmethod
+    def sdxl_tiny(cls) -> "UNetConfig":
+        """SDXL's layout at a few channels (text_time conditioning, 1-2-3 blocks per Transformer2D) for fast tests."""
+        return replace(cls.sdxl(), block_out_channels=(32, 64, 64), num_attention_heads=(1, 2, 2),
+                       cross_attention_dim=48, transformer_layers_per_block=(1, 2, 3), sample_size=8,
+                       addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)  # pooled 32 + 6 ids x 8
 
     @property
     def downsample_factor(self) -> int:

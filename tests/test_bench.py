@@ -16,10 +16,12 @@ from minidiff.bench import (
     Result,
     Rung,
     bench,
+    decode,
     distilled_config,
     ladder,
     make_setup,
     run_rung,
+    vae_config,
     with_weights,
 )
 from minidiff.checkpoint import meta_model
@@ -27,6 +29,7 @@ from minidiff.cli import main
 from minidiff.measure import count_flops, cpu_peak_flops, format_table, summary, write_results
 from minidiff.speed import reuse_memory_available
 from minidiff.unet import Attention, UNet, UNetConfig
+from minidiff.vae import AutoencoderKL, VAEConfig
 
 QUICK = ["--config", "tiny", "--size", "64", "--steps", "1", "--repeats", "1", "--compile-backend", "eager"]
 
@@ -143,6 +146,24 @@ def test_only_freeze_and_reuse_memory_are_minidiffs_own_options():
 def test_bk_sdm_rungs_are_the_bk_sdm_presets():
     assert distilled_config(UNetConfig.sd15(), "small") == UNetConfig.bk_sdm_small()
     assert distilled_config(UNetConfig.sd15(), "tiny") == UNetConfig.bk_sdm_tiny()
+
+
+@pytest.mark.parametrize("config, vae", [("sd15", VAEConfig.sd()), ("sdxl", VAEConfig.sdxl()),
+                                         ("sdxl_refiner", VAEConfig.sdxl()), ("sdxl_tiny", VAEConfig.tiny())])
+def test_each_unet_decodes_with_its_own_vae(config, vae):
+    assert vae_config(getattr(UNetConfig, config)()) == vae  # SDXL's latent scale 0.13025, SD's 0.18215
+
+
+def test_the_end_to_end_decode_redoes_a_float16_overflow_in_float32_as_the_pipeline_does():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(3e5)  # beyond float16's 65504 (the "black image" of SDXL's VAE)
+    vae.half()
+    latents = torch.randn(1, 4, 8, 8).half() * vae.scaling_factor
+    with torch.no_grad(), pytest.warns(UserWarning, match="overflowed"):
+        image = decode(vae, latents)
+    assert torch.isfinite(image).all() and vae.decoder.conv_in.weight.dtype == torch.float32
 
 
 def test_profile_prints_the_top_operators_and_writes_a_trace(capsys, tmp_path):

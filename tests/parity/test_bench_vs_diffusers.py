@@ -1,7 +1,6 @@
 """benchmarks/vs_diffusers.py: minidiff's ladder with diffusers' UNet as a peer, on the same weights and inputs, its
 calls timed in turns with minidiff's. No timing assertions (the benchmark measures speed, tests do not)."""
 
-import dataclasses
 import json
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 
 import benchmarks.vs_diffusers as vs_diffusers
 from minidiff.bench import TOLERANCE, bench, make_setup
-from minidiff.unet import UNetConfig
 
 QUICK = ["--config", "tiny", "--size", "64", "--steps", "1", "--repeats", "2"]
 
@@ -59,13 +57,18 @@ def test_a_bad_argument_gives_one_line(capsys):
     assert "vs_diffusers: error: unknown UNet config 'sd99'" in err and "Traceback" not in err
 
 
-def test_an_sdxl_config_benches_against_diffusers_with_its_added_conditioning():
-    """SDXL's layout at a few channels: the pooled text and size ids reach both UNets (`--config sdxl` is this at
-    full size) and the two agree in float32."""
-    config = dataclasses.replace(
-        UNetConfig.sdxl(), block_out_channels=(32, 64, 64), num_attention_heads=(1, 2, 2), cross_attention_dim=48,
-        transformer_layers_per_block=(1, 2, 3), addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
-    header, results = bench(config, 64, 1, 1, 1, "cpu", rungs=["fp32", "channels_last"],
-                            peers={"diffusers": vs_diffusers.diffusers_unet}, log=lambda line: None)
-    assert results[0].peers["diffusers"].max_dev <= TOLERANCE[torch.float32] and all(r.passed for r in results)
-    assert make_setup(config, 64, 1, 1, 1, "cpu", 0).added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+def test_sdxl_benches_against_diffusers_with_its_added_conditioning(capsys, tmp_path):
+    """`--config sdxl_tiny`: SDXL's layout at a few channels (`--config sdxl` is this at full size): the pooled text
+    and size ids reach both UNets, both are timed, and they agree within the UNet's parity tolerance."""
+    status = vs_diffusers.main(["--config", "sdxl_tiny", "--size", "64", "--steps", "1", "--repeats", "2",
+                                "--rungs", "fp32,half", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "UNet sdxl_tiny with RANDOM weights" in out and "interleaved with diffusers" in out
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [row["rung"] for row in rows] == ["fp32 eager", "+bf16"]
+    for row in rows:
+        assert row["passed"] and row["ms_per_step"] > 0 and row["diffusers_ms"] > 0, row
+        # float32: the same sums to rounding; bf16: the two round differently (see the first test)
+        assert row["diffusers_max_dev"] <= TOLERANCE[torch.float32 if row["dtype"] == "fp32" else torch.bfloat16]
+    assert make_setup("sdxl_tiny", 64, 1, 1, 1, "cpu", 0).added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
