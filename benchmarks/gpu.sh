@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
-# The whole GPU speed ladder against diffusers, in one command, for when a GPU is lent: SD 1.5's UNet config (random
-# weights of full size) at 512x512 px, CFG batch 2, every rung timed in turns with diffusers' UNet on the same
-# weights and inputs (benchmarks/vs_diffusers.py, the ladder of minidiff/bench.py):
-#     fp32 eager -> +fp16 -> +channels_last -> +compile -> +freeze -> +CUDA graphs -> +TAESD (decode)
+# The whole GPU speed ladder against diffusers, in one command, for when a GPU is lent: every rung timed in turns
+# with diffusers' UNet2DConditionModel on the same random weights (of full size) and inputs, CFG batch 2
+# (benchmarks/vs_diffusers.py, the ladder of minidiff/bench.py), in two parts:
+#     SDXL base at 1024x1024 px: fp32 eager -> +fp16 -> +channels_last
+#     SD 1.5 at 512x512 px:      fp32 eager -> +fp16 -> +channels_last -> +compile -> +freeze -> +CUDA graphs -> +TAESD
 # Attention is PyTorch's SDPA (flash / memory-efficient kernels) on every rung, in minidiff and in diffusers alike:
 # it is the one attention function (minidiff/attention.py), not an option.
 #
-#     benchmarks/gpu.sh [--out DIR]    # on the GPU: DIR/gpu_ladder.txt (the table) and DIR/gpu_ladder.json
-#     benchmarks/gpu.sh --dry-run      # the same code path on the CPU: the tiny config at 64 px, in seconds
+#     benchmarks/gpu.sh [--out DIR]    # on the GPU: DIR/gpu_ladder.txt (both tables), gpu_ladder.json (SD 1.5) and
+#                                      # gpu_ladder_sdxl.json
+#     benchmarks/gpu.sh --dry-run      # the same code path on the CPU: the tiny configs at 64 px, in a minute or two
 #
 # It installs nothing: it uses $PYTHON (default .venv/bin/python, else python3), which needs torch (a CUDA build
-# on the GPU) and diffusers (pip install -e ".[parity]"). The GPU run is held to 8 minutes (timeout 480 s); the
-# table is written when the ladder finishes. The dry run drops the +CUDA graphs rung, which exists on a GPU only.
+# on the GPU) and diffusers (pip install -e ".[parity]"). The GPU run is held to 8 minutes: SDXL first, stopped at
+# 150 s, then SD 1.5 with the rest of the 480 s; a part stopped at its limit keeps the rows it printed. The dry run
+# drops the +CUDA graphs rung, which exists on a GPU only; on the CPU "+fp16" is "+bf16".
+#
+# The time on an H100 / H200, estimated (no GPU had been lent when this was written; the first run will tell):
+# - SDXL, ~1 min: start and imports ~10 s; the weights are drawn on the GPU (a moment; on one CPU core 2.6e9 draws
+#   take ~40 s). One UNet step on the CFG batch at 1024 px is 13.5 TFLOP (measure.count_flops): ~0.35 s in fp32
+#   (PyTorch computes fp32 matmuls without TF32 by default; ~40 TFLOP/s of the 67 peak), ~0.07 s in fp16. A rung makes
+#   ~50 UNet calls (12 timed per engine, the warm-ups, 2 sampling runs of 6 steps and one to count the syncs):
+#   ~20 s in fp32, ~5 s in each fp16 rung, plus three VAE decodes at 1024 px. SDXL's compiled rungs are left out:
+#   its UNet has 1680 weight tensors to SD 1.5's 686, and Inductor compiling it for minidiff and for diffusers
+#   would take minutes by itself.
+# - SD 1.5, ~4.5 min, nearly all of it Inductor compiling (a guess: ~50 s for the first UNet, ~30 s for each later
+#   one, whose Triton kernels are mostly in the cache): 6 UNet compiles (minidiff and diffusers on +compile, +freeze
+#   and +CUDA graphs), the VAE decoder and TAESD. Its ~100 UNet calls per rung (1.6 TFLOP each) take seconds.
+# The fp16 rungs decode with the VAE as minidiff's Pipeline does (a float16 decode that overflows is redone in
+# float32); the random weights do not overflow as SDXL's trained VAE does, so SDXL's fp16 e2e column is that of a
+# VAE that stays finite in fp16 (its fp16-fixed finetune).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +39,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) dry_run=1 ;;
         --out) [ $# -ge 2 ] || { echo "gpu.sh: --out needs a folder" >&2; exit 2; }; out="$2"; shift ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu.sh: unknown argument '$1': use --dry-run and/or --out DIR" >&2; exit 2 ;;
     esac
     shift
@@ -33,42 +51,54 @@ mkdir -p "$out"
 
 if [ "$dry_run" = 1 ]; then
     device=cpu
-    args=(--config tiny --size 64 --steps 1 --repeats 1 --compile-backend eager
-          --rungs fp32,half,channels_last,compile,freeze,taesd)
-    limit=300
+    sdxl_args=(--config sdxl_tiny --size 64 --steps 1 --repeats 1 --rungs fp32,half,channels_last)
+    sd15_args=(--config tiny --size 64 --steps 1 --repeats 1 --compile-backend eager
+               --rungs fp32,half,channels_last,compile,freeze,taesd)
 else
     device=cuda
-    args=(--config sd15 --size 512 --steps 10 --repeats 3
-          --rungs fp32,half,channels_last,compile,freeze,cuda_graphs,taesd)
-    limit=480
+    sdxl_args=(--config sdxl --size 1024 --steps 6 --repeats 2 --rungs fp32,half,channels_last)
+    sd15_args=(--config sd15 --size 512 --steps 10 --repeats 3
+               --rungs fp32,half,channels_last,compile,freeze,cuda_graphs,taesd)
 fi
+total_limit=480  # seconds, both parts together
+sdxl_limit=150
 
 # what the run needs, checked before it starts (one line each, no traceback)
-"$python" - "$device" <<'EOF'
+"$python" - "$device" <<'PY'
 import importlib.util, sys
 import torch
 if sys.argv[1] == "cuda" and not torch.cuda.is_available():
     sys.exit(f"gpu.sh: torch {torch.__version__} sees no CUDA GPU: install a CUDA build of torch, or use --dry-run")
 if importlib.util.find_spec("diffusers") is None:
     sys.exit('gpu.sh: diffusers is not installed: pip install -e ".[parity]"')
-EOF
+PY
 
 table="$out/gpu_ladder.txt"
-command=("$python" -m benchmarks.vs_diffusers --device "$device" "${args[@]}" --json "$out/gpu_ladder.json")
 {
     echo "# benchmarks/gpu.sh$([ "$dry_run" = 1 ] && echo " --dry-run"), $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "# ${command[*]}"
     if [ "$device" = cuda ] && command -v nvidia-smi > /dev/null; then
         echo "# $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)"
     fi
 } > "$table.partial"
-start=$SECONDS
+
 status=0
-PYTHONUNBUFFERED=1 timeout "$limit" "${command[@]}" >> "$table.partial" || status=$?
-echo "# $((SECONDS - start)) s, exit status $status" >> "$table.partial"
+start_all=$SECONDS
+# one part: its command line, what it prints, its time and exit status, appended to the table
+run_part() {  # NAME LIMIT_S JSON ARGS...
+    local name="$1" limit="$2" json="$3" part_status=0 start=$SECONDS
+    shift 3
+    local command=("$python" -m benchmarks.vs_diffusers --device "$device" "$@" --json "$json")
+    { echo; echo "# $name: ${command[*]}"; } >> "$table.partial"
+    PYTHONUNBUFFERED=1 timeout "$limit" "${command[@]}" >> "$table.partial" || part_status=$?
+    echo "# $name: $((SECONDS - start)) s, exit status $part_status" >> "$table.partial"
+    if [ "$part_status" = 124 ]; then
+        echo "gpu.sh: the $name ladder ran past $limit s and was stopped: $table has what it printed" >&2
+    fi
+    [ "$status" != 0 ] || status=$part_status
+}
+run_part SDXL "$sdxl_limit" "$out/gpu_ladder_sdxl.json" "${sdxl_args[@]}"
+run_part "SD 1.5" "$((total_limit - (SECONDS - start_all)))" "$out/gpu_ladder.json" "${sd15_args[@]}"
+echo "# $((SECONDS - start_all)) s in all, exit status $status" >> "$table.partial"
 mv "$table.partial" "$table"
 cat "$table"
-if [ "$status" = 124 ]; then
-    echo "gpu.sh: the ladder ran past $limit s and was stopped: $table has what it printed" >&2
-fi
 exit "$status"

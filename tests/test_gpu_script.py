@@ -1,5 +1,6 @@
 """benchmarks/gpu.sh, the GPU ladder against diffusers in one command: its dry run takes the same code path on the
-CPU (the tiny config at 64 px), so that the script cannot rot while no GPU is lent. No timing assertions."""
+CPU (the tiny SD 1.5 and SDXL configs at 64 px), so that the script cannot rot while no GPU is lent. No timing
+assertions."""
 
 import json
 import os
@@ -18,7 +19,7 @@ def run(*args, **env):
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=environment, timeout=900)
 
 
-@pytest.mark.slow  # ~40 s of CPU: six rungs of the tiny UNet with diffusers' in turns (TorchDynamo traces)
+@pytest.mark.slow  # ~1 min of CPU: nine rungs of the tiny UNets with diffusers' in turns (TorchDynamo traces)
 def test_the_dry_run_writes_the_table_of_every_rung(tmp_path):
     done = run("--dry-run", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -26,15 +27,25 @@ def test_the_dry_run_writes_the_table_of_every_rung(tmp_path):
     assert table == done.stdout  # what it printed is what it wrote
     lines = table.splitlines()
     assert lines[0].startswith("# benchmarks/gpu.sh --dry-run, ")
-    assert "-m benchmarks.vs_diffusers --device cpu" in lines[1]
-    assert "interleaved with diffusers" in table and lines[-1].startswith("# ") and "exit status 0" in lines[-1]
-    rows = json.loads((tmp_path / "gpu_ladder.json").read_text())
-    assert [row["rung"] for row in rows] == ["fp32 eager", "+bf16", "+channels_last", "+compile", "+freeze",
-                                             "+TAESD (decode)"]
-    assert all(row["passed"] and row["diffusers_ms"] > 0 for row in rows)
-    for row in rows:
-        assert next(line for line in lines if line.startswith(row["rung"])).count(" PASS ") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_ladder.json", "gpu_ladder.txt"]  # no .partial left
+    assert lines[-1].startswith("# ") and lines[-1].endswith(" s in all, exit status 0")
+    parts = {"SDXL": ("sdxl_tiny", "gpu_ladder_sdxl.json", ["fp32 eager", "+bf16", "+channels_last"]),
+             "SD 1.5": ("tiny", "gpu_ladder.json", ["fp32 eager", "+bf16", "+channels_last", "+compile", "+freeze",
+                                                    "+TAESD (decode)"])}
+    starts = [lines.index(next(line for line in lines if line.startswith(f"# {name}: "))) for name in parts]
+    assert starts == sorted(starts)  # SDXL first, then SD 1.5 with the time left
+    ends = [start - 1 for start in starts[1:]] + [len(lines) - 1]  # a blank line between the parts; the total
+    for (name, (config, json_name, rungs)), start, end in zip(parts.items(), starts, ends):
+        part = lines[start:end]
+        assert f"-m benchmarks.vs_diffusers --device cpu --config {config} " in part[0], part[0]
+        assert part[-1].startswith(f"# {name}: ") and part[-1].endswith(" s, exit status 0")
+        assert any("interleaved with diffusers" in line for line in part)
+        rows = json.loads((tmp_path / json_name).read_text())
+        assert [row["rung"] for row in rows] == rungs
+        for row in rows:
+            assert row["passed"] and row["diffusers_ms"] > 0 and row["diffusers_max_dev"] is not None, row
+            assert next(line for line in part if line.startswith(row["rung"])).count(" PASS ") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_ladder.json", "gpu_ladder.txt",
+                                                          "gpu_ladder_sdxl.json"]  # no .partial left
 
 
 def test_without_a_gpu_it_says_so_before_it_starts(tmp_path):
