@@ -35,8 +35,8 @@ def add_commands(sub):
 
 def add_unet_arguments(parser):
     """The UNet and its inputs, for bench and profile."""
-    parser.add_argument("--config", default="sd15", help="UNetConfig preset (random weights): sd15, sd21, "
-                        "bk_sdm_small, tiny, ...")
+    parser.add_argument("--config", default="sd15", help="UNetConfig preset (random weights): sd15, sd21, sdxl, "
+                        "bk_sdm_small, tiny, sdxl_tiny, ...")
     parser.add_argument("--size", type=int, default=256, help="image size in px (latent = size / 8)")
     parser.add_argument("--images", type=int, default=1, help="images per batch (the UNet sees 2x: CFG)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
