@@ -262,6 +262,13 @@ def sampler_grid(schedule: NoiseSchedule, sampler: str, steps=20, spacing="leadi
     return grid if isinstance(grid, tuple) else (grid,)
 
 
+def call_grid(schedule: NoiseSchedule, sampler: str, steps: int, timesteps, options: dict) -> tuple:
+    """sampler_grid for the keyword options of a sample() call (spacing, steps_offset, karras, grid options)."""
+    grid_options = {name: options[name] for name in GRID_OPTIONS.get(sampler, ()) if name in options}
+    return sampler_grid(schedule, sampler, steps, options.get("spacing", "leading"), options.get("steps_offset", 1),
+                        timesteps, options.get("karras", False), **grid_options)
+
+
 def add_noise_at(schedule: NoiseSchedule, sampler: str, grid: tuple, step: int, x0, noise):
     """x0 noised to point `step` of `sampler`'s grid, as that sampler's latent there (img2img's start), the way
     the diffusers scheduler's add_noise does it: x = x0 + sigma noise at the grid's own sigma (fractional
