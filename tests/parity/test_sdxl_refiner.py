@@ -12,8 +12,12 @@ import dataclasses
 import pytest
 import torch
 import transformers
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    UNet2DConditionModel,
+)
 
 from minidiff.config import to_diffusers
 from minidiff.errors import InputError
@@ -21,7 +25,10 @@ from minidiff.pipeline import load_pipeline
 from minidiff.refiner import refine
 from minidiff.tokenizer import write_vocab_files
 from minidiff.unet import UNetConfig
-from tests.parity.test_sdxl import SMALL_BIGG, assert_close, randomize_, tiny_sdxl  # noqa: F401 (a fixture)
+from tests.parity import test_sdxl
+from tests.parity.test_sdxl import SMALL_BIGG, assert_close, randomize_
+
+tiny_sdxl = test_sdxl.tiny_sdxl  # the base model's fixture, shared with this module
 
 TOLERANCE = 1e-3
 SMALL_REFINER = dataclasses.replace(
@@ -32,7 +39,7 @@ SCHEDULERS = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepSch
 
 
 @pytest.fixture(scope="module")
-def tiny_refiner(tmp_path_factory, tiny_sdxl):  # noqa: F811
+def tiny_refiner(tmp_path_factory, tiny_sdxl):
     """The refiner with random weights (the base's VAE), saved by diffusers' StableDiffusionXLImg2ImgPipeline as the
     official refiner folder is laid out: no text_encoder/ and tokenizer/. Returns (folder, the diffusers pipeline)."""
     folder = tmp_path_factory.mktemp("tiny_sdxl_refiner")
