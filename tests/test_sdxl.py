@@ -59,7 +59,7 @@ def test_download_sdxl_fetches_both_text_encoders_and_tokenizers():
 
 def test_download_sdxl_refiner_fetches_bigg_alone_and_info_counts_its_parameters(capsys, monkeypatch):
     wanted = hub.files("sdxl-refiner", "fp16")
-    assert "text_encoder_2/model.fp16.safetensors" in wanted and "unet/diffusion_pytorch_model.fp16.safetensors" in wanted
+    assert {"text_encoder_2/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"} <= set(wanted)
     assert not any(name.startswith(("text_encoder/", "tokenizer/")) for name in wanted)
     monkeypatch.setattr(hub, "local_path", lambda *args, **kwargs: None)  # as if not downloaded
     cli.main(["info", "sdxl-refiner"])
