@@ -113,11 +113,9 @@ def blended(model, mask, image_latents, noise, levels, seen: list):
 def grid_levels(schedule, sampler: str, steps: int, timesteps, options: dict):
     """t -> (alpha_t, sigma_t) for the model calls of `sampler`'s grid: the grid's own sigma where it has one
     (fractional timesteps, Karras sigmas), else the schedule's. `options` are the sampler's (spacing, karras ...)."""
-    from minidiff.samplers import GRID_OPTIONS, GRIDS, sampler_grid
+    from minidiff.samplers import GRIDS, call_grid
 
-    grid_options = {name: options[name] for name in GRID_OPTIONS.get(sampler, ()) if name in options}
-    grid = sampler_grid(schedule, sampler, steps, options.get("spacing", "leading"), options.get("steps_offset", 1),
-                        timesteps, options.get("karras", False), **grid_options)
+    grid = call_grid(schedule, sampler, steps, timesteps, options)
     sigmas = {}
     if GRIDS[sampler] in ("sigma_grid", "multistep_grid"):  # k-diffusion sigmas: x = x0 + s eps, x_t = x / sqrt(1+s^2)
         sigmas = {float(t): float(s) for t, s in zip(grid[0], grid[1])}

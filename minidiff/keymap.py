@@ -331,6 +331,12 @@ def is_sdxl_file(state: dict) -> bool:
     return any(key.startswith("conditioner.embedders.") for key in state)
 
 
+def is_sdxl_refiner_file(state: dict) -> bool:
+    """The original SDXL refiner file: OpenCLIP bigG alone, as conditioner.embedders.0 (no CLIP ViT-L)."""
+    has = lambda name: any(key.startswith(PREFIXES[name]) for key in state)
+    return has("open_clip_sdxl_refiner") and not has("clip_sdxl")
+
+
 def single_file_text_encoder(state: dict, part: str, source) -> tuple:
     """(keymap component, prefix) of text_encoder or text_encoder_2 in an original file; CheckpointError if absent."""
     prefixes = PREFIXES

@@ -205,6 +205,13 @@ def is_sdxl(path: Path, allow_pickle: bool = False) -> bool:
     return keymap.is_sdxl_file(read_checkpoint(path, allow_pickle))
 
 
+def is_sdxl_refiner(path: Path, allow_pickle: bool = False) -> bool:
+    """The SDXL refiner: a folder with text_encoder_2/ and no text_encoder/, or a file with bigG alone."""
+    if path.is_dir():
+        return (path / "text_encoder_2").is_dir() and not (path / "text_encoder").is_dir()
+    return keymap.is_sdxl_refiner_file(read_checkpoint(path, allow_pickle))
+
+
 def load_taesd(path, dtype=None, device=None, allow_pickle=False):
     """TAESD from its diffusers folder (config.json + diffusion_pytorch_model.safetensors), or from
     madebyollin's taesd_encoder + taesd_decoder files (a folder holding them, or either file). dtype: float32."""
@@ -237,7 +244,7 @@ class Components:
 
     unet: torch.nn.Module
     vae: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoder: torch.nn.Module | None  # None for the SDXL refiner (bigG alone, as text_encoder_2)
     tokenizer: object
     schedule: NoiseSchedule
     prediction_type: str
@@ -262,13 +269,12 @@ def load_components(path, dtype=None, device=None, variant=None, prediction_type
         return Components(unet, load_vae(path, **options), load_text_encoder(path, **options),
                           load_tokenizer(path, allow_pickle), schedule, unet.prediction_type, found)
     index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
-    for part, problem in (("text_encoder_2", "an SDXL folder without text_encoder_2/ (OpenCLIP ViT-bigG): SDXL needs "
-                           "both text encoders; download it again"), ("text_encoder", "the SDXL refiner (bigG alone):"
-                           " it refines a base model's latents; load the base model")):
-        if path.is_dir() and not (path / part).is_dir():
-            raise CheckpointError(f"{path} is {problem} (`minidiff download sdxl`)")
-    return Components(unet, load_vae(path, **options), load_text_encoder(path, **options),
-                      load_tokenizer(path, allow_pickle), schedule, unet.prediction_type, found,
+    if path.is_dir() and not (path / "text_encoder_2").is_dir():
+        raise CheckpointError(f"{path} is an SDXL folder without text_encoder_2/ (OpenCLIP ViT-bigG): SDXL needs both "
+                              "text encoders; download it again (`minidiff download sdxl`)")
+    refiner = is_sdxl_refiner(path, allow_pickle)  # bigG alone: no text_encoder, no tokenizer (minidiff.refiner)
+    return Components(unet, load_vae(path, **options), None if refiner else load_text_encoder(path, **options),
+                      None if refiner else load_tokenizer(path, allow_pickle), schedule, unet.prediction_type, found,
                       load_text_encoder(path, part="text_encoder_2", **options),
                       load_tokenizer(path, allow_pickle, part="tokenizer_2"),
-                      index.get("force_zeros_for_empty_prompt", True))
+                      index.get("force_zeros_for_empty_prompt", not refiner))  # the refiner's index: false

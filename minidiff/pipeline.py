@@ -10,6 +10,8 @@ Notation (Rombach et al. 2022, latent diffusion; Ho & Salimans 2022, classifier-
     strength          -> img2img: the fraction of the steps run, starting from the image noised to
                          the first of them (strength 0 returns the image, 1 ignores it)
     mask              -> inpainting: white repaints, black keeps the image (minidiff.inpaint)
+    denoising_end     -> SDXL base + refiner: stop at this fraction of the schedule and hand over the latent x_t;
+    denoising_start   -> go on from that latent (latents=) at this fraction (minidiff.refiner)
 """
 
 import contextlib
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from minidiff import embeddings, inpaint, inversion, lora
+from minidiff import embeddings, inpaint, inversion, lora, refiner
 from minidiff.attention_maps import record_attention
 from minidiff.checks import (
     check_bool,
@@ -36,7 +38,7 @@ from minidiff.checks import (
 from minidiff.errors import InputError, MinidiffError
 from minidiff.images import from_pil, to_pil
 from minidiff.prompts import count_chunks, join_chunks, tokenize_prompts
-from minidiff.samplers import SAMPLERS, sample
+from minidiff.samplers import SAMPLERS, call_grid, sample
 from minidiff.sdxl import SDXLConditioning
 from minidiff.speed import vae_decode
 from minidiff.steering import Steering
@@ -71,7 +73,7 @@ class TraceStep:
 @dataclass
 class GenerationResult:
     images: list  # PIL images
-    latents: torch.Tensor  # the final latents (scaled, what the UNet works in)
+    latents: torch.Tensor  # the final latents (scaled, what the UNet works in; denoising_end: x_t at the cut)
     trace: list = field(default_factory=list)  # TraceStep per step, when trace=True
     attention_maps: list = field(default_factory=list)  # TokenMaps per image, when attention_maps=True
 
@@ -137,6 +139,10 @@ class Pipeline:
     @property
     def dtype(self):
         return next(self.unet.parameters()).dtype
+
+    @property
+    def is_refiner(self) -> bool:
+        return self.sdxl is not None and self.text_encoder is None  # the SDXL refiner: bigG alone (minidiff.refiner)
 
     def latent_channels(self) -> int:
         return self.unet.config.out_channels  # an inpainting UNet takes 9 channels in, gives 4 out
@@ -224,14 +230,17 @@ class Pipeline:
                  mask=None,
                  early_exit=None, preview: str | None = None, callback=None, trace: bool = False,
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
-                 progress: bool = True, attention_maps: bool = False,
-                 prompt_weights: bool = True, **sampler_options) -> GenerationResult:
+                 progress: bool = True, attention_maps: bool = False, prompt_weights: bool = True,
+                 denoising_start: float | None = None, denoising_end: float | None = None, output: str = "pil",
+                 **sampler_options) -> GenerationResult:
         """Generate images. See the module docstring for the symbols; returns a GenerationResult. SDXL also takes
         original_size, crop_top_left, target_size (and the refiner's aesthetic scores): see minidiff.sdxl.
         strength defaults to 0.8 for img2img, 1.0 for inpainting (image and mask).
         callback: called at the end of every step; it may change the latent or the guidance (minidiff.steering).
         attention_maps: also return each image's cross-attention map per prompt token (minidiff.attention_maps).
-        prompt_weights: read (word:1.3), (word), [word], BREAK in the prompts (minidiff.prompts); False: plain text."""
+        prompt_weights: read (word:1.3), (word), [word], BREAK in the prompts (minidiff.prompts); False: plain text.
+        denoising_end, denoising_start: SDXL's base and refiner as two experts on one grid (minidiff.refiner); with
+        denoising_start, latents= are the latents a base run handed over. output="latent": latents only, no decode."""
         if self.sdxl is not None:
             self.sdxl.start_call(negative_prompt, sampler_options)  # takes SDXL's size/crop options out
         prompts = prompt_list("prompt", prompt)
@@ -242,6 +251,7 @@ class Pipeline:
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         height = self.default_size() if height is None else check_int("height", height)
         width = self.default_size() if width is None else check_int("width", width)
+        refiner.check_stage(self, denoising_start, denoising_end, image, latents, strength, output)
         strength = (0.8 if mask is None else 1.0) if strength is None else strength
         self.check_options(steps, sampler, height, width, strength, num_images, len(negatives), len(prompts), preview)
         check_seed(seed)
@@ -292,7 +302,13 @@ class Pipeline:
         timesteps = sampler_options.pop("timesteps", None)
         sampler_options.setdefault("spacing", self.spacing)
         sampler_options.setdefault("steps_offset", self.steps_offset)
-        first_step = 0
+        first_step, end_step = 0, None
+        if denoising_start is not None or denoising_end is not None:  # one of two experts on the grid
+            grid = call_grid(self.schedule, sampler, steps, timesteps, sampler_options)[0]
+            first_step, end_step = refiner.stage_steps(grid, self.schedule.num_train_timesteps, denoising_start,
+                                                       denoising_end)
+            if denoising_start is not None:
+                sampler_options["noise_is_x_t"] = True  # latents= is the x_t handed over
         if image is not None:  # img2img: the last `strength` of the sampler's own grid, from the image noised there
             n_grid = len(timesteps) if timesteps is not None else steps
             first_step = n_grid - min(int(n_grid * strength), n_grid)  # diffusers' t_start
@@ -316,27 +332,28 @@ class Pipeline:
         with recording or contextlib.nullcontext() as recorder:
             final = sample(model, noise, sampler=sampler, steps=steps, prediction_type=self.prediction_type,
                            schedule=self.schedule, timesteps=timesteps, generator=generator, callback=on_step,
-                           early_exit=early_exit, progress=progress, first_step=first_step, x0=x0, **sampler_options)
+                           early_exit=early_exit, progress=progress, first_step=first_step, x0=x0, end_step=end_step,
+                           **sampler_options)
         if job is not None:
             final = job.keep_outside(final)
             job.trace_view(recorded)
-        result = self.finish(final, recorded, preview)
+        result = self.finish(final, recorded, preview, output)
         result.attention_maps = recorder.maps(self.tokenizer, prompts) if attention_maps else []
         return result
 
-    def finish(self, latents, recorded, preview) -> GenerationResult:
+    def finish(self, latents, recorded, preview, output="pil") -> GenerationResult:
+        if output == "latent":  # nothing decoded (the trace still is)
+            return GenerationResult([], latents, self.trace_steps(recorded, preview))
         pixels = self.decode(latents, self.vae)
         if not torch.isfinite(pixels).all():  # after the VAE's own float32 redo: never a black image
             raise MinidiffError(f"the VAE decoder returned NaN or inf (dtype {pixels.dtype}, also after its float32 "
                                 "redo): check the VAE weights, or load the model with dtype=torch.float32")
-        images = to_pil(pixels)
+        return GenerationResult(to_pil(pixels), latents, self.trace_steps(recorded, preview))
+
+    def trace_steps(self, recorded, preview) -> list:
         decoder = self.taesd if preview == "taesd" else self.vae
-        trace = [
-            TraceStep(r["step"], float(r["timestep"]), to_pil(self.decode(r["x"], decoder)),
-                      to_pil(self.decode(r["pred_x0"], decoder)))
-            for r in recorded
-        ]
-        return GenerationResult(images, latents, trace)
+        return [TraceStep(r["step"], float(r["timestep"]), to_pil(self.decode(r["x"], decoder)),
+                          to_pil(self.decode(r["pred_x0"], decoder))) for r in recorded]
 
     def default_size(self) -> int:
         return 8 * self.unet.config.sample_size
@@ -417,7 +434,7 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     tiny = load_taesd(resolve(taesd), dtype=dtype, device=device, allow_pickle=allow_pickle) if taesd else None
     sdxl = None if parts.text_encoder_2 is None else SDXLConditioning(parts.text_encoder_2, parts.tokenizer_2,
                                                                        parts.force_zeros_for_empty_prompt)
-    pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.schedule,
+    pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer or parts.tokenizer_2, parts.schedule,
                     parts.prediction_type, tiny, parts.scheduler_config.get("timestep_spacing", "leading"),
                     parts.scheduler_config.get("steps_offset", 1), source=str(path_or_name),
                     guidance_scale=KNOWN_MODELS.get(str(path_or_name), {}).get("guidance_scale", 7.5), sdxl=sdxl)

@@ -262,6 +262,13 @@ def sampler_grid(schedule: NoiseSchedule, sampler: str, steps=20, spacing="leadi
     return grid if isinstance(grid, tuple) else (grid,)
 
 
+def call_grid(schedule: NoiseSchedule, sampler: str, steps: int, timesteps, options: dict) -> tuple:
+    """sampler_grid for the keyword options of a sample() call (spacing, steps_offset, karras, grid options)."""
+    grid_options = {name: options[name] for name in GRID_OPTIONS.get(sampler, ()) if name in options}
+    return sampler_grid(schedule, sampler, steps, options.get("spacing", "leading"), options.get("steps_offset", 1),
+                        timesteps, options.get("karras", False), **grid_options)
+
+
 def add_noise_at(schedule: NoiseSchedule, sampler: str, grid: tuple, step: int, x0, noise):
     """x0 noised to point `step` of `sampler`'s grid, as that sampler's latent there (img2img's start), the way
     the diffusers scheduler's add_noise does it: x = x0 + sigma noise at the grid's own sigma (fractional
@@ -275,8 +282,8 @@ def add_noise_at(schedule: NoiseSchedule, sampler: str, grid: tuple, step: int, 
 
 
 class _EarlyExit(Exception):
-    def __init__(self, pred_x0):
-        self.pred_x0 = pred_x0
+    def __init__(self, latent):
+        self.latent = latent  # pred_x0 (early_exit) or x_t (end_step)
 
 
 def _early_exit_steps(early_exit, n_steps: int):
@@ -320,13 +327,17 @@ def _checked_latent(changed, x):
     return changed.to(x.device, x.dtype)
 
 
-def _check_start(first_step, x0, noise, noise_is_x_t: bool, n_steps: int) -> None:
+def _check_start(first_step, x0, noise, noise_is_x_t: bool, n_steps: int, end_step) -> None:
     if isinstance(first_step, bool) or not isinstance(first_step, int) or not 0 <= first_step < n_steps:
         raise SamplerError(f"first_step must be an integer from 0 to {n_steps - 1} (the grid has {n_steps} steps), "
                            f"got {first_step!r}")
-    if x0 is None and first_step > 0:
+    if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)
+                                 or not first_step < end_step <= n_steps):
+        raise SamplerError(f"end_step must be an integer from {first_step + 1} (after first_step) to {n_steps} (the "
+                           f"grid's steps), got {end_step!r}")
+    if x0 is None and first_step > 0 and not noise_is_x_t:
         raise SamplerError(f"first_step={first_step} starts inside the grid: give x0, the clean latent to noise there "
-                           "(img2img), or use first_step=0")
+                           "(img2img), or the latent there with noise_is_x_t=True, or use first_step=0")
     if x0 is not None and noise_is_x_t:
         raise SamplerError("x0 (the clean latent, noised at first_step) and noise_is_x_t=True (the noise is already "
                            "the latent x_t) exclude each other: drop one")
@@ -338,13 +349,16 @@ def _check_start(first_step, x0, noise, noise_is_x_t: bool, n_steps: int) -> Non
 @torch.no_grad()
 def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsilon", schedule=None,
            spacing="leading", steps_offset=1, timesteps=None, karras=False, eta=None, generator=None,
-           callback=None, early_exit=None, progress=False, noise_is_x_t=False, first_step=0, x0=None, **options):
+           callback=None, early_exit=None, progress=False, noise_is_x_t=False, first_step=0, x0=None, end_step=None,
+           **options):
     """Denoise `noise` (from N(0, I)) with `model(x_t, t) -> eps | v | x0` and the sampler named `sampler`.
 
     The grid comes from `steps`, `spacing` and `steps_offset`, or from a custom `timesteps` list; `karras=True`
     respaces the noise levels of the samplers in KARRAS_SAMPLERS. The noise becomes the first latent as in
     diffusers (`minidiff.schedule.init_noise_sigma`; the spacing decides it even with custom timesteps, as there);
-    `noise_is_x_t=True` takes it instead as the VP latent x_t at the first timestep.
+    `noise_is_x_t=True` takes it instead as the VP latent x_t at the first timestep (at step `first_step` when
+    x0 is not given: the second of two expert denoisers goes on from the first's latent, minidiff.refiner).
+    `end_step=k` stops before grid step k and returns the latent x_t there (VP space; the first expert's handover).
     img2img, as diffusers' StableDiffusionImg2ImgPipeline: `first_step=k` runs the sampler's own grid from its
     step k on (diffusers' t_start; a Heun step holds both its model calls, where diffusers counts t_start * 2),
     and `x0`, the clean latent, is noised there with `noise` (`add_noise_at`). The callback's steps, `early_exit`
@@ -392,17 +406,17 @@ def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsil
     schedule = schedule or NoiseSchedule.sd()
     grid_options = {name: options.pop(name) for name in GRID_OPTIONS.get(sampler, ()) if name in options}
     grid = sampler_grid(schedule, sampler, steps, spacing, steps_offset, timesteps, karras, **grid_options)
-    _check_start(first_step, x0, noise, noise_is_x_t, len(grid[0]))
+    _check_start(first_step, x0, noise, noise_is_x_t, len(grid[0]), end_step)
 
     if x0 is not None:  # img2img: the image noised to the grid point where the run starts
         x = add_noise_at(schedule, sampler, grid, first_step, x0, noise)
-        grid = tuple(part[first_step:] for part in grid)  # sigmas keep their final 0
-    elif sampler in K_DIFFUSION_SPACE:  # x = x0 + sigma_0 eps
-        sigma_max = float(grid[1][0])
-        x = noise * (math.sqrt(1 + sigma_max**2) if noise_is_x_t else init_noise_sigma(sigma_max, spacing))
+    elif sampler in K_DIFFUSION_SPACE:  # x = x0 + sigma eps
+        sigma = float(grid[1][first_step])
+        x = noise * (math.sqrt(1 + sigma**2) if noise_is_x_t else init_noise_sigma(sigma, spacing))
     else:
         x = noise
-    n_steps = len(grid[0])
+    grid = tuple(part[first_step:] for part in grid)  # sigmas keep their final 0
+    n_steps = (end_step or first_step + len(grid[0])) - first_step
     stop_after = _early_exit_steps(early_exit, n_steps)
 
     denoiser = Denoiser(model, schedule, prediction_type)
@@ -415,12 +429,14 @@ def sample(model, noise, sampler="dpmpp_2m", steps=20, *, prediction_type="epsil
         changed = _checked_latent(callback(**info), info["x"]) if callback is not None else None
         if stop_after is not None and info["step"] + 1 == stop_after:
             raise _EarlyExit(info["pred_x0"])
+        if info["step"] + 1 == n_steps < len(grid[0]):  # end_step: hand over the latent x_t
+            raise _EarlyExit(info["x"] if changed is None else changed)
         return changed
 
     try:
         x = function(denoiser, x, *grid, generator=generator, callback=on_step, **options)
     except _EarlyExit as stop:
-        x = stop.pred_x0
+        x = stop.latent
     finally:
         bar.close()
     denoiser.check_finite()

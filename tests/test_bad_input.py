@@ -30,6 +30,7 @@ from minidiff.hub import WEIGHTS
 from minidiff.images import from_pil
 from minidiff.load import load_taesd, load_text_encoder, load_tokenizer, load_unet, load_vae
 from minidiff.pipeline import load_pipeline
+from minidiff.refiner import refine
 from minidiff.samplers import sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,6 +295,19 @@ CLI_ROWS = [
     ("early-exit-nan", [*GENERATE, "--early-exit", "nan"], "--early-exit must be"),
     ("early-exit-inf", [*GENERATE, "--early-exit", "inf"], "--early-exit must be"),
     ("early-exit-past-steps", [*GENERATE, "--early-exit", "5"], "--early-exit must be an integer from 1 to 1"),
+    # SDXL's refiner as the second stage: --refiner PATH_OR_NAME [--refiner-start FRACTION]
+    ("refiner-start-without-refiner", [*GENERATE, "--refiner-start", "0.7"], "give --refiner too, or drop it"),
+    ("refiner-start-zero", [*GENERATE, "--refiner", "sdxl-refiner", "--refiner-start", "0"],
+     "--refiner-start must be a fraction strictly between 0 and 1 (e.g. 0.8), got 0.0"),
+    ("refiner-start-one", [*GENERATE, "--refiner", "sdxl-refiner", "--refiner-start", "1"], "strictly between 0 and 1"),
+    ("refiner-start-nan", [*GENERATE, "--refiner", "sdxl-refiner", "--refiner-start", "nan"], "got nan"),
+    ("refiner-start-word", [*GENERATE, "--refiner", "sdxl-refiner", "--refiner-start", "late"], "invalid float value"),
+    ("refiner-empty", [*GENERATE, "--refiner", ""], "--refiner is empty: give the refiner's path or known name"),
+    ("refiner-with-image", [*GENERATE, "--refiner", "sdxl-refiner", "--image", "{good.png}"],
+     "--image does not go with --refiner"),
+    ("refiner-with-trace", [*GENERATE, "--refiner", "sdxl-refiner", "--trace", "@t.gif"], "drop --trace or --refiner"),
+    ("refiner-missing", [*GENERATE, "--refiner", "nowhere"], "'nowhere' is neither a file or folder nor a known model"),
+    ("refiner-non-sdxl-base", [*GENERATE, "--refiner", str(SHAPES)], "is not an SDXL base model"),
     # names and choices
     ("sampler-unknown", [*GENERATE, "--sampler", "dpm"], "unknown sampler 'dpm': use one of ddim"),
     ("sampler-empty", [*GENERATE, "--sampler", ""], "unknown sampler ''"),
@@ -749,6 +763,19 @@ API_ROWS = [
      "nothing to trace"),
     ("early-exit-over", call(early_exit=1.5), SamplerError, "early_exit must be a fraction in (0, 1]"),
     ("early-exit-string", call(early_exit="half"), SamplerError, "early_exit must be"),
+    ("denoising-end-over", call(denoising_end=1.5), InputError, "denoising_end must be a number from 0.0 to 1.0"),
+    ("denoising-end-string", call(denoising_end="0.8"), InputError, "got '0.8' (str)"),
+    ("denoising-end-one", call(denoising_end=1.0), InputError, "strictly between 0 and 1 (e.g. 0.8), got 1.0"),
+    ("denoising-start-zero", call(denoising_start=0.0), InputError, "denoising_start must be a fraction strictly"),
+    ("denoising-start-without-latents", call(denoising_start=0.8), InputError, "denoising_start needs latents="),
+    ("denoising-start-with-image", call(denoising_start=0.8, image=Image.new("RGB", (64, 64))), InputError,
+     "give latents=, not image="),
+    ("denoising-start-with-strength", call(denoising_start=0.8, strength=0.5, latents=torch.zeros(1, 4, 8, 8)),
+     InputError, "drop strength"),
+    ("denoising-start-after-end", call(denoising_start=0.8, denoising_end=0.5), InputError, "must come before"),
+    ("denoising-end-before-first-step", call(denoising_end=0.01, steps=4), InputError, "stops before the first"),
+    ("output-unknown", call(output="png"), InputError, "unknown output 'png': use one of pil, latent"),
+    ("refine-not-sdxl", lambda ctx: refine(ctx["pipe"], ctx["pipe"], "x"), InputError, "is not an SDXL base model"),
     ("preview-unknown", call(preview="fast"), MinidiffError, "preview must be 'vae' or 'taesd'"),
     ("preview-taesd-missing", call(preview="taesd"), MinidiffError, "needs a TAESD"),
     ("callback-not-callable", call(callback=5), InputError, "callback must be a function"),

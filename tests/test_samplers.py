@@ -297,11 +297,29 @@ def test_first_step_runs_the_tail_of_the_grid_from_x0_noised_there(name, spacing
     assert steps_run == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("name", ["euler", "heun", "ddim", "euler_a"])
+def test_end_step_then_first_step_from_x_t_is_the_whole_run(name):
+    """Two experts (minidiff.refiner): the run stopped at end_step=3 hands over x_t, and a run from first_step=3 with
+    it (noise_is_x_t) ends where the whole run does; the first part calls the model at the grid's first 3 steps."""
+    model = lambda x_t, t: torch.tanh(x_t) * (1 + float(t) / 1000)
+    x_T = noise(torch.float64)
+    whole = sample(model, x_T, name, 7, generator=torch.Generator().manual_seed(2))
+    generator, seen = torch.Generator().manual_seed(2), []
+    handed = sample(lambda x_t, t: seen.append(float(t)) or model(x_t, t), x_T, name, 7, generator=generator,
+                    end_step=3)
+    assert seen[:: 2 if name == "heun" else 1] == sampler_grid(NoiseSchedule.sd(), name, 7, "leading")[0][:3].tolist()
+    ended = sample(model, handed, name, 7, first_step=3, noise_is_x_t=True, generator=generator)
+    torch.testing.assert_close(ended, whole, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(handed, whole, atol=1e-3)
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"first_step": 7, "x0": noise()}, r"first_step must be an integer from 0 to 6 \(the grid has 7 steps\), got 7"),
     ({"first_step": -1, "x0": noise()}, "first_step must be an integer from 0 to 6"),
     ({"first_step": 2.0, "x0": noise()}, "first_step must be an integer"),
     ({"first_step": 2}, "give x0, the clean latent to noise there"),
+    ({"end_step": 8}, r"end_step must be an integer from 1 \(after first_step\) to 7"),
+    ({"first_step": 2, "end_step": 2, "x0": noise()}, "end_step must be an integer from 3"),
     ({"first_step": 2, "x0": noise(), "noise_is_x_t": True}, "exclude each other"),
     ({"first_step": 2, "x0": torch.zeros(1, 4, 16, 16)}, r"x0 must be a latent tensor shaped like the noise"),
 ])

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from minidiff import cli, hub
-from minidiff.errors import CheckpointError, MinidiffError
+from minidiff.errors import CheckpointError, InputError, MinidiffError
 from minidiff.load import load_components
+from minidiff.pipeline import load_pipeline
 from minidiff.sdxl import time_ids
 from minidiff.speed import FastUNet
 from minidiff.unet import UNet, UNetConfig
@@ -56,8 +57,18 @@ def test_download_sdxl_fetches_both_text_encoders_and_tokenizers():
         assert needed in wanted
 
 
+def test_download_sdxl_refiner_fetches_bigg_alone_and_info_counts_its_parameters(capsys, monkeypatch):
+    wanted = hub.files("sdxl-refiner", "fp16")
+    assert {"text_encoder_2/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"} <= set(wanted)
+    assert not any(name.startswith(("text_encoder/", "tokenizer/")) for name in wanted)
+    monkeypatch.setattr(hub, "local_path", lambda *args, **kwargs: None)  # as if not downloaded
+    cli.main(["info", "sdxl-refiner"])
+    assert "UNet (UNetConfig.sdxl_refiner()), 2,259,526,660 parameters" in capsys.readouterr().out
+
+
 def test_sdxl_folder_without_second_text_encoder_or_first_is_named(tmp_path):
-    """A model_index.json that lists text_encoder_2 makes a folder SDXL; the folder must hold both encoders."""
+    """A model_index.json that lists text_encoder_2 makes a folder SDXL; the folder must hold both encoders, or be
+    the refiner (text_encoder_2/ and tokenizer_2/ alone), which refuses text-to-image from noise."""
     source = hub.bundled_path("shapes")
     folder = tmp_path / "sdxl"
     shutil.copytree(source, folder)
@@ -68,5 +79,11 @@ def test_sdxl_folder_without_second_text_encoder_or_first_is_named(tmp_path):
         load_components(folder)
     assert "\n" not in str(error.value)
     shutil.move(folder / "text_encoder", folder / "text_encoder_2")
-    with pytest.raises(CheckpointError, match="refiner"):
+    with pytest.raises(CheckpointError, match="without a tokenizer_2/ folder"):
         load_components(folder)
+    shutil.move(folder / "tokenizer", folder / "tokenizer_2")  # laid out as the refiner: one encoder, as the second
+    refiner = load_pipeline(folder, device="cpu")
+    assert refiner.is_refiner and refiner.text_encoder is None
+    with pytest.raises(InputError, match="this is the SDXL refiner, trained on the low-noise steps only") as error:
+        refiner("a red circle", steps=1)  # the refiner given as the base model
+    assert "\n" not in str(error.value)

@@ -77,6 +77,10 @@ def add_commands(sub):
                    "embedding (A1111 or diffusers safetensors) whose word is TOKEN (default: the file's); repeatable")
     g.add_argument("--out", default="image.png", help="the image; its extension decides the format (.png, .jpg, "
                    ".webp, ...); several images: NAME_0.png, NAME_1.png, ...")
+    g.add_argument("--refiner", metavar="PATH_OR_NAME", help="SDXL: the refiner (e.g. sdxl-refiner) runs the last, "
+                   "low-noise steps from the --model's latents (minidiff.refiner)")
+    g.add_argument("--refiner-start", type=float, metavar="FRACTION", help="where the refiner takes over: a fraction "
+                   "of the schedule (default 0.8: the base runs t = 1000 down to 200)")
     g.add_argument("--overwrite", action="store_true", help="replace output files that exist already "
                    "(without it they are refused before anything is generated)")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
@@ -144,6 +148,7 @@ def check_generate_args(args) -> dict:
         outputs["--attention-maps"] = [Path(args.attention_maps)]
     check_float("--guidance-cutoff", args.guidance_cutoff, 0.0, 1.0, "the fraction of the steps run with guidance",
                 optional=True)
+    check_refiner_args(args)
     check_outputs(outputs, args.overwrite)
     height, width = parse_size(args.size) if args.size is not None else (None, None)
     if noise is not None:
@@ -153,6 +158,27 @@ def check_generate_args(args) -> dict:
                 width=width, num_images=args.num_images, image=args.image, mask=args.mask, strength=strength,
                 early_exit=early_exit, preview=args.preview, trace=bool(args.trace or args.grid), karras=args.karras,
                 attention_maps=bool(args.attention_maps), prompt_weights=not args.no_prompt_weights)
+
+
+def check_refiner_args(args) -> None:
+    """--refiner and --refiner-start: a fraction strictly inside (0, 1), and no option that a two-stage run lacks."""
+    if args.refiner is None:
+        if args.refiner_start is not None:
+            raise InputError("--refiner-start says where the refiner takes over: give --refiner too, or drop it")
+        return
+    if not args.refiner:
+        raise InputError("--refiner is empty: give the refiner's path or known name (e.g. sdxl-refiner)")
+    check_text("--refiner", args.refiner)
+    start = 0.8 if args.refiner_start is None else args.refiner_start
+    if not 0 < start < 1:  # NaN too
+        raise InputError(f"--refiner-start must be a fraction strictly between 0 and 1 (e.g. 0.8), got {start}")
+    for flag, given in (("--image", args.image), ("--noise", args.noise), ("--prompts", args.prompts),
+                        ("--trace", args.trace), ("--grid", args.grid), ("--early-exit", args.early_exit),
+                        ("--attention-maps", args.attention_maps), ("--guidance-cutoff", args.guidance_cutoff)):
+        if given is not None:
+            raise InputError(f"{flag} does not go with --refiner (text-to-image in two stages, one prompt): drop "
+                             f"{flag} or --refiner")
+    args.refiner_start = start
 
 
 MAX_PROMPTS = 1000  # lines of --prompts, as --num-images: more in several runs
@@ -246,7 +272,16 @@ def cmd_generate(args):
     if noise is not None and noise.shape[1] != pipe.latent_channels():
         raise InputError(f"--noise {shown(args.noise)} holds {noise.shape[1]}-channel latents, but --model "
                          f"{shown(args.model)} works in {pipe.latent_channels()}: invert the picture with this model")
-    result = pipe(**options)
+    if args.refiner is not None:  # two experts: --model down to --refiner-start, the refiner from there
+        from minidiff.pipeline import load_pipeline
+        from minidiff.refiner import refine
+
+        refiner = load_pipeline(args.refiner, device=args.device, dtype=args.dtype)
+        for name in ("image", "mask", "strength"):
+            options.pop(name)
+        result = refine(pipe, refiner, options.pop("prompt"), args.refiner_start, **options)
+    else:
+        result = pipe(**options)
     outputs = []
     kind = output_format("--out", args.out, IMAGE_FORMATS)
     for out, image in zip(image_paths(args.out, len(result.images)), result.images):

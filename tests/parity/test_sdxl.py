@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from minidiff import keymap
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.config import from_diffusers, to_diffusers
-from minidiff.errors import CheckpointError
+from minidiff.errors import CheckpointError, InputError
 from minidiff.load import load_components
 from minidiff.pipeline import load_pipeline
 from minidiff.tokenizer import CLIPTokenizer, write_vocab_files
@@ -265,21 +265,33 @@ def test_single_file_keys_equal_diffusers_converter(tmp_path):
                      models["reference_bigg"](ids).text_embeds, "text_embeds from the file")
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ("no_text_encoder_2", "has no second text encoder"),
-    ("refiner", "is the SDXL refiner"),
-])
-def test_incomplete_or_wrong_sdxl_file_is_named_in_one_line(tmp_path, change, message):
+def test_incomplete_sdxl_file_is_named_in_one_line(tmp_path):
     _, checkpoint = sdxl_file_parts()
     bigg = keymap.PREFIXES["open_clip_sdxl"]
-    if change == "no_text_encoder_2":
-        checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith(bigg)}
-    else:  # the refiner's file: bigG alone, as embedders.0
-        checkpoint = {k.replace(bigg, keymap.PREFIXES["open_clip_sdxl_refiner"]): v for k, v in checkpoint.items()
-                      if not k.startswith(keymap.PREFIXES["clip_sdxl"])}
+    checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith(bigg)}
     save_file(checkpoint, tmp_path / "sd_xl.safetensors")
-    with pytest.raises(CheckpointError, match=message) as error:
+    with pytest.raises(CheckpointError, match="has no second text encoder") as error:
         load_components(tmp_path / "sd_xl.safetensors")
+    assert "\n" not in str(error.value)
+
+
+def test_refiner_file_loads_bigg_alone_and_refuses_to_start_from_noise(tmp_path):
+    """The refiner's file layout (bigG alone, as conditioner.embedders.0): text_encoder_2 is bigG, there is no
+    text_encoder, no zeros for an empty negative prompt; called as a base model it says what it is, in one line."""
+    models, checkpoint = sdxl_file_parts()
+    bigg = keymap.PREFIXES["open_clip_sdxl"]
+    checkpoint = {k.replace(bigg, keymap.PREFIXES["open_clip_sdxl_refiner"]): v for k, v in checkpoint.items()
+                  if not k.startswith(keymap.PREFIXES["clip_sdxl"])}
+    save_file(checkpoint, tmp_path / "sd_xl_refiner.safetensors")
+    parts = load_components(tmp_path / "sd_xl_refiner.safetensors")
+    assert parts.text_encoder is None and parts.tokenizer is None and not parts.force_zeros_for_empty_prompt
+    ids = torch.randint(0, 1000, (2, 77))
+    with torch.no_grad():
+        assert_close(parts.text_encoder_2.penultimate_and_pooled(ids)[1], models["reference_bigg"](ids).text_embeds,
+                     "text_embeds from the refiner's file")
+    refiner = load_pipeline(tmp_path / "sd_xl_refiner.safetensors", device="cpu")
+    with pytest.raises(InputError, match="this is the SDXL refiner") as error:
+        refiner("a red circle", steps=1, height=64, width=64)
     assert "\n" not in str(error.value)
 
 
