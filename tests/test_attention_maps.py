@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiff.attention_maps import record_attention, token_maps, upsampled_sum
+from minidiff.attention_maps import AttentionRecorder, record_attention, token_maps, upsampled_sum
 from minidiff.errors import InputError
 from minidiff.speed import FastUNet, cpu_defaults
 from minidiff.unet import UNet, UNetConfig
@@ -97,6 +97,29 @@ def test_pipeline_maps_per_token(shapes_pipe):
     assert cyan.tokens[1:3] == ["cy", "an"] and cyan.positions("cyan") == [1, 2]
     with pytest.raises(InputError, match="not a word of the prompt"):
         maps["blue"]
+
+
+def test_labels_are_the_words_without_syntax_and_long_prompts_in_chunks():
+    """Weight syntax is not a token, and a prompt past 75 tokens is read chunk by chunk: one map per word, in order,
+    each from its own context position (chunk k's token i at 77 k + 1 + i)."""
+    from minidiff.course.viz import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    (weighted,) = pipe("a (red:1.3) circle", steps=1, seed=0, progress=False, attention_maps=True).attention_maps
+    assert weighted.tokens == ["a", "red", "circle"] and weighted.maps.shape[0] == 3
+    (plain,) = pipe("a (red:1.3) circle", steps=1, seed=0, progress=False, attention_maps=True,
+                    prompt_weights=False).attention_maps
+    assert plain.tokens == ["a", "(", "red", ":", "1", ".", "3", ")", "circle"]  # read as text when asked
+    words = [f"{colour} {shape}" for colour in ("red", "blue", "green") for shape in ("circle", "square")] * 8
+    long_prompt = " ".join(words)  # 96 tokens: chunks of 75 and 21
+    (long,) = pipe(long_prompt, steps=1, seed=0, progress=False, attention_maps=True).attention_maps
+    assert long.tokens == long_prompt.split() and long.maps.shape[0] == 96
+
+    recorder = AttentionRecorder(1, 16, 16)  # 256 cells: context position j marks cell j alone
+    recorder.total = torch.eye(256)[: 2 * 77].reshape(1, 2 * 77, 16, 16)
+    (maps,) = recorder.maps(pipe.tokenizer, [long_prompt])
+    expected = [1 + i for i in range(75)] + [77 + 1 + i for i in range(21)]
+    assert maps.maps.flatten(1).argmax(dim=1).tolist() == expected
 
 
 @pytest.fixture(scope="module")
