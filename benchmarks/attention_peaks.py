@@ -1,4 +1,4 @@
-"""Where the colour and shape words act on the bundled shapes model: their attention maps' peaks, and the colour's routes.
+"""Where the colour and shape words act on the shapes model: their attention maps' peaks, and the colour's routes.
 
     python -m benchmarks.attention_peaks [--prompts 64] [--json benchmarks/results/attention_peaks.json]
 
