@@ -144,6 +144,24 @@ def _prompt_weights() -> dict:
     return numbers
 
 
+def _attention_peaks() -> dict:
+    """Written by `python -m benchmarks.attention_peaks --prompts 64` (benchmarks/results/attention_peaks.json): how
+    often the colour and shape words' attention maps peak inside the drawn shape, and the colour's routes."""
+    record = read_json("benchmarks/results/attention_peaks.json")
+    peaks, routes = record["peaks"], record["routes"]
+    values = {"attn.prompts": str(record["prompts"]), "attn.n": str(peaks["n"]),
+              "attn.chance": percent(peaks["chance"]),
+              "attn.colour_border": percent(peaks["colour_border"]), "attn.border": percent(peaks["border"]),
+              "attn.routes_n": str(routes["n"]), "attn.route_word": percent(routes["colour word"]),
+              "attn.route_after": percent(routes["words after it"]),
+              "attn.route_padding": percent(routes["<|endoftext|> + padding"])}
+    readings = (("all layers", ""), ("words only", "_words"), ("8-wide layers", "_8"), ("4-wide layers", "_4"))
+    for reading, key in readings:
+        for kind in ("colour", "shape"):
+            values[f"attn.{kind}{key}"] = percent(peaks["readings"][reading][kind])
+    return values
+
+
 def _sdxl_cpu() -> dict:
     """Written by `minidiff bench --config sdxl --size 512 ... --json benchmarks/results/sdxl_cpu_512.json`."""
     rows = {row["rung"]: row for row in read_json("benchmarks/results/sdxl_cpu_512.json")}
@@ -189,7 +207,8 @@ def _engines() -> dict:
 
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
-    return _shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights() | _sdxl_cpu() | _end_to_end() | _engines()
+    return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
+            | _attention_peaks() | _sdxl_cpu() | _end_to_end() | _engines())
 
 
 def marked(text: str) -> list[tuple[str, str]]:

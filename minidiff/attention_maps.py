@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from minidiff.checks import literal
 from minidiff.errors import InputError
+from minidiff.prompts import prompt_chunks
+from minidiff.tokenizer import MAX_LENGTH
 from minidiff.unet import BasicTransformerBlock
 
 
@@ -56,7 +58,7 @@ def token_maps(layer_probs: list, height: int, width: int) -> torch.Tensor:
 class TokenMaps:
     """The attention maps of one generated image: one (H, W) map in [0, 1] per token of its prompt."""
 
-    tokens: list  # the prompt's tokens as text, without <|startoftext|> and <|endoftext|>
+    tokens: list  # the prompt's tokens as text, in order: no <|startoftext|>, <|endoftext|> or weight syntax
     maps: torch.Tensor  # (len(tokens), H, W) at the latent size, float32 on the CPU
 
     def __getitem__(self, word: str) -> torch.Tensor:
@@ -111,15 +113,19 @@ class AttentionRecorder:
 
         return recording_kernel
 
-    def maps(self, tokenizer, prompts: list) -> list:
-        """A TokenMaps per image (prompts: one per image), each token's map normalised."""
+    def maps(self, tokenizer, prompts: list, prompt_weights: bool = True) -> list:
+        """A TokenMaps per image (prompts: one per image), each token's map normalised. The tokens are those the
+        text encoder saw (minidiff.prompts.prompt_chunks): "a (red:1.3) circle" gives a, red, circle; a prompt past
+        75 tokens is in chunks of 77 positions side by side, and its k-th chunk's i-th token is at 77 k + 1 + i."""
         if self.total is None:
             raise InputError("no cross-attention was recorded: the UNet has no cross-attention layers, or no step ran")
         results = []
         for prompt, total in zip(prompts, self.total.cpu()):
-            ids = tokenizer.encode(prompt)[: total.shape[0] - 2]  # the tokens between <|startoftext|> and the end
-            tokens = [tokenizer.decode([i]) for i in ids]
-            results.append(TokenMaps(tokens, normalised(total[1 : 1 + len(ids)])))
+            positions, tokens = [], []
+            for chunk, (ids, _) in enumerate(prompt_chunks(tokenizer, prompt, prompt_weights)):
+                positions += [chunk * MAX_LENGTH + 1 + i for i in range(len(ids))]  # after the chunk's START
+                tokens += [tokenizer.decode([i]) for i in ids]
+            results.append(TokenMaps(tokens, normalised(total[positions])))
         return results
 
 

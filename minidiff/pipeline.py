@@ -338,7 +338,7 @@ class Pipeline:
             final = job.keep_outside(final)
             job.trace_view(recorded)
         result = self.finish(final, recorded, preview, output)
-        result.attention_maps = recorder.maps(self.tokenizer, prompts) if attention_maps else []
+        result.attention_maps = recorder.maps(self.tokenizer, prompts, prompt_weights) if attention_maps else []
         return result
 
     def finish(self, latents, recorded, preview, output="pil") -> GenerationResult:
