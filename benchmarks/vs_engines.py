@@ -16,8 +16,8 @@ torch does. The export is made once per network (rungs with the same network sha
 Timed in turns, one engine could slow the next: measured with per-thread CPU time (/proc/self/task/*/stat) on SD 1.5
 at 256 px, 2 cores, the engines' threads take no CPU while minidiff's UNet runs (ONNX Runtime with spinning off
 as above; OpenVINO's TBB workers sleep). What they share with minidiff is glibc's heap: minidiff's fp32 eager call
-took 55-60k page faults with the engines in the process against 29-31k before they were created (one run, on a
-busy machine), so compare the eager rungs with `minidiff bench` alone; the +reuse memory rungs keep their memory.
+took more page faults with the engines in the process than before they were created (one run, on a busy machine),
+so compare the eager rungs with `minidiff bench` alone too; the +reuse memory rungs keep their freed memory.
 
 Needs the `engines` extra: pip install -e ".[engines]" (onnx, onnxscript, onnxruntime, openvino). Without an
 engine the ladder runs with the others, or alone, and says which extra to install.
