@@ -13,6 +13,12 @@ that the JSON records is the precision OpenVINO reports it compiled for). OpenVI
 inputs' static shapes before it is compiled, as optimum-intel does for its pipelines. Both use as many threads as
 torch does. The export is made once per network (rungs with the same network share it) into a temporary folder.
 
+Timed in turns, one engine could slow the next: measured with per-thread CPU time (/proc/self/task/*/stat) on SD 1.5
+at 256 px, 2 cores, the engines' threads take no CPU while minidiff's UNet runs (ONNX Runtime with spinning off
+as above; OpenVINO's TBB workers sleep). What they share with minidiff is glibc's heap: minidiff's fp32 eager call
+took more page faults with the engines in the process than before they were created (one run, on a busy machine),
+so compare the eager rungs with `minidiff bench` alone too; the +reuse memory rungs keep their freed memory.
+
 Needs the `engines` extra: pip install -e ".[engines]" (onnx, onnxscript, onnxruntime, openvino). Without an
 engine the ladder runs with the others, or alone, and says which extra to install.
 """
@@ -36,6 +42,8 @@ from minidiff.unet import UNet
 
 INSTALL = 'pip install -e ".[engines]"'
 OPENVINO_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+# ONNX Runtime's thread pools busy-wait for work after a run unless these are "0" (tests/test_bench_vs_engines.py)
+SPINNING_ENTRIES = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 _exports = {}  # (repr(config), id(state)) -> (the ONNX file, the state: kept so that its id is not reused)
 _folder = None
 
@@ -75,7 +83,8 @@ class OnnxRuntimeUNet:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()
         # no busy-waiting between calls: its threads would take the cores from the engines timed in turns with it
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for pool in SPINNING_ENTRIES:
+            options.add_session_config_entry(pool, "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x, t, context):

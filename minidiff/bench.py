@@ -4,7 +4,8 @@ The ladder switches the options of minidiff.speed on one rung at a time, on the 
     fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +freeze (weights folded and
     pre-packed into the compiled graph) -> +CUDA graphs (GPU only) -> +reuse memory (CPU with glibc: freed tensors
     stay in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by
-    distillation)
+    distillation); then, where the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in
+    float32, the rung to set beside an engine that computes in float32)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
 else fp32) and keep the options of the rung before. The rungs up to +compile (and +CUDA graphs, torch.compile's
 "reduce-overhead" mode) use only options diffusers itself offers; +freeze and +reuse memory are minidiff's.
@@ -143,6 +144,9 @@ def ladder(device) -> list:
     for kind in ("small", "tiny"):
         rungs.append(dataclasses.replace(best, key=f"bk_{kind}", name=f"BK-SDM {kind}", decoder="taesd",
                                          distilled=kind, tolerance=None))
+    if fast != torch.float32:  # every option in float32: what to set beside an engine that computes in float32
+        rungs.append(dataclasses.replace(best, key="fp32_fast", name="fp32 +every option", dtype=torch.float32,
+                                         tolerance=TOLERANCE[torch.float32]))
     return rungs
 
 

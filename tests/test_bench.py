@@ -18,6 +18,7 @@ from minidiff.bench import (
     bench,
     decode,
     distilled_config,
+    fast_dtype,
     ladder,
     make_setup,
     run_rung,
@@ -47,6 +48,8 @@ def test_the_bench_prints_every_rung_and_passes_on_the_tiny_config(capsys, tmp_p
     expected = ["fp32", "half", "channels_last", "compile", "freeze", "reuse_memory", "taesd", "bk_small", "bk_tiny"]
     if not reuse_memory_available():  # glibc's allocator only
         expected.remove("reuse_memory")
+    if fast_dtype("cpu") != torch.float32:  # a CPU with bf16 instructions: every option in fp32 too
+        expected.append("fp32_fast")
     assert [r.key for r in rungs] == expected
     table = out.splitlines()
     for rung in rungs:
@@ -138,9 +141,21 @@ def test_the_summary_compares_the_fastest_full_network_rungs():
 
 
 def test_only_freeze_and_reuse_memory_are_minidiffs_own_options():
-    own = {r.key for r in ladder("cpu") if r.minidiff_options}
+    own = {r.key for r in ladder("cpu") if r.minidiff_options} - {"fp32_fast"}  # fp32_fast: every option, below
     assert own == {"freeze", "taesd", "bk_small", "bk_tiny"} | ({"reuse_memory"} if reuse_memory_available() else set())
     assert not any(r.minidiff_options for r in ladder("cpu") if r.key in ("fp32", "half", "channels_last", "compile"))
+
+
+def test_the_fp32_rung_with_every_option_is_the_fastest_rung_in_fp32():
+    rungs = {r.key: r for r in ladder("cpu")}
+    if "fp32_fast" not in rungs:
+        assert fast_dtype("cpu") == torch.float32  # the fast rungs already compute in fp32
+        return
+    fp32_fast = rungs.pop("fp32_fast")
+    best = rungs["reuse_memory" if reuse_memory_available() else "freeze"]
+    assert fp32_fast == dataclasses.replace(best, key="fp32_fast", name=fp32_fast.name, dtype=torch.float32,
+                                            tolerance=TOLERANCE[torch.float32])
+    assert ladder("cpu")[-1].key == "fp32_fast"  # last: the rungs before share their compiled UNets
 
 
 def test_bk_sdm_rungs_are_the_bk_sdm_presets():

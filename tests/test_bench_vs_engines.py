@@ -2,6 +2,7 @@
 UNet on the same weights and inputs, agree with minidiff's fp32 eager output within the tolerance of the dtype they
 compute in; without an engine the script names the extra and runs the rest. No timing assertions."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,41 @@ def test_the_engines_run_in_turns_and_agree_with_fp32():
     assert [line.split(" (")[0] for line in lines[1:]] == [
         "  onnxruntime fp32", *dict.fromkeys(f"  openvino {r.peers['openvino'].dtype}" for r in results)]
     assert all("its own runtime" in line for line in lines[1:])
+
+
+@pytest.fixture
+def add_model(tmp_path):
+    """A one-node ONNX model (c = a + b): the engines' settings, without minutes of exporting a UNet."""
+    onnx = pytest.importorskip("onnx")
+    vector = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["a", "b"], ["c"])], "add", [vector("a"),
+                                   vector("b")], [vector("c")])
+    path = tmp_path / "add.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnxruntime_uses_torchs_threads_and_does_not_spin(add_model, threads, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    options = vs_engines.OnnxRuntimeUNet(add_model).session.get_session_options()
+    assert options.intra_op_num_threads == threads
+    # spinning threads would take the cores from minidiff's call timed next
+    assert all(options.get_session_config_entry(entry) == "0" for entry in vs_engines.SPINNING_ENTRIES)
+    assert set(vs_engines.SPINNING_ENTRIES) == {"session.intra_op.allow_spinning", "session.inter_op.allow_spinning"}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_openvino_uses_torchs_threads(add_model, threads, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    engine = vs_engines.OpenVinoUNet(add_model, "f32")
+    request = engine.request({"a": [4], "b": [4]})
+    request.infer({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
+    compiled = request.get_compiled_model()
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == threads
+    assert str(compiled.get_property("PERFORMANCE_HINT")) in ("LATENCY", "PerformanceMode.LATENCY")
 
 
 def test_without_the_engines_it_names_the_extra_and_runs_the_ladder(capsys, monkeypatch):
