@@ -1,6 +1,6 @@
 """Teach the shapes model a new word, a made-up name for one colour and shape, from a few dozen pictures.
 
-    python -m minidiff.course.new_word [--methods base lora textual_inversion] [--steps 300] [--prompts 60]
+    python -m minidiff.course.new_word [--methods base lora textual_inversion] [--lora-steps 1200] [--word-steps 300]
 
 The word "dax" names an orange triangle. `write_folder` draws the pictures (shapes.render) at six of the nine
 places and writes each one's caption with the word where the colour and shape would be ("a small dax in the top
@@ -41,6 +41,8 @@ WORD_TEMPLATES = (
     "a picture of a {size} {word} {where_phrase}",
     "{where}, {size} {word}",
 )
+STEPS = {"lora": 1200, "textual_inversion": 300}  # optimizer steps of each adapter (batch 16)
+REGULAR_PER_PICTURE = 3  # the LoRA's regularisation pictures per picture of the word
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "new_word.json"
 
 
@@ -86,24 +88,29 @@ def word_adherence(pipe, word: str, n: int, seed: int = 1, guidance_scale: float
 
 
 def measure(work, methods=("base", "lora", "textual_inversion"), pictures: int = 40, prompts: int = 60,
-            without: int = 128, steps: int = 300, progress: bool = True) -> dict:
+            without: int = 256, steps: dict | None = None, progress: bool = True) -> dict:
     """For each method: the bundled model as it is ("base"), or an adapter trained on a folder of pictures and read
-    back from its file; each judged with the word (word_adherence) and without it (evaluate). Returns the results."""
+    back from its file; each judged with the word (word_adherence) and without it (evaluate). Returns the results.
+    steps: optimizer steps per method (default STEPS). The LoRA trains beside three regularisation pictures per
+    picture of the word (REGULAR_PER_PICTURE): measured on this model, 40 of them cost 4.7 points of the other
+    prompts' adherence at 600 steps, 120 (at 1200 steps, the same number of the word's pictures seen) 3.1 points,
+    and fine-tuning on 80 of them alone, without the word, already 1.6 points (n = 128 prompts each)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    steps = STEPS | (steps or {})
     results = {}
     for method in methods:
         word = TOKEN if method == "textual_inversion" else WORD
         entry = {}
         if method != "base":
             folder = work / f"data_{method}"
-            regular = pictures if method == "lora" else 0  # a new token cannot change the other prompts
+            regular = REGULAR_PER_PICTURE * pictures if method == "lora" else 0  # a new token changes no other prompt
             write_folder(folder, word, pictures, regular=regular)
-            config = FinetuneConfig(method=method, steps=steps, token=TOKEN)
+            config = FinetuneConfig(method=method, steps=steps[method], token=TOKEN)
             out = work / f"{method}.safetensors"
             log = finetune(load_pipeline("shapes", device="cpu", dtype=torch.float32), folder, config, out,
                            loss_curve=work / f"{method}_loss.png", progress=progress)
-            entry = {"pictures": pictures, "regular_pictures": regular, "steps": steps, "batch": config.batch,
+            entry = {"pictures": pictures, "regular_pictures": regular, "steps": config.steps, "batch": config.batch,
                      "lr": config.lr, "final_loss": log["final_loss"], "train_minutes": log["seconds"] / 60,
                      "cpu_minutes": log["cpu_seconds"] / 60, "threads": torch.get_num_threads()}
         pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32)
@@ -125,16 +132,19 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["base", "lora", "textual_inversion"],
                         choices=["base", "lora", "textual_inversion"], help="what to measure (default: all three)")
     parser.add_argument("--pictures", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each adapter")
+    parser.add_argument("--lora-steps", type=int, default=STEPS["lora"], help="optimizer steps of the LoRA")
+    parser.add_argument("--word-steps", type=int, default=STEPS["textual_inversion"],
+                        help="optimizer steps of textual inversion")
     parser.add_argument("--prompts", type=int, default=60, help="held-out prompts with the word")
-    parser.add_argument("--without", type=int, default=128, help="held-out prompts without it")
+    parser.add_argument("--without", type=int, default=256, help="held-out prompts without it")
     parser.add_argument("--work", default="new_word_work", help="folder for the pictures, files and loss curves")
     parser.add_argument("--out", default=str(RESULTS), help="the results JSON (methods measured are updated in it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
                         "threads waiting on a busy machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = measure(args.work, args.methods, args.pictures, args.prompts, args.without, args.steps)
+    results = measure(args.work, args.methods, args.pictures, args.prompts, args.without,
+                      {"lora": args.lora_steps, "textual_inversion": args.word_steps})
     for entry in results.values():
         entry |= {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)
