@@ -192,11 +192,12 @@ def _end_to_end() -> dict:
 
 
 def _engines() -> dict:
-    """Written by `python -m benchmarks.vs_engines --config sd15 --size 256 --steps 2 --repeats 2 --rungs fp32,half
-    --json benchmarks/results/engines_sd15_256.json`."""
+    """Written by `python -m benchmarks.vs_engines --config sd15 --size 256 --steps 2 --repeats 2 --rungs
+    fp32,half,compile,freeze,reuse_memory,fp32_fast --json benchmarks/results/engines_sd15_256.json`."""
     rows = {row["rung"]: row for row in read_json("benchmarks/results/engines_sd15_256.json")}
     values = {}
-    for rung, key in (("fp32 eager", "fp32"), ("+bf16", "bf16")):
+    for rung, key in (("fp32 eager", "fp32"), ("+bf16", "bf16"), ("+compile", "compile"), ("+freeze", "freeze"),
+                      ("+reuse memory", "reuse_memory"), ("fp32 +every option", "fp32_fast")):
         row = rows[rung]
         values[f"engines256.{key}_ms"] = f"{row['ms_per_step']:.0f}"
         for engine in ("onnxruntime", "openvino"):
