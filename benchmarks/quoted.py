@@ -177,6 +177,19 @@ def _sdxl_cpu() -> dict:
     }
 
 
+def _sdxl_vs_diffusers() -> dict:
+    """Written by `python -m benchmarks.vs_diffusers --config sdxl --size 512 --images 1 --steps 1 --repeats 1
+    --rungs fp32,half --threads 2 --json benchmarks/results/sdxl_vs_diffusers_cpu_512.json`."""
+    rows = {row["rung"]: row for row in read_json("benchmarks/results/sdxl_vs_diffusers_cpu_512.json")}
+    values = {}
+    for rung, key in (("fp32 eager", "fp32"), ("+bf16", "bf16")):
+        row = rows[rung]
+        values |= {f"sdxl_vs.{key}_ms": f"{row['ms_per_step']:.0f}",
+                   f"sdxl_vs.{key}_diffusers_ms": f"{row['diffusers_ms']:.0f}",
+                   f"sdxl_vs.{key}_ratio": f"{row['diffusers_ratio']:.2f}"}
+    return values
+
+
 def _end_to_end() -> dict:
     """Written by `python -m benchmarks.end_to_end --repeats 5 --json benchmarks/results/end_to_end.json`."""
     run = read_json("benchmarks/results/end_to_end.json")
@@ -209,7 +222,7 @@ def _engines() -> dict:
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
-            | _attention_peaks() | _sdxl_cpu() | _end_to_end() | _engines())
+            | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
