@@ -177,17 +177,24 @@ def _sdxl_cpu() -> dict:
     }
 
 
+def _against_peers(path: str, prefix: str, rungs: dict, peers: tuple) -> dict:
+    """minidiff's ms per step on each rung ({name in the JSON: key}), and each peer's ms and ratio beside it."""
+    rows = {row["rung"]: row for row in read_json(path)}
+    values = {}
+    for rung, key in rungs.items():
+        row = rows[rung]
+        values[f"{prefix}.{key}_ms"] = f"{row['ms_per_step']:.0f}"
+        for peer in peers:
+            values[f"{prefix}.{key}_{peer}_ms"] = f"{row[peer + '_ms']:.0f}"
+            values[f"{prefix}.{key}_{peer}_ratio"] = f"{row[peer + '_ratio']:.2f}"
+    return values
+
+
 def _sdxl_vs_diffusers() -> dict:
     """Written by `python -m benchmarks.vs_diffusers --config sdxl --size 512 --images 1 --steps 1 --repeats 1
     --rungs fp32,half --threads 2 --json benchmarks/results/sdxl_vs_diffusers_cpu_512.json`."""
-    rows = {row["rung"]: row for row in read_json("benchmarks/results/sdxl_vs_diffusers_cpu_512.json")}
-    values = {}
-    for rung, key in (("fp32 eager", "fp32"), ("+bf16", "bf16")):
-        row = rows[rung]
-        values |= {f"sdxl_vs.{key}_ms": f"{row['ms_per_step']:.0f}",
-                   f"sdxl_vs.{key}_diffusers_ms": f"{row['diffusers_ms']:.0f}",
-                   f"sdxl_vs.{key}_ratio": f"{row['diffusers_ratio']:.2f}"}
-    return values
+    return _against_peers("benchmarks/results/sdxl_vs_diffusers_cpu_512.json", "sdxl_vs",
+                          {"fp32 eager": "fp32", "+bf16": "bf16"}, ("diffusers",))
 
 
 def _end_to_end() -> dict:
@@ -207,16 +214,9 @@ def _end_to_end() -> dict:
 def _engines() -> dict:
     """Written by `python -m benchmarks.vs_engines --config sd15 --size 256 --steps 2 --repeats 2 --rungs
     fp32,half,compile,freeze,reuse_memory,fp32_fast --json benchmarks/results/engines_sd15_256.json`."""
-    rows = {row["rung"]: row for row in read_json("benchmarks/results/engines_sd15_256.json")}
-    values = {}
-    for rung, key in (("fp32 eager", "fp32"), ("+bf16", "bf16"), ("+compile", "compile"), ("+freeze", "freeze"),
-                      ("+reuse memory", "reuse_memory"), ("fp32 +every option", "fp32_fast")):
-        row = rows[rung]
-        values[f"engines256.{key}_ms"] = f"{row['ms_per_step']:.0f}"
-        for engine in ("onnxruntime", "openvino"):
-            values[f"engines256.{key}_{engine}_ms"] = f"{row[engine + '_ms']:.0f}"
-            values[f"engines256.{key}_{engine}_ratio"] = f"{row[engine + '_ratio']:.2f}"
-    return values
+    rungs = {"fp32 eager": "fp32", "+bf16": "bf16", "+compile": "compile", "+freeze": "freeze",
+             "+reuse memory": "reuse_memory", "fp32 +every option": "fp32_fast"}
+    return _against_peers("benchmarks/results/engines_sd15_256.json", "engines256", rungs, ("onnxruntime", "openvino"))
 
 
 def sources() -> dict:
