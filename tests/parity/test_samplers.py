@@ -46,6 +46,7 @@ from diffusers import (
 
 from minidiff.samplers import sample
 from minidiff.schedule import SPACINGS
+from tests.parity.toy_model import ToyModel
 
 RTOL = 1e-5  # max|a - b| / max|b|, fp32
 SEED = 1234
@@ -74,21 +75,6 @@ VARIANTS = {
 KARRAS = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 STOCHASTIC = (DDPMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler)  # and those with an eta or SDE
 K_DIFFUSION = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)
-
-
-class ToyModel(torch.nn.Module):
-    """A smooth function of both x and t, mixing the channels like a network: tanh(mix(x) + shift(t)) + x t / 10."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.mix = torch.nn.Parameter(torch.randn(4, 4, generator=g) * 0.5 + torch.eye(4), requires_grad=False)
-        self.shift = torch.nn.Parameter(torch.randn(4, generator=g), requires_grad=False)
-
-    def forward(self, x, t):
-        t = float(t) / 1000
-        mixed = (self.mix[:, :, None, None] * x[:, None]).sum(2)  # (B, C_out, C_in, H, W) summed over C_in
-        return torch.tanh((mixed + (t - 0.5) * self.shift[:, None, None]) * (1 + t)) + 0.1 * x * t
 
 
 MODEL = ToyModel()
