@@ -40,6 +40,7 @@ The weights are random: the timings are those of the real network, the images ar
 """
 
 import dataclasses
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -300,9 +301,13 @@ def step_flops(setup: Setup, config: UNetConfig) -> int:
 
 
 def cached(cache: dict, key, make):
-    """make() once per key; only the latest key is kept (the models of earlier rungs are freed)."""
+    """make() once per key; only the latest key is kept (the models of earlier rungs are freed, and so are the
+    compiled graphs TorchDynamo keeps: a frozen one holds its own copy of the weights)."""
     if key not in cache:
-        cache.clear()
+        if cache:
+            cache.clear()
+            torch._dynamo.reset()
+            gc.collect()
         cache[key] = make()
     return cache[key]
 

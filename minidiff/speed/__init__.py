@@ -4,7 +4,8 @@ The model files hold the maths (nn.Conv2d, one attention function, a GEGLU feed-
 lives here and is put in place per model, never by a global switch:
     cpu_defaults   -> the CPU kernels that measured faster (kernels.py, attention_kernels.py), put in place by
                       the loaders for a model loaded on a CPU: a 3x3 conv of a small map as a matmul, the
-                      feed-forward in blocks of tokens, blockwise bf16 attention on a CPU with bf16 instructions
+                      feed-forward in blocks of tokens, float32 linear layers through oneDNN, blockwise bf16
+                      attention on a CPU with bf16 instructions
     set_attention  -> the attention kernel of a model's attention modules: "sdpa", "naive", "blockwise", "cpu"
     vae_decode     -> the VAE decode in tiles, and redone in float32 when float16 overflows (vae_decoding.py)
 
@@ -38,14 +39,15 @@ from minidiff.clip import CLIPAttention
 from minidiff.errors import MinidiffError
 from minidiff.speed.attention_kernels import attention_kernel, blockwise_attention, cpu_attention
 from minidiff.speed.fast_unet import CudaGraphCall, FastUNet, check_cuda_graphs, timestep_tensor
-from minidiff.speed.kernels import BlockedFeedForward, MatmulConv3x3, replace_modules
+from minidiff.speed.kernels import BlockedFeedForward, MatmulConv3x3, OneDNNLinear, replace_modules
 from minidiff.speed.memory import reuse_freed_memory, reuse_memory_available
 from minidiff.speed.vae_decoding import decode_in_float32, vae_decode
 from minidiff.unet import Attention, UNet
 from minidiff.vae import SpatialSelfAttention
 
 __all__ = [
-    "BlockedFeedForward", "CudaGraphCall", "FastUNet", "MatmulConv3x3", "attention_kernel", "blockwise_attention",
+    "BlockedFeedForward", "CudaGraphCall", "FastUNet", "MatmulConv3x3", "OneDNNLinear", "attention_kernel",
+    "blockwise_attention",
     "cpu_attention", "cpu_defaults", "decode_in_float32", "optimize", "reuse_freed_memory", "reuse_memory_available",
     "set_attention", "timestep_tensor", "vae_decode",
 ]
@@ -89,7 +91,8 @@ def set_attention(target, name: str | None = None, slice_size: int | None = None
 def cpu_defaults(target):
     """Put the CPU kernels that measured faster in place, in every model of `target` whose weights are on a CPU:
         UNet: MatmulConv3x3 for its 3x3 convolutions, BlockedFeedForward for its feed-forwards
-        UNet, VAE, text encoder: cpu_attention (blockwise bf16 on a CPU with bf16 instructions)
+        UNet, VAE, text encoder: OneDNNLinear for their linear layers (float32 products through oneDNN),
+                                 cpu_attention (blockwise bf16 on a CPU with bf16 instructions)
     Each keeps the plain module's parameters and keys, and computes the plain way wherever it does not win
     (another device or dtype, a large map, under torch.compile). The loaders call it for a model loaded on a CPU;
     a model built from its class (`UNet(config)`) is plain. Returns target.
@@ -100,6 +103,7 @@ def cpu_defaults(target):
         if isinstance(model, UNet):
             replace_modules(model, MatmulConv3x3)
             replace_modules(model, BlockedFeedForward)
+        replace_modules(model, OneDNNLinear)
         set_attention(model, "cpu")
     return target
 
