@@ -219,10 +219,18 @@ def _engines() -> dict:
     return _against_peers("benchmarks/results/engines_sd15_256.json", "engines256", rungs, ("onnxruntime", "openvino"))
 
 
+def _linear_kernels() -> dict:
+    """Written by `python -m benchmarks.linear_kernels --threads 1 --json benchmarks/results/linear_kernels.json`."""
+    run = read_json("benchmarks/results/linear_kernels.json")
+    linear, onednn = run["linear_total_ms"], run["onednn_total_ms"]
+    return {"linear.linear_ms": f"{linear:.1f}", "linear.onednn_ms": f"{onednn:.1f}",
+            "linear.ratio": f"{linear / onednn:.2f}"}
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
-            | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines())
+            | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines() | _linear_kernels())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
