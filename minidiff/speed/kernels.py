@@ -18,7 +18,8 @@ class MatmulConv3x3(nn.Conv2d):
     3x3 patches (im2col).
 
     oneDNN's direct convolution is slower there (batch 2, 1280 channels: 4x4 23.5 ms vs 9.1 ms, 8x8 30.4 ms vs
-    23.9 ms) and faster on larger maps, in bf16, and compiled.
+    23.9 ms) and faster on larger maps, in bf16, and compiled. The matmul is cpu_linear's (oneDNN's, see
+    OneDNNLinear), and the output comes in the channels_last layout.
     """
 
     matmul_max_pixels = 64
@@ -43,8 +44,8 @@ class MatmulConv3x3(nn.Conv2d):
                 or torch.compiler.is_compiling()):
             return super().forward(x)
         patches = F.unfold(x, 3, padding=1)  # (B, C_in * 9, H * W)
-        out = self.weight.flatten(1) @ patches + self.bias[:, None]  # (B, C_out, H * W)
-        return out.view(batch, -1, height, width)
+        out = cpu_linear(patches.transpose(1, 2), self.weight.flatten(1), self.bias)  # (B, H * W, C_out)
+        return out.transpose(1, 2).view(batch, -1, height, width)  # in the channels_last layout
 
 
 class BlockedFeedForward(FeedForward):
@@ -98,12 +99,18 @@ class OneDNNLinear(nn.Linear):
         return module.train(linear.training)
 
     def forward(self, x):
-        gradients = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32 or gradients:
-            return super().forward(x)
-        if torch.compiler.is_compiling():  # an opaque call for Inductor, which lowers the oneDNN op only when frozen
-            return onednn_linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return cpu_linear(x, self.weight, self.bias)
+
+
+def cpu_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias); in float32 on a CPU without gradients, by oneDNN's matmul (see OneDNNLinear)."""
+    gradients = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or gradients
+            or not torch.backends.mkldnn.is_available()):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():  # an opaque call for Inductor, which lowers the oneDNN op only when frozen
+        return onednn_linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 @torch.library.custom_op("minidiff::onednn_linear", mutates_args=())
