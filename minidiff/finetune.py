@@ -58,7 +58,7 @@ class FinetuneConfig:
     method: str = "lora"  # lora | textual_inversion
     steps: int = 300  # optimizer steps in all (a resume may raise it)
     batch: int = 16  # pictures per step: the global batch
-    lr: float | None = None  # AdamW's learning rate after warm-up (None: 1e-3 for lora, 5e-3 for a word)
+    lr: float | None = None  # AdamW's learning rate after warm-up (None: 1e-3 for lora, 3e-5 for pivotal, 5e-3 word)
     word_lr: float = 5e-3  # pivotal tuning (lora with a token): the learning rate of the word's rows
     warmup: int = 20  # steps of linear warm-up, then constant: a resume can go on past `steps`
     rank: int = 4  # lora: the inner width r of each update
@@ -74,8 +74,8 @@ class FinetuneConfig:
         check_choice("method", self.method, METHODS)
         check_int("steps", self.steps, 1, 10**7)
         check_int("batch", self.batch, 1, 4096, "a larger batch does not fit in memory anyway")
-        if self.lr is None:
-            self.lr = 1e-3 if self.method == "lora" else 5e-3
+        if self.lr is None:  # pivotal: the word learns the new thing, the UNet's LoRA only touches it up (README)
+            self.lr = 5e-3 if self.method == "textual_inversion" else 3e-5 if self.token is not None else 1e-3
         check_float("learning rate", self.lr, 1e-8, 1.0, "e.g. 1e-3")
         check_float("word learning rate", self.word_lr, 1e-8, 1.0, "e.g. 5e-3")
         check_int("warmup", self.warmup, 0, 10**7)

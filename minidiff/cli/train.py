@@ -44,7 +44,8 @@ def add_commands(sub):
         p.add_argument("--model", default="shapes", help="a known name or a path (default: the bundled shapes model)")
         p.add_argument("--steps", type=int, default=300, help="optimizer steps in all (default 300)")
         p.add_argument("--batch", type=int, default=16, help="pictures per step (default 16)")
-        p.add_argument("--lr", type=float, help="learning rate (default 1e-3 for a LoRA, 5e-3 for a word)")
+        p.add_argument("--lr", type=float, help="learning rate (default 1e-3 for a LoRA, 3e-5 for a LoRA with "
+                       "--token, 5e-3 for a word)")
         p.add_argument("--warmup", type=int, default=20, help="steps of linear warm-up (default 20)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default 100)")
