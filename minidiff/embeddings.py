@@ -13,7 +13,7 @@ Files (safetensors only):
     A1111       {"emb_params": (n, hidden_size)}: the token defaults to the file name, as in the web UI
     diffusers   learned_embeds.safetensors, {"<token>": (hidden_size,) or (n, hidden_size)}
     kohya       words bundled into a LoRA file (pivotal tuning), {"bundle_emb.<token>.string_to_param.*": (n,
-                hidden_size)}, which A1111 loads with the LoRA: `load_lora` adds them (add_bundled_words)
+                hidden_size)}, which A1111 loads with the LoRA: `load_lora` adds them (bundled_words)
 """
 
 from dataclasses import replace
@@ -71,7 +71,7 @@ def bundled_words(pipe, path) -> dict:
             raise CheckpointError(f"unexpected key {key!r} in {path}: a bundled word is written "
                                   "bundle_emb.<token>.string_to_param.*")
         vectors = _checked(path, vectors)
-        table = pipe.text_encoder.text_model.embeddings.token_embedding
+        table = pipe.text_encoder.text_model.embeddings.token_embedding  # (only when a word is bundled)
         if vectors.shape[1] != table.embedding_dim:
             raise CheckpointError(f"{path}: the bundled word {token!r} is {vectors.shape[1]} wide but this text "
                                   f"encoder is {table.embedding_dim} wide: it was made for another base model")

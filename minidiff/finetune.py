@@ -381,8 +381,9 @@ def finetune(pipe, folder, config: FinetuneConfig, out, checkpoint=None, resume=
     ids = pipe.tokenizer(captions).to(pipe.device)
     step_loss = distributed.wrap(distributed.LossModule(
         lambda z, c, t, noise: batch_loss(pipe, z, c, t, noise), unet=pipe.unet, text_encoder=pipe.text_encoder))
-    words = [p for name, p in params.items() if name == "vectors" or name.startswith(BUNDLE_PREFIX)]
-    others = [p for p in params.values() if all(p is not w for w in words)]
+    is_word = {name: name == "vectors" or name.startswith(BUNDLE_PREFIX) for name in params}
+    words = [p for name, p in params.items() if is_word[name]]
+    others = [p for name, p in params.items() if not is_word[name]]
     groups = [{"params": others, "peak": config.lr}] if others else []
     groups += [{"params": words, "peak": config.word_lr if config.pivotal else config.lr}] if words else []
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
