@@ -197,7 +197,8 @@ def files(tmp_path_factory):
               root / "lora_bundle_sd15.safetensors")  # pivotal tuning's word, made for SD 1.5's 768-wide text
     save_file(lora_parts | {"bundle_emb.<v>.clip_l": torch.zeros(1, 768)}, root / "lora_bundle_sdxl.safetensors")
     save_file(lora_parts | {"bundle_emb.<v>.string_to_param.*": torch.zeros(1, 96),
-                            "bundle_emb.a.string_to_param.*": torch.zeros(1, 96)}, root / "lora_bundle_taken.safetensors")
+                            "bundle_emb.a.string_to_param.*": torch.zeros(1, 96)},
+              root / "lora_bundle_taken.safetensors")
     save_file({"emb_params": torch.zeros(1, 768)}, root / "embedding_sd15.safetensors")
     # generate --prompts FILE: one prompt per line
     (root / "prompts.txt").write_text("a red circle\na blue square\n")

@@ -76,8 +76,9 @@ def test_training_on_two_processes_follows_the_one_process_loss_curve(tmp_path):
 @pytest.mark.parametrize(("method", "word"), [("lora", []), ("textual-inversion", ["--token", "<w>"]),
                                               ("lora", ["--token", "<w>"])], ids=["lora", "word", "pivotal"])
 def test_adapter_training_on_two_processes_follows_the_one_process_loss_curve(tmp_path, monkeypatch, method, word):
-    """`minidiff train lora | textual-inversion | lora --token` under torchrun: 2 processes (each half of every batch of 4) against
-    one on the same batches: the same loss at every step and the same trained tensors; rank 0 alone writes."""
+    """`minidiff train lora | textual-inversion | lora --token` under torchrun: 2 processes (each half of every batch
+    of 4) against one on the same batches: the same loss at every step and the same trained tensors; rank 0 alone
+    writes."""
     from PIL import Image
     from safetensors import safe_open
 
