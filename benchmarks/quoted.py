@@ -111,8 +111,9 @@ def _inpaint() -> dict:
 
 
 def _new_word() -> dict:
-    """Written by `python -m minidiff.course.new_word` (benchmarks/new_word.json): a LoRA and a new word trained on
-    the shapes model, judged with and without the word against the model as it is."""
+    """Written by `python -m minidiff.course.new_word` (benchmarks/new_word.json): a LoRA with a new word (pivotal
+    tuning) and a new word alone trained on the shapes model, judged with and without the word against the model as
+    it is; and the LoRA's word drawn with its UNet LoRA unloaded."""
     run = read_json("benchmarks/new_word.json")
     base = run["base"]
     values = {"new_word.prompts": str(base["word_prompts"]), "new_word.without_prompts": str(base["without_prompts"]),
@@ -129,6 +130,8 @@ def _new_word() -> dict:
             f"new_word.{method}.two_core_min": f"{result['cpu_minutes'] / 2:.1f}",
             f"new_word.{method}.wall_min": f"{result['train_minutes']:.0f}",
         }
+    values |= {"new_word.lora.word_alone": percent(run["lora"]["word_without_unet_lora"]),
+               "new_word.lora.lr": f"{run['lora']['lr']:g}", "new_word.lora.word_lr": f"{run['lora']['word_lr']:g}"}
     return values
 
 

@@ -2,6 +2,7 @@
 inversion, Gal et al. 2022), written as the files that `load_lora` / `load_textual_inversion` read back.
 
     minidiff train lora FOLDER --out my-lora.safetensors [--rank 4] [--steps 300] [--resume FILE]
+    minidiff train lora FOLDER --token "<my-word>" --out my-lora.safetensors    # pivotal tuning: word + UNet LoRA
     minidiff train textual-inversion FOLDER --token "<my-word>" --out my-word.safetensors [--init-word circle]
 
 The folder (kohya's layout): each picture (.png, .jpg, .jpeg, .webp, .bmp) beside a caption file of the same name
@@ -11,7 +12,10 @@ The loss is the one the model was trained with (Ho et al. 2020; Rombach et al. 2
     || target - model(alpha_t z + sigma_t eps, t, c) ||^2,   target = eps (or v = alpha_t eps - sigma_t z)
 with z a picture's VAE posterior mean times scaling_factor (encoded once), t ~ U{0, ..., 999}, c the text encoder's
 states for its caption. Only the LoRA matrices (beside every linear layer of the UNet's attention blocks and of the
-text encoder's layers) or the new word's embedding rows are trained, by AdamW.
+text encoder's layers) or the new word's embedding rows are trained, by AdamW. A LoRA with a token is pivotal
+tuning (the recipe of cloneofsimo's lora and diffusers' advanced DreamBooth script): the new word's rows and a LoRA
+on the UNet alone train together, the text encoder's weights untouched, so that a prompt without the word gets
+exactly the text states it had; the file carries the word's rows as kohya does (bundle_emb.<token>.string_to_param.*).
 
 Notation:
     z, latents      -> the pictures' latents;  t, noise -> t, eps;  ids -> the captions' token ids
@@ -36,11 +40,11 @@ from torch import nn
 
 from minidiff import distributed
 from minidiff.checks import check_choice, check_float, check_int, check_seed, check_text, shown
-from minidiff.embeddings import add_word
+from minidiff.embeddings import add_word, bundle_key
 from minidiff.errors import CheckpointError, InputError, MinidiffError
 from minidiff.files import atomic_save
 from minidiff.images import from_pil
-from minidiff.lora import LoRA, LoRALayer, lora_targets, read_file
+from minidiff.lora import BUNDLE_PREFIX, LoRA, LoRALayer, lora_targets, read_file
 
 METHODS = ("lora", "textual_inversion")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -54,13 +58,14 @@ class FinetuneConfig:
     method: str = "lora"  # lora | textual_inversion
     steps: int = 300  # optimizer steps in all (a resume may raise it)
     batch: int = 16  # pictures per step: the global batch
-    lr: float | None = None  # AdamW's learning rate after warm-up (None: 1e-3 for lora, 5e-3 for a word)
+    lr: float | None = None  # AdamW's learning rate after warm-up (None: 1e-3 for lora, 3e-5 for pivotal, 5e-3 word)
+    word_lr: float = 5e-3  # pivotal tuning (lora with a token): the learning rate of the word's rows
     warmup: int = 20  # steps of linear warm-up, then constant: a resume can go on past `steps`
     rank: int = 4  # lora: the inner width r of each update
     alpha: float | None = None  # lora: the file's alpha (None: = rank, so that alpha / rank = 1)
-    token: str | None = None  # textual inversion: the new word, as written in the captions ("<my-word>")
-    vectors: int = 1  # textual inversion: embedding rows of the word (each takes one of the 77 positions)
-    init_word: str | None = None  # textual inversion: start from this word's embedding (None: the table's mean)
+    token: str | None = None  # the new word, as written in the captions ("<my-word>"); lora: pivotal tuning
+    vectors: int = 1  # embedding rows of the word (each takes one of the 77 positions)
+    init_word: str | None = None  # start the word from this word's embedding (None: the table's mean)
     seed: int = 0  # the LoRA's initial matrices and every draw of the training
     save_every: int = 100  # steps between checkpoints
 
@@ -69,22 +74,28 @@ class FinetuneConfig:
         check_choice("method", self.method, METHODS)
         check_int("steps", self.steps, 1, 10**7)
         check_int("batch", self.batch, 1, 4096, "a larger batch does not fit in memory anyway")
-        if self.lr is None:
-            self.lr = 1e-3 if self.method == "lora" else 5e-3
+        if self.lr is None:  # pivotal: the word learns the new thing, the UNet's LoRA only touches it up (README)
+            self.lr = 5e-3 if self.method == "textual_inversion" else 3e-5 if self.token is not None else 1e-3
         check_float("learning rate", self.lr, 1e-8, 1.0, "e.g. 1e-3")
+        check_float("word learning rate", self.word_lr, 1e-8, 1.0, "e.g. 5e-3")
         check_int("warmup", self.warmup, 0, 10**7)
         check_int("rank", self.rank, 1, 1024, "LoRA ranks are small: 4 to 128")
         check_float("alpha", self.alpha, 1e-6, 1e6, "alpha = rank is the usual choice", optional=True)
         check_int("vectors", self.vectors, 1, 16, "each vector takes one of the prompt's 77 positions")
         check_seed(self.seed)
         check_int("save_every", self.save_every, 1, 10**7)
-        if self.method == "textual_inversion":
+        if self.method == "textual_inversion" or self.token is not None:
             check_text("token", self.token)
             if not self.token.strip() or self.token != self.token.strip() or " " in self.token:
                 raise InputError(f"the new word must be one word without spaces, such as <my-word>, got "
                                  f"{shown(self.token)!r}")
             check_text("init word", self.init_word, optional=True)
         return self
+
+    @property
+    def pivotal(self) -> bool:
+        """A LoRA on the UNet trained together with a new word (the text encoder untouched)."""
+        return self.method == "lora" and self.token is not None
 
     def settings(self) -> dict:
         """What a resume must repeat."""
@@ -152,11 +163,12 @@ def trained_here(component: str, path: str, layer: nn.Module) -> bool:
     return ".attentions." in f".{path}" if component == "unet" else ".encoder.layers." in f".{path}"
 
 
-def attach_lora(pipe, rank: int, alpha: float, generator: torch.Generator) -> dict:
-    """A new LoRA beside each trained layer: down uniform in +-1/sqrt(in) (as nn.Linear starts), up zero (so the
-    model starts unchanged). Returns {kohya key: parameter}, the names the file is written with."""
+def attach_lora(pipe, rank: int, alpha: float, generator: torch.Generator, text_encoder: bool = True) -> dict:
+    """A new LoRA beside each trained layer (of the UNet, and of the text encoder if asked): down uniform in
+    +-1/sqrt(in) (as nn.Linear starts), up zero (so the model starts unchanged). Returns {kohya key: parameter},
+    the names the file is written with."""
     params = {}
-    for prefix, component in (("lora_unet_", "unet"), ("lora_te_", "text_encoder")):
+    for prefix, component in (("lora_unet_", "unet"), ("lora_te_", "text_encoder"))[: 2 if text_encoder else 1]:
         model = getattr(pipe, component)
         for path, layer in lora_targets(model).items():
             if not trained_here(component, path, layer):
@@ -291,8 +303,8 @@ def load_checkpoint(path, params: dict, optimizer, generator, header: dict) -> t
 
 
 def save_adapter(path, params: dict, config: FinetuneConfig, token: str | None = None) -> None:
-    """The LoRA as a kohya file (lora_unet_* / lora_te_*, with alpha), or the word as a diffusers embedding file
-    ({token: (vectors, width)})."""
+    """The LoRA as a kohya file (lora_unet_* / lora_te_*, with alpha; a pivotal word as bundle_emb.<token>.*), or
+    the word as a diffusers embedding file ({token: (vectors, width)})."""
     from safetensors.torch import save_file
 
     if config.method == "lora":
@@ -351,22 +363,30 @@ def finetune(pipe, folder, config: FinetuneConfig, out, checkpoint=None, resume=
     distributed.check_divisible(config.batch, "--batch")
     check_pipeline(pipe)
     pictures, captions = read_folder(folder)
-    if config.method == "textual_inversion" and not any(config.token in caption for caption in captions):
+    if config.token is not None and not any(config.token in caption for caption in captions):
         raise InputError(f"no caption in {shown(folder)} contains the new word {shown(config.token)}: write it "
                          "where it belongs, e.g. 'a photo of " + shown(config.token) + "'")
     header = {"settings": config.settings(), "data": fingerprint(pictures, captions), "model": str(pipe.source)}
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
+    params = {}
+    if config.token is not None:  # textual inversion, or the word of pivotal tuning
+        word = attach_word(pipe, config.token, config.vectors, config.init_word)["vectors"]
+        params[bundle_key(config.token) if config.pivotal else "vectors"] = word
     if config.method == "lora":
-        params = attach_lora(pipe, config.rank, float(config.alpha or config.rank), generator)
-    else:
-        params = attach_word(pipe, config.token, config.vectors, config.init_word)
+        params |= attach_lora(pipe, config.rank, float(config.alpha or config.rank), generator,
+                              text_encoder=not config.pivotal)
     latents = encode_pictures(pipe, pictures)
     ids = pipe.tokenizer(captions).to(pipe.device)
     step_loss = distributed.wrap(distributed.LossModule(
         lambda z, c, t, noise: batch_loss(pipe, z, c, t, noise), unet=pipe.unet, text_encoder=pipe.text_encoder))
-    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
+    is_word = {name: name == "vectors" or name.startswith(BUNDLE_PREFIX) for name in params}
+    words = [p for name, p in params.items() if is_word[name]]
+    others = [p for name, p in params.items() if not is_word[name]]
+    groups = [{"params": others, "peak": config.lr}] if others else []
+    groups += [{"params": words, "peak": config.word_lr if config.pivotal else config.lr}] if words else []
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     step, losses = 0, []
     if resume is not None:
         step, losses = load_checkpoint(resume, params, optimizer, generator, header)
@@ -377,7 +397,7 @@ def finetune(pipe, folder, config: FinetuneConfig, out, checkpoint=None, resume=
                disable=not (progress and distributed.is_main()), desc=f"train {config.method.replace('_', ' ')}")
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config.lr, config.warmup)
+            group["lr"] = learning_rate(step, group["peak"], config.warmup)
         index, t, noise = distributed.shard(draw_batch(generator, len(latents), config.batch,
                                                        pipe.schedule.num_train_timesteps, latents.shape[1:]))
         loss = step_loss(latents[index], ids[index], t.to(pipe.device), noise.to(pipe.device))
@@ -393,7 +413,7 @@ def finetune(pipe, folder, config: FinetuneConfig, out, checkpoint=None, resume=
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     for p in params.values():
         p.requires_grad_(False)
-    if config.method == "textual_inversion":
+    if config.token is not None:
         embeddings = pipe.text_encoder.text_model.embeddings
         embeddings.token_embedding = embeddings.token_embedding.merged()
     if distributed.is_main():

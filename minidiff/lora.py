@@ -40,6 +40,7 @@ KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_":
 KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 PEFT_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
               "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
+BUNDLE_PREFIX = "bundle_emb."  # kohya's words bundled into a LoRA file: bundle_emb.<token>.string_to_param.*
 UNSUPPORTED = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", "lora_mid": "LyCORIS LoCon with a CP-decomposed "
                "middle (lora_mid)", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA bias"}
 
@@ -199,8 +200,9 @@ def split_peft(state: dict, metadata: dict) -> dict:
 def read_lora(path) -> dict:
     """A LoRA file -> {(component, module name or kohya name): {"down", "up", "alpha"?}}, and its layout."""
     state, metadata = read_file(path)
+    state = {key: value for key, value in state.items() if not key.startswith(BUNDLE_PREFIX)}  # minidiff.embeddings
     if not state:
-        raise CheckpointError(f"{path} holds no tensors: not a LoRA file")
+        raise CheckpointError(f"{path} holds no LoRA tensors: not a LoRA file")
     for marker, what in UNSUPPORTED.items():
         if any(marker in key for key in state):
             raise CheckpointError(f"{path} is a {what} adapter, which minidiff does not load: use a plain LoRA")

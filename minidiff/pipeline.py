@@ -154,8 +154,13 @@ class Pipeline:
     # --- adapters: LoRA (minidiff.lora) and textual inversion (minidiff.embeddings) ---------------------
 
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
-        """Attach a LoRA file (kohya/A1111 or diffusers/PEFT safetensors) at `scale`; returns its name."""
-        return lora.load_lora(self, path, scale, name)
+        """Attach a LoRA file (kohya/A1111 or diffusers/PEFT safetensors) at `scale`; returns its name. The words
+        bundled into it (pivotal tuning: bundle_emb.<token>.*) are added to the tokenizer, and stay when unloaded."""
+        words = embeddings.bundled_words(self, path)  # checked before the LoRA touches a layer
+        name = lora.load_lora(self, path, scale, name)
+        for token, vectors in words.items():
+            embeddings.add_word(self.tokenizer, self.text_encoder, token, vectors)
+        return name
 
     def fuse_lora(self):
         """Merge the loaded LoRAs into the weights (as fast as no LoRA); unfuse_lora() restores them exactly."""

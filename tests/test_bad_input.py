@@ -192,6 +192,13 @@ def files(tmp_path_factory):
               root / "lora_ranks.safetensors")
     torch.save({f"{to_k}.lora_down.weight": torch.zeros(2, 96)}, root / "lora.pt")
     save_file({"<w>": torch.zeros(96)}, root / "embedding.safetensors")
+    lora_parts = {f"{to_k}.lora_down.weight": torch.zeros(2, 96), f"{to_k}.lora_up.weight": torch.zeros(48, 2)}
+    save_file(lora_parts | {"bundle_emb.<v>.string_to_param.*": torch.zeros(1, 768)},
+              root / "lora_bundle_sd15.safetensors")  # pivotal tuning's word, made for SD 1.5's 768-wide text
+    save_file(lora_parts | {"bundle_emb.<v>.clip_l": torch.zeros(1, 768)}, root / "lora_bundle_sdxl.safetensors")
+    save_file(lora_parts | {"bundle_emb.<v>.string_to_param.*": torch.zeros(1, 96),
+                            "bundle_emb.a.string_to_param.*": torch.zeros(1, 96)},
+              root / "lora_bundle_taken.safetensors")
     save_file({"emb_params": torch.zeros(1, 768)}, root / "embedding_sd15.safetensors")
     # generate --prompts FILE: one prompt per line
     (root / "prompts.txt").write_text("a red circle\na blue square\n")
@@ -265,6 +272,10 @@ CLI_ROWS = [
     ("lora-wrong-base", [*GENERATE, "--lora", "{lora_sd15.safetensors}"], "made for another base model"),
     ("lora-wrong-rank", [*GENERATE, "--lora", "{lora_ranks.safetensors}"], "rank 2 but lora_up rank 4"),
     ("lora-not-a-lora", [*GENERATE, "--lora", "{embedding.safetensors}"], "is not a LoRA"),
+    ("lora-bundle-wrong-base", [*GENERATE, "--lora", "{lora_bundle_sd15.safetensors}"],
+     "the bundled word '<v>' is 768 wide but this text encoder is 96 wide"),
+    ("lora-bundle-sdxl", [*GENERATE, "--lora", "{lora_bundle_sdxl.safetensors}"], "bundles an SDXL word"),
+    ("lora-bundle-word-taken", [*GENERATE, "--lora", "{lora_bundle_taken.safetensors}"], "clashes with 'a'"),
     ("embedding-missing", [*GENERATE, "--embedding", "gone.safetensors:<w>"], "no such file"),
     ("embedding-empty-token", [*GENERATE, "--embedding", "{embedding.safetensors}:"], "the token after ':'"),
     ("embedding-wrong-base", [*GENERATE, "--embedding", "{embedding_sd15.safetensors}:<w>"], "768 wide"),
@@ -508,6 +519,14 @@ CLI_ROWS = [
      "--vectors must be an integer from 1"),
     ("train-word-vectors-many", [*TRAIN_WORD, "--token", "<w>", "--vectors", "17"], "77 positions"),
     ("train-word-init-empty", [*TRAIN_WORD, "--token", "<w>", "--init-word", " "], "has no tokens"),
+    ("train-lora-token-spaces", [*TRAIN, "--token", "my word"], "--token must be one word without spaces"),
+    ("train-lora-token-not-in-captions", [*TRAIN, "--token", "<zz>"], "no caption in"),
+    ("train-lora-token-taken", [*TRAIN, "--token", "a"], "clashes with"),
+    ("train-lora-word-lr-nan", [*TRAIN, "--token", "<w>", "--word-lr", "nan"], "--word-lr must be a number"),
+    ("train-lora-word-lr-big", [*TRAIN, "--token", "<w>", "--word-lr", "3"], "--word-lr must be a number from"),
+    ("train-lora-vectors-without-token", [*TRAIN, "--vectors", "2"], "give --token <my-word> too"),
+    ("train-lora-init-word-without-token", [*TRAIN, "--init-word", "red"], "--init-word shapes the new word"),
+    ("train-lora-vectors-zero", [*TRAIN, "--token", "<w>", "--vectors", "0"], "--vectors must be an integer"),
     # the other commands
     ("info-missing", ["info", "@nothing"], "neither a file or folder"),
     ("download-unknown", ["download", "sd99"], "unknown model 'sd99'"),

@@ -73,10 +73,12 @@ def test_training_on_two_processes_follows_the_one_process_loss_curve(tmp_path):
     assert (tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("method", ["lora", "textual-inversion"])
-def test_adapter_training_on_two_processes_follows_the_one_process_loss_curve(tmp_path, monkeypatch, method):
-    """`minidiff train lora | textual-inversion` under torchrun: 2 processes (each half of every batch of 4) against
-    one on the same batches: the same loss at every step and the same trained tensors; rank 0 alone writes."""
+@pytest.mark.parametrize(("method", "word"), [("lora", []), ("textual-inversion", ["--token", "<w>"]),
+                                              ("lora", ["--token", "<w>"])], ids=["lora", "word", "pivotal"])
+def test_adapter_training_on_two_processes_follows_the_one_process_loss_curve(tmp_path, monkeypatch, method, word):
+    """`minidiff train lora | textual-inversion | lora --token` under torchrun: 2 processes (each half of every batch
+    of 4) against one on the same batches: the same loss at every step and the same trained tensors; rank 0 alone
+    writes."""
     from PIL import Image
     from safetensors import safe_open
 
@@ -86,7 +88,6 @@ def test_adapter_training_on_two_processes_follows_the_one_process_loss_curve(tm
         Image.new("RGB", (64, 64), colour).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"a <w> picture, {colour}\n")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread in every process: the same sums in the same order
-    word = ["--token", "<w>"] if method == "textual-inversion" else []
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"{processes}" / "adapter.safetensors"

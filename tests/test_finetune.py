@@ -1,6 +1,6 @@
-"""Training a LoRA or a new word (minidiff.finetune, `minidiff train`): the files load back through load_lora /
-load_textual_inversion and draw what training left; only the adapter's tensors change; a resumed run equals one
-run; shards of a global batch average to its loss (the data-parallel contract)."""
+"""Training a LoRA, a new word, or both (pivotal tuning) (minidiff.finetune, `minidiff train`): the files load back
+through load_lora / load_textual_inversion and draw what training left; only the adapter's tensors change; a resumed
+run equals one run; shards of a global batch average to its loss (the data-parallel contract)."""
 
 import pytest
 import torch
@@ -36,8 +36,10 @@ def folder(tmp_path):
 
 
 def config(method, **changes):
-    return FinetuneConfig(**({"method": method, "steps": 6, "batch": 4, "lr": 1e-2, "warmup": 2, "token": "<w>",
-                              "save_every": 2} | changes))
+    """A short run; "pivotal" is a LoRA with the new word <w> (a plain LoRA has no token)."""
+    token = {"lora": None}.get(method, "<w>")
+    return FinetuneConfig(**({"method": method.replace("pivotal", "lora"), "steps": 6, "batch": 4, "lr": 1e-2,
+                              "warmup": 2, "token": token, "save_every": 2} | changes))
 
 
 def outputs(pipe, prompt="a <w> picture, red"):
@@ -97,7 +99,30 @@ def test_a_trained_word_is_an_embedding_file_that_moves_only_its_prompts(folder,
     assert torch.equal(outputs(fresh, without)[0], outputs(tiny_pipeline(), without)[0])
 
 
-@pytest.mark.parametrize("method", ["lora", "textual_inversion"])
+def test_pivotal_tuning_trains_the_word_and_a_unet_lora_and_leaves_other_prompts_exactly(folder, tmp_path):
+    """A LoRA with a token: the word's rows and a LoRA on the UNet alone; the file bundles the word (kohya's
+    bundle_emb) and load_lora adds it; a prompt without the word gets the text states it had, bit for bit."""
+    pipe = tiny_pipeline()
+    finetune(pipe, folder, config("pivotal", vectors=2), tmp_path / "p.safetensors", progress=False)
+    state = load_file(tmp_path / "p.safetensors")
+    assert state["bundle_emb.<w>.string_to_param.*"].shape == (2, 32)
+    assert not any(k.startswith("lora_te_") for k in state) and any(k.startswith("lora_unet_") for k in state)
+    without, plain = "a picture, red", tiny_pipeline()
+    fresh = tiny_pipeline()
+    fresh.load_lora(tmp_path / "p.safetensors")
+    assert fresh.tokenizer.added_tokens["<w>"] == pipe.tokenizer.added_tokens["<w>"]
+    for a, b in zip(outputs(pipe), outputs(fresh)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert torch.equal(outputs(fresh, without)[0], outputs(plain, without)[0])  # the text encoder is untouched
+    assert (outputs(fresh, without)[1] - outputs(plain, without)[1]).abs().max() > 1e-4  # the UNet's LoRA moved
+    initial = plain.text_encoder.text_model.embeddings.token_embedding.weight.mean(0)
+    assert (state["bundle_emb.<w>.string_to_param.*"] - initial).abs().max() > 1e-3  # the word moved
+    fresh.unload_lora()
+    fresh.load_lora(tmp_path / "p.safetensors")  # the word is kept on unload; loading the file again reuses it
+    assert fresh.tokenizer.added_tokens["<w>"] == pipe.tokenizer.added_tokens["<w>"]
+
+
+@pytest.mark.parametrize("method", ["lora", "textual_inversion", "pivotal"])
 def test_k_steps_then_resume_to_2k_equals_2k_steps_in_one_go(folder, tmp_path, method):
     whole = finetune(tiny_pipeline(), folder, config(method), tmp_path / "whole.safetensors", progress=False)
     first = config(method, steps=3)
@@ -161,3 +186,6 @@ def test_the_command_trains_both_and_generate_uses_them(folder, tmp_path, monkey
     assert main(["generate", "a <w> picture", "--steps", "2", "--lora", "l.safetensors", "--embedding",
                  "w.safetensors", "--out", "image.png"]) == 0
     assert Image.open(tmp_path / "image.png").size == (64, 64)
+    assert main(["train", "lora", str(folder), "--token", "<w>", "--out", "p.safetensors", *common]) == 0
+    assert "bundle_emb.<w>.string_to_param.*" in load_file(tmp_path / "p.safetensors")
+    assert main(["generate", "a <w> picture", "--steps", "2", "--lora", "p.safetensors", "--out", "p.png"]) == 0

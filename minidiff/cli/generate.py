@@ -72,7 +72,7 @@ def add_commands(sub):
     g.add_argument("--preview", choices=["vae", "taesd"], default="vae", help="decoder for --trace/--grid")
     g.add_argument("--taesd", default="taesd", help="TAESD weights for --preview taesd")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA, kohya/A1111 or "
-                   "diffusers safetensors, at SCALE (default 1.0); repeatable")
+                   "diffusers safetensors, at SCALE (default 1.0); the words bundled into it are added; repeatable")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]", help="a textual-inversion "
                    "embedding (A1111 or diffusers safetensors) whose word is TOKEN (default: the file's); repeatable")
     g.add_argument("--out", default="image.png", help="the image; its extension decides the format (.png, .jpg, "

@@ -2,8 +2,8 @@
 
     python -m minidiff.course.new_word [--methods base lora textual_inversion] [--lora-steps 1200] [--word-steps 300]
 
-The word "dax" names an orange triangle. `write_folder` draws the pictures (shapes.render) at six of the nine
-places and writes each one's caption with the word where the colour and shape would be ("a small dax in the top
+The new word "<dax>" names an orange triangle. `write_folder` draws the pictures (shapes.render) at six of the nine
+places and writes each one's caption with the word where the colour and shape would be ("a small <dax> in the top
 left"), as a folder that `minidiff train lora` / `minidiff train textual-inversion` read (minidiff.finetune). Then:
 
     with the word     held-out prompts put the word at the three places no training picture shows it, both sizes;
@@ -11,8 +11,10 @@ left"), as a folder that `minidiff train lora` / `minidiff train textual-inversi
     without the word  the held-out combinations of the bundled model's own evaluation (evaluate.evaluate), with
                       the LoRA or the word loaded against without: what the adapter costs the rest of the model
 
-The LoRA learns the plain word "dax" (BPE pieces the model never saw trained); textual inversion learns a new token
-"<dax>". Each is read back from the file it was written to, as `minidiff generate --lora / --embedding` would.
+Both learn the new token "<dax>": the LoRA by pivotal tuning (`minidiff train lora --token <dax>`: the word's
+embedding row and a LoRA on the UNet alone, the text encoder untouched, the word bundled into the LoRA file),
+textual inversion the row alone. Each is read back from the file it was written to, as `minidiff generate --lora /
+--embedding` would.
 """
 
 import argparse
@@ -28,7 +30,7 @@ from minidiff.course.evaluate import evaluate, generate
 from minidiff.finetune import FinetuneConfig, finetune
 from minidiff.pipeline import load_pipeline
 
-WORD, TOKEN = "dax", "<dax>"  # the LoRA's word, and textual inversion's new token
+TOKEN = "<dax>"  # the new word, for both methods
 COLOUR, SHAPE = "orange", "triangle"
 HELD_OUT_PLACES = ("top right", "left", "bottom")  # no training picture shows the word here
 TRAIN_PLACES = tuple(p for p in shapes.POSITIONS if p not in HELD_OUT_PLACES)
@@ -43,6 +45,7 @@ WORD_TEMPLATES = (
 )
 STEPS = {"lora": 1200, "textual_inversion": 300}  # optimizer steps of each adapter (batch 16)
 REGULAR_PER_PICTURE = 3  # the LoRA's regularisation pictures per picture of the word
+LORA_LR = 3e-5  # the UNet LoRA's learning rate beside the word's 5e-3 (pivotal tuning; see measure)
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "new_word.json"
 
 
@@ -92,37 +95,41 @@ def measure(work, methods=("base", "lora", "textual_inversion"), pictures: int =
     """For each method: the bundled model as it is ("base"), or an adapter trained on a folder of pictures and read
     back from its file; each judged with the word (word_adherence) and without it (evaluate). Returns the results.
     steps: optimizer steps per method (default STEPS). The LoRA trains beside three regularisation pictures per
-    picture of the word (REGULAR_PER_PICTURE): measured on this model, 40 of them cost 4.7 points of the other
-    prompts' adherence at 600 steps, 120 (at 1200 steps, the same number of the word's pictures seen) 3.1 points,
-    and fine-tuning on 80 of them alone, without the word, already 1.6 points (n = 128 prompts each)."""
+    picture of the word (REGULAR_PER_PICTURE), which keep its UNet LoRA from drawing the word's shape for every
+    prompt; its learning rate (LORA_LR) is measured on this model: at 1e-3 the UNet LoRA drew the held-out places'
+    shapes wrong (72% right), at 1e-4 it cost 2.0 points of the other prompts, at 3e-5 1.2 (README)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     steps = STEPS | (steps or {})
     results = {}
     for method in methods:
-        word = TOKEN if method == "textual_inversion" else WORD
         entry = {}
         if method != "base":
             folder = work / f"data_{method}"
             regular = REGULAR_PER_PICTURE * pictures if method == "lora" else 0  # a new token changes no other prompt
-            write_folder(folder, word, pictures, regular=regular)
-            config = FinetuneConfig(method=method, steps=steps[method], token=TOKEN)
+            write_folder(folder, TOKEN, pictures, regular=regular)
+            config = FinetuneConfig(method=method, steps=steps[method], token=TOKEN,
+                                    lr=LORA_LR if method == "lora" else None)
             out = work / f"{method}.safetensors"
             log = finetune(load_pipeline("shapes", device="cpu", dtype=torch.float32), folder, config, out,
                            loss_curve=work / f"{method}_loss.png", progress=progress)
             entry = {"pictures": pictures, "regular_pictures": regular, "steps": config.steps, "batch": config.batch,
                      "lr": config.lr, "final_loss": log["final_loss"], "train_minutes": log["seconds"] / 60,
                      "cpu_minutes": log["cpu_seconds"] / 60, "threads": torch.get_num_threads()}
+            entry |= {"token": TOKEN, "word_lr": config.word_lr, "rank": config.rank} if method == "lora" else {}
         pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32)
         if method == "lora":
             pipe.load_lora(out)
             pipe.fuse_lora()
         elif method == "textual_inversion":
             pipe.load_textual_inversion(out)
-        scores = word_adherence(pipe, word, prompts)
+        scores = word_adherence(pipe, TOKEN, prompts)
         entry |= {"word": scores["all"], "word_colour": scores["colour"], "word_shape": scores["shape"],
                   "word_position": scores["position"], "word_prompts": prompts,
                   "without_word": evaluate(pipe, without)[0]["all"], "without_prompts": without}
+        if method == "lora":  # what the bundled word draws alone, the UNet's LoRA unloaded (the word stays)
+            pipe.unload_lora()
+            entry["word_without_unet_lora"] = word_adherence(pipe, TOKEN, prompts)["all"]
         results[method] = entry
     return results
 

@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 from diffusers import LCMScheduler
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.lora import LoRALayer, lora_targets
@@ -224,6 +224,31 @@ def test_textual_inversion_matches_diffusers(pipes, tmp_path, layout, vectors):
     assert torch.equal(pipe.tokenizer(prompts), their_ids.input_ids)
     assert relative(ours[:2], before[:2]) > 1e-2, "the new word changes nothing: the test proves nothing"
     assert relative(ours, theirs) <= EMBEDDING_RTOL, f"{relative(ours, theirs):.2e} > {EMBEDDING_RTOL}"
+
+
+def test_a_lora_with_a_bundled_word_matches_diffusers_lora_plus_the_word(pipes, lora_files, tmp_path):
+    """Pivotal tuning's file (kohya: bundle_emb.<token>.string_to_param.*, which A1111 loads as an embedding beside
+    the LoRA): minidiff's load_lora of it against diffusers' load_lora_weights of the LoRA and
+    load_textual_inversion of the word (diffusers does not read bundled words)."""
+    pipe, reference = pipes
+    lora = {key: value for key, value in random_lora(pipe, 1).items() if key[0] == "unet"}
+    save_kohya(lora, tmp_path / "unet.safetensors")
+    word = torch.randn(2, 32, generator=torch.Generator().manual_seed(5))
+    state = load_file(tmp_path / "unet.safetensors") | {"bundle_emb.<dax>.string_to_param.*": word}
+    save_file(state, tmp_path / "pivotal.safetensors")
+    prompts = ["a <dax> in the top left", "a small blue square"]
+    plain_unet, before = outputs(pipe)[0], pipe.encode_prompt(prompts)
+    pipe.load_lora(tmp_path / "pivotal.safetensors", scale=0.8)
+    reference.load_lora_weights(str(tmp_path / "unet.safetensors"), adapter_name="a")
+    reference.set_adapters(["a"], adapter_weights=[0.8])
+    reference.load_textual_inversion(word, token="<dax>")
+    ours, theirs = pipe.encode_prompt(prompts), reference.encode_prompt(prompts, "cpu", 1, False)[0]
+    assert relative(ours[:1], before[:1]) > 1e-2, "the bundled word changes nothing: the test proves nothing"
+    assert torch.equal(ours[1:], before[1:]), "a prompt without the word changed"
+    assert relative(ours, theirs) <= EMBEDDING_RTOL, f"text: {relative(ours, theirs):.2e} > {EMBEDDING_RTOL}"
+    unet, their_unet = outputs(pipe)[0], outputs(pipe, reference)[0]
+    assert relative(their_unet, plain_unet) > 1e-2, "the UNet's LoRA barely changes the output"
+    assert relative(unet, their_unet) <= LORA_RTOL, f"UNet: {relative(unet, their_unet):.2e} > {LORA_RTOL}"
 
 
 # --- bad files: one line naming the problem --------------------------------------------------------------------
