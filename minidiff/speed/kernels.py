@@ -106,8 +106,8 @@ def cpu_linear(x, weight, bias=None):
     """F.linear(x, weight, bias); in float32 on a CPU without gradients, by oneDNN's matmul (see OneDNNLinear)."""
     gradients = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or gradients
-            or not torch.backends.mkldnn.is_available()):
-        return F.linear(x, weight, bias)
+            or not torch.backends.mkldnn.is_available() or torch.compiler.is_exporting()):
+        return F.linear(x, weight, bias)  # an exported graph (ONNX) holds the plain operator
     if torch.compiler.is_compiling():  # an opaque call for Inductor, which lowers the oneDNN op only when frozen
         return onednn_linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
