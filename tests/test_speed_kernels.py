@@ -75,6 +75,17 @@ def test_onednn_linear_is_the_plain_linear(shape, bias):
         assert torch.equal(fast.bfloat16()(x.bfloat16()), plain.bfloat16()(x.bfloat16()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_kernels_compile_as_one_graph(dtype):
+    """A graph break in a CPU kernel would compile every module apart, and TorchDynamo's recompile limit then
+    leaves most of them eager: the compiled UNet must be one graph."""
+    unet = cpu_defaults(perturbed_unet().to(dtype))
+    x, context = torch.randn(2, 4, 16, 16, dtype=dtype), torch.randn(2, 7, 32, dtype=dtype)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(unet)(x, torch.full((2,), 321.0), context)
+    assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+
+
 def test_onednn_linear_compiles_to_the_same_numbers():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)).eval()

@@ -77,6 +77,9 @@ class BlockedFeedForward(FeedForward):
         return torch.cat([feed_forward(block) for block in x.split(self.block_tokens, dim=1)], dim=1)
 
 
+ONEDNN = torch.backends.mkldnn.is_available()  # read once: TorchDynamo breaks the graph at the call
+
+
 class OneDNNLinear(nn.Linear):
     """A linear layer whose float32 product on a CPU is oneDNN's matmul (the library behind PyTorch's CPU
     convolutions and bf16 matmuls) instead of the BLAS sgemm behind F.linear.
@@ -89,7 +92,7 @@ class OneDNNLinear(nn.Linear):
 
     @staticmethod
     def replaces(module: nn.Module) -> bool:
-        return type(module) is nn.Linear and torch.backends.mkldnn.is_available()
+        return type(module) is nn.Linear and ONEDNN
 
     @classmethod
     def from_plain(cls, linear: nn.Linear) -> "OneDNNLinear":
@@ -106,7 +109,7 @@ def cpu_linear(x, weight, bias=None):
     """F.linear(x, weight, bias); in float32 on a CPU without gradients, by oneDNN's matmul (see OneDNNLinear)."""
     gradients = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or gradients
-            or not torch.backends.mkldnn.is_available() or torch.compiler.is_exporting()):
+            or not ONEDNN or torch.compiler.is_exporting()):
         return F.linear(x, weight, bias)  # an exported graph (ONNX) holds the plain operator
     if torch.compiler.is_compiling():  # an opaque call for Inductor, which lowers the oneDNN op only when frozen
         return onednn_linear(x, weight, bias)
