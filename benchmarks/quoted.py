@@ -222,6 +222,13 @@ def _engines() -> dict:
     return _against_peers("benchmarks/results/engines_sd15_256.json", "engines256", rungs, ("onnxruntime", "openvino"))
 
 
+def _engines512() -> dict:
+    """Written by `python -m benchmarks.vs_engines --config sd15 --size 512 --steps 2 --repeats 2 --rungs
+    fp32,freeze,fp32_fast --json benchmarks/results/engines_sd15_512.json`."""
+    rungs = {"fp32 eager": "fp32", "+freeze": "freeze", "fp32 +every option": "fp32_fast"}
+    return _against_peers("benchmarks/results/engines_sd15_512.json", "engines512", rungs, ("onnxruntime", "openvino"))
+
+
 def _linear_kernels() -> dict:
     """Written by `python -m benchmarks.linear_kernels --threads 1 --json benchmarks/results/linear_kernels.json`."""
     run = read_json("benchmarks/results/linear_kernels.json")
@@ -233,7 +240,8 @@ def _linear_kernels() -> dict:
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
-            | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines() | _linear_kernels())
+            | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines()
+            | _linear_kernels())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
