@@ -222,13 +222,6 @@ def _engines() -> dict:
     return _against_peers("benchmarks/results/engines_sd15_256.json", "engines256", rungs, ("onnxruntime", "openvino"))
 
 
-def _engines512() -> dict:
-    """Written by `python -m benchmarks.vs_engines --config sd15 --size 512 --steps 2 --repeats 2 --rungs
-    fp32,freeze,fp32_fast --json benchmarks/results/engines_sd15_512.json`."""
-    rungs = {"fp32 eager": "fp32", "+freeze": "freeze", "fp32 +every option": "fp32_fast"}
-    return _against_peers("benchmarks/results/engines_sd15_512.json", "engines512", rungs, ("onnxruntime", "openvino"))
-
-
 def _linear_kernels() -> dict:
     """Written by `python -m benchmarks.linear_kernels --threads 1 --json benchmarks/results/linear_kernels.json`."""
     run = read_json("benchmarks/results/linear_kernels.json")
