@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minidiff.measure import CallTimer
 from minidiff.speed.kernels import OneDNNLinear
 
 # (tokens of the CFG batch, in features, out features): q/k/v/out and the feed-forward's two layers per level
@@ -26,16 +27,14 @@ SHAPES = [(2048, 320, 320), (2048, 320, 2560), (2048, 1280, 320),
 
 
 def time_in_turns(calls: dict, repeats: int) -> dict:
-    """{name: median ms} of the calls, taken in turns after one warm-up call each."""
-    times = {name: [] for name in calls}
+    """{name: median ms} of the calls (measure.CallTimer), taken in turns after one warm-up call each."""
+    timers = {name: CallTimer(call, "cpu") for name, call in calls.items()}
     for call in calls.values():
         call()
     for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in times.items()}
+        for timer in timers.values():
+            timer()
+    return {name: statistics.median(timer.milliseconds()) for name, timer in timers.items()}
 
 
 def measure(repeats: int = 9) -> list:
