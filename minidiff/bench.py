@@ -3,7 +3,8 @@
 The ladder switches the options of minidiff.speed on one rung at a time, on the same random weights and inputs:
     fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +freeze (weights folded and
     pre-packed into the compiled graph) -> +CUDA graphs (GPU only) -> +reuse memory (CPU with glibc: freed tensors
-    stay in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by
+    stay in the heap) -> +int8 (CPU: 8-bit weights and activations, minidiff.speed.int8; beside the ladder, the
+    rungs after it keep the fast dtype) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by
     distillation); then, where the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in
     float32, the rung to set beside an engine that computes in float32)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
@@ -57,6 +58,7 @@ from minidiff.schedule import NoiseSchedule
 from minidiff.sdxl import WithAddedConditioning
 from minidiff.speed import (FastUNet, cpu_defaults, reuse_freed_memory, reuse_memory_available, timestep_tensor,
                             vae_decode)
+from minidiff.speed.int8 import int8_available, quantize_int8
 from minidiff.taesd import TAESD
 from minidiff.tokenizer import MAX_LENGTH
 from minidiff.unet import UNet, UNetConfig
@@ -65,6 +67,9 @@ from minidiff.vae import AutoencoderKL, VAEConfig
 GUIDANCE_SCALE = 7.5  # of the end-to-end runs
 # max |out - out_fp32_eager| / max |out_fp32_eager| that a rung in this dtype must meet
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# the +int8 rung: one rounding to 255 levels per tensor at every layer (measured 0.056 on sd15 at 256 px, random
+# weights; bf16 0.013); its quality on a trained model is measured on the shapes model (README)
+INT8_TOLERANCE = 0.1
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -80,12 +85,13 @@ class Rung:
     reuse_memory: bool = False  # minidiff.speed.reuse_freed_memory (process-wide: the peers' calls reuse it too)
     decoder: str = "vae"  # "vae" (AutoencoderKL) or "taesd"
     distilled: str | None = None  # None, "small" or "tiny": the BK-SDM version of the configuration
+    int8: bool = False  # minidiff.speed.quantize_int8 before the options (a CPU with oneDNN)
     tolerance: float | None = None  # bound on max dev; None: another network, nothing to compare with
 
     @property
     def minidiff_options(self) -> bool:
         """Options diffusers does not offer itself (its UNet runs behind minidiff's FastUNet for the comparison)."""
-        return self.freeze or self.reuse_memory
+        return self.freeze or self.reuse_memory or self.int8
 
 
 @dataclass
@@ -141,6 +147,8 @@ def ladder(device) -> list:
         rungs.append(best := dataclasses.replace(best, key="cuda_graphs", name="+CUDA graphs", cuda_graphs=True))
     elif reuse_memory_available():  # the CUDA caching allocator already keeps freed GPU memory
         rungs.append(best := dataclasses.replace(best, key="reuse_memory", name="+reuse memory", reuse_memory=True))
+    if not cuda and int8_available():
+        rungs.append(dataclasses.replace(best, key="int8", name="+int8", int8=True, tolerance=INT8_TOLERANCE))
     rungs.append(dataclasses.replace(best, key="taesd", name="+TAESD (decode)", decoder="taesd"))
     for kind in ("small", "tiny"):
         rungs.append(dataclasses.replace(best, key=f"bk_{kind}", name=f"BK-SDM {kind}", decoder="taesd",
@@ -283,10 +291,15 @@ def unets(setup: Setup, rung: Rung, peers: dict, compile_options: dict):
         state = {k: v.to(setup.device) for k, v in random_weights(skeleton, torch.Generator().manual_seed(2)).items()}
     options = dict(channels_last=rung.channels_last, compile=rung.compile, freeze=rung.freeze,
                    cuda_graphs=rung.cuda_graphs, compile_options=compile_options)
-    ours = FastUNet(with_added(with_weights(UNet, config, state, rung.dtype, setup.device), setup), **options)
+    plain = with_weights(UNet, config, state, rung.dtype, setup.device)
+    if rung.int8:
+        quantize_int8(plain)
+    ours = FastUNet(with_added(plain, setup), **options)
     theirs = {}
     for name, factory in peers.items():
         peer = factory(config, state, rung.dtype, setup.device, rung)
+        if rung.int8 and isinstance(peer, nn.Module):
+            quantize_int8(peer)  # the same option, as freeze is
         theirs[name] = FastUNet(with_added(peer, setup), **options) if isinstance(peer, nn.Module) else peer
     return ours, theirs
 
@@ -320,7 +333,7 @@ def run_rung(setup: Setup, rung: Rung, reference_out, peers: dict, compile_optio
     if reuse_memory_available():
         reuse_freed_memory(rung.reuse_memory)
     options = (rung.dtype, rung.channels_last, rung.compile)
-    ours, theirs = cached(unet_cache, (rung.distilled, rung.freeze, rung.cuda_graphs, *options),
+    ours, theirs = cached(unet_cache, (rung.distilled, rung.freeze, rung.cuda_graphs, rung.int8, *options),
                           lambda: unets(setup, rung, peers, compile_options))
     decoder = cached(decoder_cache, (rung.decoder, *options),
                      lambda: build_decoders(setup, rung.dtype, rung, compile_options))

@@ -28,7 +28,7 @@ from minidiff.bench import (
 from minidiff.checkpoint import meta_model
 from minidiff.cli import main
 from minidiff.measure import count_flops, cpu_peak_flops, format_table, summary, write_results
-from minidiff.speed import reuse_memory_available
+from minidiff.speed import int8_available, reuse_memory_available
 from minidiff.unet import Attention, UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
 
@@ -142,7 +142,8 @@ def test_the_summary_compares_the_fastest_full_network_rungs():
 
 def test_only_freeze_and_reuse_memory_are_minidiffs_own_options():
     own = {r.key for r in ladder("cpu") if r.minidiff_options} - {"fp32_fast"}  # fp32_fast: every option, below
-    assert own == {"freeze", "taesd", "bk_small", "bk_tiny"} | ({"reuse_memory"} if reuse_memory_available() else set())
+    assert own == ({"freeze", "taesd", "bk_small", "bk_tiny"} | ({"reuse_memory"} if reuse_memory_available() else set())
+                   | ({"int8"} if int8_available() else set()))
     assert not any(r.minidiff_options for r in ladder("cpu") if r.key in ("fp32", "half", "channels_last", "compile"))
 
 

@@ -1,0 +1,147 @@
+"""int8 convolutions and linear layers for a CPU: 8-bit weights and 8-bit activations (W8A8), oneDNN's kernels.
+
+The weights are rounded once to int8, one scale per output channel (the largest |w| of the channel maps to 127).
+The activations are rounded at every call, one scale per tensor taken from that call's largest |x| (dynamic
+quantization: no calibration data, and the scale follows the input as it changes over the sampling steps), to
+uint8 with zero point 128. oneDNN multiplies the integers (AVX512-VNNI / AVX-VNNI: four int8 products per 32-bit
+lane where bf16 has two) and applies the weight scales; the activation scale and the bias follow in the epilogue:
+
+    y = s_x * (oneDNN(q_x, q_w) * s_w) + b,    q_x = round(x / s_x) + 128,    s_x = max|x| / 127
+
+The activation scale reaches oneDNN as a constant 1 (and the zero point as a constant 128) so that its kernel,
+built once per shape, is reused at every call; a scale that changes per call would rebuild it every time.
+
+Fast only compiled with freezing (`optimize(..., compile=True, freeze=True)` after `quantize_int8`): Inductor then
+folds the weights' packing into the graph's constants. Eager calls pack once and keep the packed weight.
+Inference only: the quantized modules have no gradients, and their state_dict holds int8 weights (load the
+plain weights again to undo it). Measured with `minidiff bench --rungs int8` (the +int8 rung).
+"""
+
+import platform
+
+import torch
+from torch import nn
+
+from minidiff.errors import MinidiffError
+from minidiff.speed.kernels import ONEDNN
+
+ZERO_POINT = 128  # uint8 activations: round(x / s) + 128 in [1, 255]
+
+
+def int8_available() -> bool:
+    """Whether this PyTorch has oneDNN's int8 kernels for this CPU (x86-64; fast with VNNI instructions)."""
+    return ONEDNN and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def quantize_activation(x):
+    """(uint8 tensor, its fp32 scale): x ~ scale * (q - 128), one scale for the whole tensor."""
+    scale = x.detach().abs().amax().float().clamp(min=1e-12) / 127
+    q = torch.clamp(torch.round(x.float() / scale) + ZERO_POINT, 0, 255).to(torch.uint8)
+    return q, scale
+
+
+def per_channel_int8(weight):
+    """(int8 weight, fp32 scale per output channel): weight ~ scale * q, |q| <= 127."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=tuple(range(1, w.dim()))).clamp(min=1e-12) / 127
+    q = torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Module(nn.Module):
+    """What Int8Conv2d and Int8Linear share: the int8 weight, its scales, the fp32 bias, the packed weight."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        q, scale = per_channel_int8(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", torch.zeros(len(scale), dtype=torch.int64))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.packed = None  # eager calls: the packed weight, made at the first call
+
+    def packed_weight(self):
+        if torch.compiler.is_compiling():  # in the graph: frozen, Inductor folds it into a constant
+            return self.pack()
+        if self.packed is None:
+            self.packed = self.pack()
+        return self.packed
+
+    def finish(self, out, scale, dtype):
+        """The epilogue: the activation scale, the bias, the input's dtype."""
+        out = out * scale
+        if self.bias is not None:
+            out = out + (self.bias if out.dim() != 4 else self.bias.view(-1, 1, 1))
+        return out.to(dtype)
+
+
+class Int8Conv2d(Int8Module):
+    """nn.Conv2d (zero padding, one group) in W8A8 int8 through oneDNN's quantized convolution."""
+
+    @staticmethod
+    def replaces(module: nn.Module) -> bool:
+        return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__(conv.weight, conv.bias)
+        self.qweight = self.qweight.contiguous(memory_format=torch.channels_last)
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+
+    def pack(self):
+        return torch.ops.onednn.qconv_prepack(self.qweight, self.weight_scale, 1.0, ZERO_POINT, self.stride,
+                                              self.padding, self.dilation, 1, None)
+
+    def forward(self, x):
+        q, scale = quantize_activation(x)
+        out = torch.ops.onednn.qconv_pointwise(q, 1.0, ZERO_POINT, self.packed_weight(), self.weight_scale,
+                                               self.weight_zero_point, None, self.stride, self.padding,
+                                               self.dilation, 1, 1.0, 0, x.dtype, "none", [], "")
+        return self.finish(out, scale, x.dtype)
+
+
+class Int8Linear(Int8Module):
+    """nn.Linear in W8A8 int8 through oneDNN's quantized matmul."""
+
+    @staticmethod
+    def replaces(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.weight, linear.bias)
+
+    def pack(self):
+        return torch.ops.onednn.qlinear_prepack(self.qweight, None)
+
+    def forward(self, x):
+        q, scale = quantize_activation(x)
+        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, ZERO_POINT, self.packed_weight(), self.weight_scale,
+                                                 self.weight_zero_point, None, 1.0, 0, x.dtype, "none", [], "")
+        return self.finish(out, scale, x.dtype)
+
+
+# TorchDynamo traces a call only with a shape function for it; PyTorch registers none for the two packing ops
+# (Inductor inserts them itself, after tracing). The packed weights keep the int8 weight's elements.
+for _name, _shape in (("onednn::qlinear_prepack", lambda weight, x_shape: weight.new_empty(weight.shape[::-1])),
+                      ("onednn::qconv_prepack", lambda weight, *args, **kwargs: weight.new_empty(weight.shape))):
+    try:
+        torch.library.register_fake(_name)(_shape)
+    except RuntimeError:  # a PyTorch that has its own
+        pass
+
+
+def quantize_int8(model: nn.Module, keep: tuple = ("conv_in", "conv_out")) -> int:
+    """Put Int8Conv2d / Int8Linear in place of the convolutions and linear layers of `model` (on a CPU), except
+    those named in `keep` (the UNet's first and last convolutions: 4 channels, where one rounding step is a large
+    share of the signal); returns how many were replaced. In place and one way: load the weights again to undo."""
+    if not int8_available():
+        raise MinidiffError("int8 needs PyTorch's oneDNN on an x86-64 CPU: use the bf16 or fp32 rungs here")
+    found = [(name, module) for name, module in model.named_modules()
+             if name and name.rpartition(".")[2] not in keep
+             and (Int8Conv2d.replaces(module) or Int8Linear.replaces(module))]
+    for name, module in found:
+        if next(module.parameters()).device.type != "cpu":
+            raise MinidiffError(f"int8 computes on a CPU; {name} is on {next(module.parameters()).device}: quantize the model on the CPU")
+        parent, _, child = name.rpartition(".")
+        replacement = Int8Conv2d(module) if isinstance(module, nn.Conv2d) else Int8Linear(module)
+        setattr(model.get_submodule(parent), child, replacement)
+    return len(found)

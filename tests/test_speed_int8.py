@@ -1,0 +1,120 @@
+"""minidiff.speed.int8: the W8A8 layers compute their stated formula exactly, stay within 8-bit rounding of the
+plain layers, and compile frozen as one graph (the +int8 rung of minidiff bench)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidiff.bench import INT8_TOLERANCE
+from minidiff.errors import MinidiffError
+from minidiff.measure import relative_error
+from minidiff.speed import FastUNet, cpu_defaults
+from minidiff.speed.int8 import Int8Conv2d, Int8Linear, int8_available, per_channel_int8, quantize_int8
+from minidiff.unet import UNet, UNetConfig
+
+pytestmark = pytest.mark.skipif(not int8_available(), reason="oneDNN's int8 kernels need an x86-64 CPU")
+
+LAYERS = [  # (plain layer, input shape)
+    (lambda: nn.Conv2d(32, 48, 3, padding=1), (2, 32, 12, 12)),
+    (lambda: nn.Conv2d(32, 32, 3, stride=2, padding=1), (2, 32, 12, 12)),  # the UNet's downsampling
+    (lambda: nn.Conv2d(64, 32, 1), (2, 64, 8, 8)),  # a skip's channel change
+    (lambda: nn.Linear(40, 24), (2, 7, 40)),
+]
+
+
+def dequantized_reference(layer, x):
+    """The formula of minidiff.speed.int8 computed plainly in float64: both operands rounded as the module rounds
+    them, then multiplied exactly (the kernel's integer products and sums are exact)."""
+    scale = x.abs().amax().double() / 127
+    x_rounded = (torch.clamp(torch.round(x.double() / scale) + 128, 0, 255) - 128) * scale
+    q, w_scale = per_channel_int8(layer.weight)
+    w_rounded = q.double() * w_scale.double().view(-1, *[1] * (q.dim() - 1))
+    bias = layer.bias.double()
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x_rounded, w_rounded, bias, layer.stride, layer.padding)
+    return F.linear(x_rounded, w_rounded, bias)
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_int8_layers_compute_the_rounded_product_exactly(make, shape):
+    torch.manual_seed(0)
+    plain = make().eval()
+    x = torch.randn(shape) + 0.5  # off-centre, as after a SiLU
+    int8 = (Int8Conv2d if isinstance(plain, nn.Conv2d) else Int8Linear)(plain)
+    with torch.no_grad():
+        assert relative_error(int8(x).double(), dequantized_reference(plain, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_layers_are_the_plain_layers_within_8_bit_rounding(make, shape, dtype):
+    torch.manual_seed(0)
+    plain = make().eval().to(dtype)
+    x = (torch.randn(shape) + 0.5).to(dtype)
+    int8 = (Int8Conv2d if isinstance(plain, nn.Conv2d) else Int8Linear)(plain)
+    with torch.no_grad():
+        out, expected = int8(x), plain(x)
+    assert out.dtype == dtype and out.shape == expected.shape
+    error = relative_error(out.float(), expected.float())
+    assert 1e-4 < error <= 2e-2  # measured 0.7-1.1%: rounded, and by no more than 8 bits allow
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny()).eval()
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return unet
+
+
+def test_quantize_int8_keeps_the_first_and_last_convolutions_and_stays_within_the_rung_tolerance():
+    plain = cpu_defaults(tiny_unet())
+    quantized = cpu_defaults(tiny_unet())
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in quantized.modules())
+    assert quantize_int8(quantized) == layers - 2
+    assert not isinstance(quantized.conv_in, Int8Conv2d) and not isinstance(quantized.conv_out, Int8Conv2d)
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        error = relative_error(quantized(x, 321, context), plain(x, 321, context))
+    assert 1e-4 < error <= INT8_TOLERANCE
+
+
+@pytest.mark.parametrize("make, shape", LAYERS[::3])
+def test_frozen_int8_layers_compile_to_the_eager_numbers(make, shape):
+    """The packing ops have shape functions (else TorchDynamo breaks the graph at each), and freezing folds them."""
+    torch.manual_seed(0)
+    plain = make().eval()
+    int8 = (Int8Conv2d if isinstance(plain, nn.Conv2d) else Int8Linear)(plain)
+    x = torch.randn(shape) + 0.5
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        eager, frozen = int8(x), torch.compile(int8)(x)
+    torch._dynamo.reset()
+    assert torch.equal(frozen, eager)
+
+
+def test_a_frozen_int8_unet_is_one_graph_within_the_rung_tolerance():
+    """Not the eager int8 numbers: a rounding boundary crossed by a float's last bit (the compiled GroupNorm sums
+    in another order) moves one activation by a whole step, and the next layers' roundings follow; measured on
+    this model, an input changed by 1e-6 moves the int8 output 1.7% (the plain output 8e-7)."""
+    plain, unet = tiny_unet(), tiny_unet().to(torch.bfloat16)
+    quantize_int8(unet)
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    half = x.bfloat16(), torch.full((2,), 321.0), context.bfloat16()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(unet)(*half)
+        assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+        frozen = FastUNet(unet, channels_last=True, compile=True, freeze=True)(*half)
+        expected = plain(x, 321, context)
+    torch._dynamo.reset()
+    assert relative_error(frozen.float(), expected) <= INT8_TOLERANCE
+
+
+def test_quantize_int8_refuses_what_it_cannot_compute(monkeypatch):
+    with pytest.raises(MinidiffError, match="on the CPU"):
+        quantize_int8(nn.Sequential(nn.Linear(4, 4, device="meta")))
+    monkeypatch.setattr("minidiff.speed.int8.int8_available", lambda: False)
+    with pytest.raises(MinidiffError, match="x86-64"):
+        quantize_int8(nn.Sequential(nn.Linear(4, 4)))
