@@ -48,6 +48,8 @@ def test_the_bench_prints_every_rung_and_passes_on_the_tiny_config(capsys, tmp_p
     expected = ["fp32", "half", "channels_last", "compile", "freeze", "reuse_memory", "taesd", "bk_small", "bk_tiny"]
     if not reuse_memory_available():  # glibc's allocator only
         expected.remove("reuse_memory")
+    if int8_available():  # oneDNN's int8 kernels, x86-64
+        expected.insert(expected.index("taesd"), "int8")
     if fast_dtype("cpu") != torch.float32:  # a CPU with bf16 instructions: every option in fp32 too
         expected.append("fp32_fast")
     assert [r.key for r in rungs] == expected
