@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minidiff.measure import CallTimer
 from minidiff.speed.kernels import OneDNNLinear
@@ -45,7 +44,8 @@ def measure(repeats: int = 9) -> list:
         fast = OneDNNLinear.from_plain(plain)
         x = torch.randn(2, tokens // 2, features_in, generator=generator)
         with torch.no_grad():
-            ms = time_in_turns({"F.linear": lambda: plain(x), "oneDNN": lambda: fast(x)}, repeats)
+            calls = {"F.linear": lambda plain=plain, x=x: plain(x), "oneDNN": lambda fast=fast, x=x: fast(x)}
+            ms = time_in_turns(calls, repeats)
             reference = plain(x)
             deviation = ((fast(x) - reference).abs().max() / reference.abs().max()).item()
         gflop = 2 * tokens * features_in * features_out / 1e9

@@ -222,6 +222,27 @@ def _engines() -> dict:
     return _against_peers("benchmarks/results/engines_sd15_256.json", "engines256", rungs, ("onnxruntime", "openvino"))
 
 
+def _engines_int8() -> dict:
+    """Written by `python -m benchmarks.vs_engines --config sd15 --size 256 --steps 2 --repeats 2 --rungs
+    freeze,int8 --json benchmarks/results/engines_sd15_256_int8.json`: the +int8 rung beside +freeze."""
+    path = "benchmarks/results/engines_sd15_256_int8.json"
+    values = _against_peers(path, "int8_256", {"+freeze": "freeze", "+int8": "int8"}, ("onnxruntime", "openvino"))
+    rows = {row["rung"]: row for row in read_json(path)}
+    return values | {"int8_256.int8_dev": f"{rows['+int8']['max_dev']:.3f}",
+                     "int8_256.freeze_dev": f"{rows['+freeze']['max_dev']:.3f}",
+                     "int8_256.speedup": f"{rows['+freeze']['ms_per_step'] / rows['+int8']['ms_per_step']:.2f}"}
+
+
+def _int8_quality() -> dict:
+    """Written by `python -m benchmarks.int8_quality` (benchmarks/results/int8_quality.json): the shapes model's
+    held-out prompts with the plain UNet and its int8 copy, from the same noise."""
+    run = read_json("benchmarks/results/int8_quality.json")
+    return {"int8q.prompts": str(run["prompts"]), "int8q.plain": percent(run["plain"]["all"]),
+            "int8q.int8": percent(run["int8"]["all"]), "int8q.pixels": f"{run['mean_abs_pixel_difference']:.2f}",
+            "int8q.layers": str(run["int8_layers"]),
+            "int8q.lost": f"{100 * (run['plain']['all'] - run['int8']['all']):.1f}"}
+
+
 def _linear_kernels() -> dict:
     """Written by `python -m benchmarks.linear_kernels --threads 1 --json benchmarks/results/linear_kernels.json`."""
     run = read_json("benchmarks/results/linear_kernels.json")
@@ -234,7 +255,7 @@ def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
             | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines()
-            | _linear_kernels())
+            | _linear_kernels() | _engines_int8() | _int8_quality())
 
 
 def marked(text: str) -> list[tuple[str, str]]:

@@ -3,10 +3,10 @@
 The ladder switches the options of minidiff.speed on one rung at a time, on the same random weights and inputs:
     fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +freeze (weights folded and
     pre-packed into the compiled graph) -> +CUDA graphs (GPU only) -> +reuse memory (CPU with glibc: freed tensors
-    stay in the heap) -> +int8 (CPU: 8-bit weights and activations, minidiff.speed.int8; beside the ladder, the
-    rungs after it keep the fast dtype) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by
-    distillation); then, where the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in
-    float32, the rung to set beside an engine that computes in float32)
+    stay in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by
+    distillation); on a CPU, +int8 (+freeze in 8-bit weights and activations, minidiff.speed.int8); then, where
+    the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in float32, the rung to set
+    beside an engine that computes in float32)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
 else fp32) and keep the options of the rung before. The rungs up to +compile (and +CUDA graphs, torch.compile's
 "reduce-overhead" mode) use only options diffusers itself offers; +freeze and +reuse memory are minidiff's.
@@ -58,7 +58,7 @@ from minidiff.schedule import NoiseSchedule
 from minidiff.sdxl import WithAddedConditioning
 from minidiff.speed import (FastUNet, cpu_defaults, reuse_freed_memory, reuse_memory_available, timestep_tensor,
                             vae_decode)
-from minidiff.speed.int8 import int8_available, quantize_int8
+from minidiff.speed.int8 import INT8_TOLERANCE, int8_available, quantize_int8
 from minidiff.taesd import TAESD
 from minidiff.tokenizer import MAX_LENGTH
 from minidiff.unet import UNet, UNetConfig
@@ -67,9 +67,6 @@ from minidiff.vae import AutoencoderKL, VAEConfig
 GUIDANCE_SCALE = 7.5  # of the end-to-end runs
 # max |out - out_fp32_eager| / max |out_fp32_eager| that a rung in this dtype must meet
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
-# the +int8 rung: one rounding to 255 levels per tensor at every layer (measured 0.056 on sd15 at 256 px, random
-# weights; bf16 0.013); its quality on a trained model is measured on the shapes model (README)
-INT8_TOLERANCE = 0.1
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -142,13 +139,14 @@ def ladder(device) -> list:
     best = Rung("channels_last", "+channels_last", fast, channels_last=True, tolerance=TOLERANCE[fast])
     rungs.append(best)
     rungs.append(best := dataclasses.replace(best, key="compile", name="+compile", compile=True))
-    rungs.append(best := dataclasses.replace(best, key="freeze", name="+freeze", freeze=True))
+    rungs.append(frozen := dataclasses.replace(best, key="freeze", name="+freeze", freeze=True))
+    best = frozen
     if cuda:
         rungs.append(best := dataclasses.replace(best, key="cuda_graphs", name="+CUDA graphs", cuda_graphs=True))
     elif reuse_memory_available():  # the CUDA caching allocator already keeps freed GPU memory
         rungs.append(best := dataclasses.replace(best, key="reuse_memory", name="+reuse memory", reuse_memory=True))
     if not cuda and int8_available():
-        rungs.append(dataclasses.replace(best, key="int8", name="+int8", int8=True, tolerance=INT8_TOLERANCE))
+        rungs.append(dataclasses.replace(frozen, key="int8", name="+int8", int8=True, tolerance=INT8_TOLERANCE))
     rungs.append(dataclasses.replace(best, key="taesd", name="+TAESD (decode)", decoder="taesd"))
     for kind in ("small", "tiny"):
         rungs.append(dataclasses.replace(best, key=f"bk_{kind}", name=f"BK-SDM {kind}", decoder="taesd",
@@ -292,14 +290,11 @@ def unets(setup: Setup, rung: Rung, peers: dict, compile_options: dict):
     options = dict(channels_last=rung.channels_last, compile=rung.compile, freeze=rung.freeze,
                    cuda_graphs=rung.cuda_graphs, compile_options=compile_options)
     plain = with_weights(UNet, config, state, rung.dtype, setup.device)
-    if rung.int8:
-        quantize_int8(plain)
-    ours = FastUNet(with_added(plain, setup), **options)
+    ours = FastUNet(with_added(quantize_int8(plain) if rung.int8 else plain, setup), **options)
     theirs = {}
     for name, factory in peers.items():
         peer = factory(config, state, rung.dtype, setup.device, rung)
-        if rung.int8 and isinstance(peer, nn.Module):
-            quantize_int8(peer)  # the same option, as freeze is
+        peer = quantize_int8(peer) if rung.int8 and isinstance(peer, nn.Module) else peer  # as freeze is
         theirs[name] = FastUNet(with_added(peer, setup), **options) if isinstance(peer, nn.Module) else peer
     return ours, theirs
 

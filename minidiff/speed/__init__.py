@@ -40,8 +40,8 @@ from torch import nn
 from minidiff.clip import CLIPAttention
 from minidiff.errors import MinidiffError
 from minidiff.speed.attention_kernels import attention_kernel, blockwise_attention, cpu_attention
-from minidiff.speed.int8 import int8_available, quantize_int8
 from minidiff.speed.fast_unet import CudaGraphCall, FastUNet, check_cuda_graphs, timestep_tensor
+from minidiff.speed.int8 import int8_available, quantize_int8
 from minidiff.speed.kernels import BlockedFeedForward, MatmulConv3x3, OneDNNLinear, replace_modules
 from minidiff.speed.memory import reuse_freed_memory, reuse_memory_available
 from minidiff.speed.vae_decoding import decode_in_float32, vae_decode

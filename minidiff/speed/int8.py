@@ -26,6 +26,10 @@ from minidiff.errors import MinidiffError
 from minidiff.speed.kernels import ONEDNN
 
 ZERO_POINT = 128  # uint8 activations: round(x / s) + 128 in [1, 255]
+# max |out - out_fp32| / max |out_fp32| of the +int8 rung (minidiff bench): one rounding to 255 levels per tensor
+# at every layer (measured 0.056 on sd15 at 256 px, random weights; bf16 alone 0.013); on a trained model its cost
+# is measured on the shapes model (python -m benchmarks.int8_quality; README)
+INT8_TOLERANCE = 0.1
 
 
 def int8_available() -> bool:
@@ -129,19 +133,20 @@ for _name, _shape in (("onednn::qlinear_prepack", lambda weight, x_shape: weight
         pass
 
 
-def quantize_int8(model: nn.Module, keep: tuple = ("conv_in", "conv_out")) -> int:
+def quantize_int8(model: nn.Module, keep: tuple = ("conv_in", "conv_out")) -> nn.Module:
     """Put Int8Conv2d / Int8Linear in place of the convolutions and linear layers of `model` (on a CPU), except
     those named in `keep` (the UNet's first and last convolutions: 4 channels, where one rounding step is a large
-    share of the signal); returns how many were replaced. In place and one way: load the weights again to undo."""
+    share of the signal). In place (returns model) and one way: load the weights again to undo."""
     if not int8_available():
         raise MinidiffError("int8 needs PyTorch's oneDNN on an x86-64 CPU: use the bf16 or fp32 rungs here")
     found = [(name, module) for name, module in model.named_modules()
              if name and name.rpartition(".")[2] not in keep
              and (Int8Conv2d.replaces(module) or Int8Linear.replaces(module))]
     for name, module in found:
-        if next(module.parameters()).device.type != "cpu":
-            raise MinidiffError(f"int8 computes on a CPU; {name} is on {next(module.parameters()).device}: quantize the model on the CPU")
+        device = next(module.parameters()).device
+        if device.type != "cpu":
+            raise MinidiffError(f"int8 computes on a CPU; {name} is on {device}: quantize the model on the CPU")
         parent, _, child = name.rpartition(".")
         replacement = Int8Conv2d(module) if isinstance(module, nn.Conv2d) else Int8Linear(module)
         setattr(model.get_submodule(parent), child, replacement)
-    return len(found)
+    return model
