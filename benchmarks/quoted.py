@@ -233,6 +233,15 @@ def _engines_int8() -> dict:
                      "int8_256.speedup": f"{rows['+freeze']['ms_per_step'] / rows['+int8']['ms_per_step']:.2f}"}
 
 
+def _engines_512() -> dict:
+    """Written by `python -m benchmarks.vs_engines --config sd15 --size 512 --steps 2 --repeats 1 --rungs fp32_fast
+    --json benchmarks/results/engines_sd15_512_fp32_fast.json` (that rung alone: three rungs ran out of memory)."""
+    path = "benchmarks/results/engines_sd15_512_fp32_fast.json"
+    row = read_json(path)[0]
+    return (_against_peers(path, "engines512", {"fp32 +every option": "fp32_fast"}, ("onnxruntime", "openvino"))
+            | {"engines512.peak_gb": f"{row['peak_mb'] / 1024:.1f}"})
+
+
 def _int8_quality() -> dict:
     """Written by `python -m benchmarks.int8_quality` (benchmarks/results/int8_quality.json): the shapes model's
     held-out prompts with the plain UNet and its int8 copy, from the same noise."""
@@ -255,7 +264,7 @@ def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
             | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines()
-            | _linear_kernels() | _engines_int8() | _int8_quality())
+            | _linear_kernels() | _engines_int8() | _engines_512() | _int8_quality())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
