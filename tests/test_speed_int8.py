@@ -10,7 +10,7 @@ from minidiff.errors import MinidiffError
 from minidiff.measure import relative_error
 from minidiff.speed import FastUNet, cpu_defaults
 from minidiff.speed.int8 import INT8_TOLERANCE, Int8Conv2d, Int8Linear, int8_available, per_channel_int8, quantize_int8
-from minidiff.unet import UNet, UNetConfig
+from tests.test_speed_kernels import perturbed_unet
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="oneDNN's int8 kernels need an x86-64 CPU")
 
@@ -59,19 +59,9 @@ def test_int8_layers_are_the_plain_layers_within_8_bit_rounding(make, shape, dty
     assert 1e-4 < error <= 2e-2  # measured 0.7-1.1%: rounded, and by no more than 8 bits allow
 
 
-def tiny_unet():
-    torch.manual_seed(0)
-    unet = UNet(UNetConfig.tiny()).eval()
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            if parameter.ndim == 1:
-                parameter.add_(0.1 * torch.randn_like(parameter))
-    return unet
-
-
 def test_quantize_int8_keeps_the_first_and_last_convolutions_and_stays_within_the_rung_tolerance():
-    plain = cpu_defaults(tiny_unet())
-    quantized = cpu_defaults(tiny_unet())
+    plain = cpu_defaults(perturbed_unet())
+    quantized = cpu_defaults(perturbed_unet())
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in quantized.modules())
     quantize_int8(quantized)
     assert sum(isinstance(m, (Int8Conv2d, Int8Linear)) for m in quantized.modules()) == layers - 2
@@ -99,7 +89,7 @@ def test_a_frozen_int8_unet_is_one_graph_within_the_rung_tolerance():
     """Not the eager int8 numbers: a rounding boundary crossed by a float's last bit (the compiled GroupNorm sums
     in another order) moves one activation by a whole step, and the next layers' roundings follow; measured on
     this model, an input changed by 1e-6 moves the int8 output 1.7% (the plain output 8e-7)."""
-    plain, unet = tiny_unet(), tiny_unet().to(torch.bfloat16)
+    plain, unet = perturbed_unet(), perturbed_unet().to(torch.bfloat16)
     quantize_int8(unet)
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
     half = x.bfloat16(), torch.full((2,), 321.0), context.bfloat16()

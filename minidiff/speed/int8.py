@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from minidiff.errors import MinidiffError
-from minidiff.speed.kernels import ONEDNN
+from minidiff.speed.kernels import ONEDNN, replace_modules
 
 ZERO_POINT = 128  # uint8 activations: round(x / s) + 128 in [1, 255]
 # max |out - out_fp32| / max |out_fp32| of the +int8 rung (minidiff bench): one rounding to 255 levels per tensor
@@ -86,6 +86,10 @@ class Int8Conv2d(Int8Module):
     def replaces(module: nn.Module) -> bool:
         return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
 
+    @classmethod
+    def from_plain(cls, conv: nn.Conv2d) -> "Int8Conv2d":
+        return cls(conv)
+
     def __init__(self, conv: nn.Conv2d):
         super().__init__(conv.weight, conv.bias)
         self.qweight = self.qweight.contiguous(memory_format=torch.channels_last)
@@ -109,6 +113,10 @@ class Int8Linear(Int8Module):
     @staticmethod
     def replaces(module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
+
+    @classmethod
+    def from_plain(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(linear)
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear.weight, linear.bias)
@@ -139,14 +147,9 @@ def quantize_int8(model: nn.Module, keep: tuple = ("conv_in", "conv_out")) -> nn
     share of the signal). In place (returns model) and one way: load the weights again to undo."""
     if not int8_available():
         raise MinidiffError("int8 needs PyTorch's oneDNN on an x86-64 CPU: use the bf16 or fp32 rungs here")
-    found = [(name, module) for name, module in model.named_modules()
-             if name and name.rpartition(".")[2] not in keep
-             and (Int8Conv2d.replaces(module) or Int8Linear.replaces(module))]
-    for name, module in found:
-        device = next(module.parameters()).device
-        if device.type != "cpu":
-            raise MinidiffError(f"int8 computes on a CPU; {name} is on {device}: quantize the model on the CPU")
-        parent, _, child = name.rpartition(".")
-        replacement = Int8Conv2d(module) if isinstance(module, nn.Conv2d) else Int8Linear(module)
-        setattr(model.get_submodule(parent), child, replacement)
+    device = next((p.device for p in model.parameters() if p.device.type != "cpu"), None)
+    if device is not None:
+        raise MinidiffError(f"int8 computes on a CPU; the model is on {device}: quantize the model on the CPU")
+    replace_modules(model, Int8Conv2d, keep)
+    replace_modules(model, Int8Linear, keep)
     return model

@@ -127,9 +127,11 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def replace_modules(model: nn.Module, replacement) -> int:
-    """Put `replacement.from_plain(m)` in place of every submodule m that `replacement.replaces`; returns the count."""
-    found = [(name, module) for name, module in model.named_modules() if name and replacement.replaces(module)]
+def replace_modules(model: nn.Module, replacement, keep: tuple = ()) -> int:
+    """Put `replacement.from_plain(m)` in place of every submodule m that `replacement.replaces`, but those whose
+    own name (the last part of the dotted path) is in `keep`; returns the count."""
+    found = [(name, module) for name, module in model.named_modules()
+             if name and name.rpartition(".")[2] not in keep and replacement.replaces(module)]
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement.from_plain(module))
