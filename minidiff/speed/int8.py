@@ -80,7 +80,13 @@ class Int8Module(nn.Module):
 
 
 class Int8Conv2d(Int8Module):
-    """nn.Conv2d (zero padding, one group) in W8A8 int8 through oneDNN's quantized convolution."""
+    """nn.Conv2d (zero padding, one group) in W8A8 int8 through oneDNN's quantized convolution.
+
+    A 1x1 convolution with stride 1 and no padding is a matmul of the weight with every pixel's channels: it goes
+    through oneDNN's int8 matmul instead (the pixels as rows, read in place from a channels_last input), which
+    runs SD 1.5's 1x1 convolutions several times faster than its int8 convolution on the small maps (1280
+    channels at 8x8, CFG batch 2: about 190 against 1000 GOP/s; torch.profiler of the +int8 rung at 256 px).
+    """
 
     @staticmethod
     def replaces(module: nn.Module) -> bool:
@@ -92,19 +98,33 @@ class Int8Conv2d(Int8Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__(conv.weight, conv.bias)
-        self.qweight = self.qweight.contiguous(memory_format=torch.channels_last)
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.pointwise = conv.kernel_size == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
+        if not self.pointwise:
+            self.qweight = self.qweight.contiguous(memory_format=torch.channels_last)
 
     def pack(self):
+        if self.pointwise:
+            return torch.ops.onednn.qlinear_prepack(self.qweight.flatten(1), None)
         return torch.ops.onednn.qconv_prepack(self.qweight, self.weight_scale, 1.0, ZERO_POINT, self.stride,
                                               self.padding, self.dilation, 1, None)
 
     def forward(self, x):
+        if self.pointwise:
+            return self.forward_pointwise(x)
         q, scale = quantize_activation(x)
         out = torch.ops.onednn.qconv_pointwise(q, 1.0, ZERO_POINT, self.packed_weight(), self.weight_scale,
                                                self.weight_zero_point, None, self.stride, self.padding,
                                                self.dilation, 1, 1.0, 0, x.dtype, "none", [], "")
         return self.finish(out, scale, x.dtype)
+
+    def forward_pointwise(self, x):
+        """The 1x1 convolution as a matmul: (B * H * W, C_in) pixels -> (B * H * W, C_out), in channels_last."""
+        batch, channels, height, width = x.shape
+        q, scale = quantize_activation(x.permute(0, 2, 3, 1).reshape(-1, channels))
+        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, ZERO_POINT, self.packed_weight(), self.weight_scale,
+                                                 self.weight_zero_point, None, 1.0, 0, x.dtype, "none", [], "")
+        return self.finish(out, scale, x.dtype).view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
 class Int8Linear(Int8Module):
