@@ -233,6 +233,13 @@ def _engines_int8() -> dict:
                      "int8_256.speedup": f"{rows['+freeze']['ms_per_step'] / rows['+int8']['ms_per_step']:.2f}"}
 
 
+def _engines_int8_amd() -> dict:
+    """The same command as _engines_int8 on 2026-12-03's AMD EPYC (AVX512_BF16, no AMX), kept beside the Intel run
+    as benchmarks/results/engines_sd15_256_int8_amd.json."""
+    path = "benchmarks/results/engines_sd15_256_int8_amd.json"
+    return _against_peers(path, "int8_256_amd", {"+freeze": "freeze", "+int8": "int8"}, ("openvino",))
+
+
 def _engines_512() -> dict:
     """Written by `python -m benchmarks.vs_engines --config sd15 --size 512 --steps 2 --repeats 1 --rungs fp32_fast
     --json benchmarks/results/engines_sd15_512_fp32_fast.json` (that rung alone: three rungs ran out of memory)."""
@@ -264,7 +271,7 @@ def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
             | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines()
-            | _linear_kernels() | _engines_int8() | _engines_512() | _int8_quality())
+            | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _int8_quality())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
