@@ -249,6 +249,20 @@ def _engines_512() -> dict:
             | {"engines512.peak_gb": f"{row['peak_mb'] / 1024:.1f}"})
 
 
+def _engines_fp32_intel() -> dict:
+    """Written by `python -m benchmarks.vs_engines --config sd15 --size S --steps 2 --repeats R --rungs fp32_fast
+    --json benchmarks/results/engines_sd15_S_fp32_fast_intel.json` (S 256 with R 2, S 512 with R 1) on the Intel Xeon
+    with AMX of 2026-12-04: the best fp32 rung beside the engines."""
+    values = {}
+    for size in (256, 512):
+        path = f"benchmarks/results/engines_sd15_{size}_fp32_fast_intel.json"
+        row = read_json(path)[0]
+        values |= _against_peers(path, f"fp32_intel{size}", {"fp32 +every option": "fp32_fast"},
+                                 ("onnxruntime", "openvino"))
+        values[f"fp32_intel{size}.peak_share"] = f"{100 * row['peak_share']:.0f}%"
+    return values
+
+
 def _int8_quality() -> dict:
     """Written by `python -m benchmarks.int8_quality` (benchmarks/results/int8_quality.json): the shapes model's
     held-out prompts with the plain UNet and its int8 copy, from the same noise."""
@@ -271,7 +285,8 @@ def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
             | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines()
-            | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _int8_quality())
+            | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
+            | _int8_quality())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
