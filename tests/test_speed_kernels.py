@@ -162,8 +162,10 @@ def test_cpu_attention_in_half_precision_is_computed_in_float32(dtype, monkeypat
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpu_attention_in_bf16_with_bf16_instructions_goes_in_blocks(causal, monkeypatch):
-    """The bf16 path (written-out formula, blocks of queries) agrees with float32 attention to bf16's precision."""
+    """The bf16 path without AMX (written-out formula, blocks of queries) agrees with float32 attention to bf16's
+    precision."""
     monkeypatch.setattr(attention_kernels, "CPU_BF16_MATMUL", True)
+    monkeypatch.setattr(attention_kernels, "CPU_AMX", False)
     monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", 2 * 4 * 33 * 5)  # 5 queries a block: 7 blocks
     calls = []
     monkeypatch.setattr(attention_kernels, "blockwise_attention",
@@ -177,6 +179,30 @@ def test_cpu_attention_in_bf16_with_bf16_instructions_goes_in_blocks(causal, mon
     q.requires_grad_()  # a gradient is asked for: SDPA (in float32), which autograd goes through
     cpu_attention(q, k, v, mask).float().sum().backward()
     assert calls == [None] and q.grad is not None
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_in_bf16_with_amx_is_bf16_sdpa(causal, monkeypatch):
+    """With AMX, bf16 goes to SDPA in bf16 (PyTorch's flash kernel on the tiles); a slice size still gives blocks,
+    and a gradient the float32 path."""
+    monkeypatch.setattr(attention_kernels, "CPU_BF16_MATMUL", True)
+    monkeypatch.setattr(attention_kernels, "CPU_AMX", True)
+    calls = []
+    monkeypatch.setattr(attention_kernels, "blockwise_attention",
+                        lambda *args: calls.append(args[-1]) or blockwise_attention(*args))
+    q, k, v = (torch.randn(2, 4, 33, 8).bfloat16() for _ in range(3))
+    mask = torch.ones(33, 33, dtype=torch.bool).tril() if causal else None
+    out = cpu_attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16 and calls == []
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, mask))
+    torch.testing.assert_close(out.float(), naive_attention(q.float(), k.float(), v.float(), mask),
+                               rtol=2e-2, atol=2e-2)
+    cpu_attention(q, k, v, mask, slice_size=5)
+    assert calls == [5]
+    q.requires_grad_()
+    out = cpu_attention(q, k, v, mask)
+    assert calls == [5] and torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                                          mask).bfloat16())
 
 
 @pytest.mark.parametrize("name", ["sdpa", "naive", "blockwise", "cpu"])

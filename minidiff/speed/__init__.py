@@ -4,8 +4,8 @@ The model files hold the maths (nn.Conv2d, one attention function, a GEGLU feed-
 lives here and is put in place per model, never by a global switch:
     cpu_defaults   -> the CPU kernels that measured faster (kernels.py, attention_kernels.py), put in place by
                       the loaders for a model loaded on a CPU: a 3x3 conv of a small map as a matmul, the
-                      feed-forward in blocks of tokens, float32 linear layers through oneDNN, blockwise bf16
-                      attention on a CPU with bf16 instructions
+                      feed-forward in blocks of tokens, float32 linear layers through oneDNN, bf16 attention
+                      through SDPA on a CPU with AMX and blockwise on one with AVX512-BF16 alone
     set_attention  -> the attention kernel of a model's attention modules: "sdpa", "naive", "blockwise", "cpu"
     vae_decode     -> the VAE decode in tiles, and redone in float32 when float16 overflows (vae_decoding.py)
     quantize_int8  -> a model's convolutions and linear layers in 8-bit weights and activations through oneDNN
@@ -78,10 +78,10 @@ def set_attention(target, name: str | None = None, slice_size: int | None = None
     """Choose the attention kernel of a model (or of every model of a Pipeline); returns target.
 
     name: "sdpa" (PyTorch's fused kernels), "naive" (the formula written out, minidiff.attention.naive_attention),
-    "blockwise" (the formula a block of queries at a time in reused buffers), "cpu" (cpu_attention: blockwise in
-    bf16 on a CPU with bf16 instructions, half precision in float32), or None: the default where each model's
-    weights are ("cpu" on a CPU, else "sdpa"). slice_size: at most this many queries at a time (bounds the memory
-    of the scores).
+    "blockwise" (the formula a block of queries at a time in reused buffers), "cpu" (cpu_attention: bf16 SDPA with
+    AMX, blockwise in bf16 on a CPU with AVX512-BF16 alone, half precision in float32), or None: the default where
+    each model's weights are ("cpu" on a CPU, else "sdpa"). slice_size: at most this many queries at a time (bounds
+    the memory of the scores).
     """
     attention_kernel(name or "sdpa", slice_size)  # MinidiffError for a bad name or slice_size, models or not
     for model in models_of(target):
@@ -96,7 +96,7 @@ def cpu_defaults(target):
     """Put the CPU kernels that measured faster in place, in every model of `target` whose weights are on a CPU:
         UNet: MatmulConv3x3 for its 3x3 convolutions, BlockedFeedForward for its feed-forwards
         UNet, VAE, text encoder: OneDNNLinear for their linear layers (float32 products through oneDNN),
-                                 cpu_attention (blockwise bf16 on a CPU with bf16 instructions)
+                                 cpu_attention (bf16: SDPA with AMX, else blockwise with bf16 instructions)
     Each keeps the plain module's parameters and keys, and computes the plain way wherever it does not win
     (another device or dtype, a large map, under torch.compile). The loaders call it for a model loaded on a CPU;
     a model built from its class (`UNet(config)`) is plain. Returns target.
