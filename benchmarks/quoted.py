@@ -228,7 +228,7 @@ def _engines_int8() -> dict:
     path = "benchmarks/results/engines_sd15_256_int8.json"
     values = _against_peers(path, "int8_256", {"+freeze": "freeze", "+int8": "int8"}, ("onnxruntime", "openvino"))
     rows = {row["rung"]: row for row in read_json(path)}
-    return values | {"int8_256.int8_dev": f"{rows['+int8']['max_dev']:.3f}",
+    return values | _fastest_against("int8_256", rows) | {"int8_256.int8_dev": f"{rows['+int8']['max_dev']:.3f}",
                      "int8_256.freeze_dev": f"{rows['+freeze']['max_dev']:.3f}",
                      "int8_256.speedup": f"{rows['+freeze']['ms_per_step'] / rows['+int8']['ms_per_step']:.2f}"}
 
@@ -237,7 +237,15 @@ def _engines_int8_amd() -> dict:
     """The same command as _engines_int8 on 2026-12-03's AMD EPYC (AVX512_BF16, no AMX), kept beside the Intel run
     as benchmarks/results/engines_sd15_256_int8_amd.json."""
     path = "benchmarks/results/engines_sd15_256_int8_amd.json"
-    return _against_peers(path, "int8_256_amd", {"+freeze": "freeze", "+int8": "int8"}, ("openvino",))
+    return (_against_peers(path, "int8_256_amd", {"+freeze": "freeze", "+int8": "int8"}, ("openvino",))
+            | _fastest_against("int8_256_amd", {row["rung"]: row for row in read_json(path)}))
+
+
+def _fastest_against(prefix: str, rows: dict) -> dict:
+    """OpenVINO's fastest turn of the run (over its rungs) and the +int8 rung's time against it."""
+    fastest = min(row["openvino_ms"] for row in rows.values())
+    return {f"{prefix}.openvino_fastest_ms": f"{fastest:.0f}",
+            f"{prefix}.fastest_ratio": f"{rows['+int8']['ms_per_step'] / fastest:.2f}"}
 
 
 def _engines_512() -> dict:
