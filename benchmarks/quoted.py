@@ -260,7 +260,7 @@ def _engines_512() -> dict:
 def _engines_fp32_intel() -> dict:
     """Written by `python -m benchmarks.vs_engines --config sd15 --size S --steps 2 --repeats R --rungs fp32_fast
     --json benchmarks/results/engines_sd15_S_fp32_fast_intel.json` (S 256 with R 2, S 512 with R 1) on the Intel Xeon
-    with AMX of 2026-12-04: the best fp32 rung beside the engines."""
+    with AMX of 2026-12-04: the best fp32 rung beside the engines; and the +int8 rung alone at 512 px."""
     values = {}
     for size in (256, 512):
         path = f"benchmarks/results/engines_sd15_{size}_fp32_fast_intel.json"
@@ -268,6 +268,9 @@ def _engines_fp32_intel() -> dict:
         values |= _against_peers(path, f"fp32_intel{size}", {"fp32 +every option": "fp32_fast"},
                                  ("onnxruntime", "openvino"))
         values[f"fp32_intel{size}.peak_share"] = f"{100 * row['peak_share']:.0f}%"
+    path = "benchmarks/results/engines_sd15_512_int8_intel.json"  # --size 512 --repeats 1 --rungs int8
+    values |= _against_peers(path, "int8_intel512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
+    values["int8_intel512.dev"] = f"{read_json(path)[0]['max_dev']:.3f}"
     return values
 
 
