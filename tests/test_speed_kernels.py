@@ -160,18 +160,24 @@ def test_cpu_attention_in_half_precision_is_computed_in_float32(dtype, monkeypat
     assert torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_cpu_attention_in_bf16_with_bf16_instructions_goes_in_blocks(causal, monkeypatch):
-    """The bf16 path without AMX (written-out formula, blocks of queries) agrees with float32 attention to bf16's
-    precision."""
+def bf16_cpu_attention_case(monkeypatch, amx: bool, causal: bool):
+    """A CPU with bf16 instructions (with or without AMX), the blockwise calls recorded (their block argument),
+    and bf16 (q, k, v) with a causal mask or none."""
     monkeypatch.setattr(attention_kernels, "CPU_BF16_MATMUL", True)
-    monkeypatch.setattr(attention_kernels, "CPU_AMX", False)
-    monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", 2 * 4 * 33 * 5)  # 5 queries a block: 7 blocks
+    monkeypatch.setattr(attention_kernels, "CPU_AMX", amx)
     calls = []
     monkeypatch.setattr(attention_kernels, "blockwise_attention",
                         lambda *args: calls.append(args[-1]) or blockwise_attention(*args))
     q, k, v = (torch.randn(2, 4, 33, 8).bfloat16() for _ in range(3))
-    mask = torch.ones(33, 33, dtype=torch.bool).tril() if causal else None
+    return calls, q, k, v, torch.ones(33, 33, dtype=torch.bool).tril() if causal else None
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_in_bf16_with_bf16_instructions_goes_in_blocks(causal, monkeypatch):
+    """The bf16 path without AMX (written-out formula, blocks of queries) agrees with float32 attention to bf16's
+    precision."""
+    monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", 2 * 4 * 33 * 5)  # 5 queries a block: 7 blocks
+    calls, q, k, v, mask = bf16_cpu_attention_case(monkeypatch, amx=False, causal=causal)
     out = cpu_attention(q, k, v, mask)
     assert out.dtype == torch.bfloat16 and calls == [None]
     reference = naive_attention(q.float(), k.float(), v.float(), mask)
@@ -185,13 +191,7 @@ def test_cpu_attention_in_bf16_with_bf16_instructions_goes_in_blocks(causal, mon
 def test_cpu_attention_in_bf16_with_amx_is_bf16_sdpa(causal, monkeypatch):
     """With AMX, bf16 goes to SDPA in bf16 (PyTorch's flash kernel on the tiles); a slice size still gives blocks,
     and a gradient the float32 path."""
-    monkeypatch.setattr(attention_kernels, "CPU_BF16_MATMUL", True)
-    monkeypatch.setattr(attention_kernels, "CPU_AMX", True)
-    calls = []
-    monkeypatch.setattr(attention_kernels, "blockwise_attention",
-                        lambda *args: calls.append(args[-1]) or blockwise_attention(*args))
-    q, k, v = (torch.randn(2, 4, 33, 8).bfloat16() for _ in range(3))
-    mask = torch.ones(33, 33, dtype=torch.bool).tril() if causal else None
+    calls, q, k, v, mask = bf16_cpu_attention_case(monkeypatch, amx=True, causal=causal)
     out = cpu_attention(q, k, v, mask)
     assert out.dtype == torch.bfloat16 and calls == []
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, mask))
