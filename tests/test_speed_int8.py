@@ -59,6 +59,23 @@ def test_int8_layers_are_the_plain_layers_within_8_bit_rounding(make, shape, dty
     assert 1e-4 < error <= 2e-2  # measured 0.7-1.1%: rounded, and by no more than 8 bits allow
 
 
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_int8_layers_moved_to_another_dtype_compute_as_before(make, shape):
+    """module.to(dtype) on a quantized model: its scales and bias stay float32 (oneDNN refuses others) and the
+    packed weight is made again; the numbers are those of the layer before the move."""
+    torch.manual_seed(0)
+    plain = make().eval()
+    x = (torch.randn(shape) + 0.5).bfloat16()
+    kind = Int8Conv2d if isinstance(plain, nn.Conv2d) else Int8Linear
+    int8 = kind(plain)
+    with torch.no_grad():
+        before = int8(x)
+        int8.to(torch.bfloat16)
+        assert int8.packed is None and int8.weight_scale.dtype == int8.bias.dtype == torch.float32
+        assert torch.equal(int8(x), before)
+        assert torch.equal(int8.to(torch.float32)(x.float()), kind(plain)(x.float()))
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_1x1_int8_convolution_is_a_matmul_over_the_pixels(channels_last):
     """Only 1x1 convolutions with stride 1 and no padding take the matmul path; it gives the convolution's numbers

@@ -64,6 +64,17 @@ class Int8Module(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.packed = None  # eager calls: the packed weight, made at the first call
 
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) casts every floating buffer: the scales and the bias stay as they were, float32, as
+        # oneDNN's int8 kernels take them (moved only), and the packed weight is made again from the buffers
+        scale, bias = self.weight_scale, self.bias
+        super()._apply(fn, recurse)
+        self.weight_scale = scale.to(self.weight_scale.device)
+        if bias is not None:
+            self.bias = bias.to(self.bias.device)
+        self.packed = None
+        return self
+
     def packed_weight(self):
         if torch.compiler.is_compiling():  # in the graph: frozen, Inductor folds it into a constant
             return self.pack()
