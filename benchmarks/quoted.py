@@ -260,7 +260,7 @@ def _engines_512() -> dict:
 def _engines_fp32_intel() -> dict:
     """Written by `python -m benchmarks.vs_engines --config sd15 --size S --steps 2 --repeats R --rungs fp32_fast
     --json benchmarks/results/engines_sd15_S_fp32_fast_intel.json` (S 256 with R 2, S 512 with R 1) on the Intel Xeon
-    with AMX of 2026-12-04: the best fp32 rung beside the engines; and the +int8 rung alone at 512 px."""
+    with AMX of 2026-12-04: the best fp32 rung beside the engines."""
     values = {}
     for size in (256, 512):
         path = f"benchmarks/results/engines_sd15_{size}_fp32_fast_intel.json"
@@ -268,10 +268,15 @@ def _engines_fp32_intel() -> dict:
         values |= _against_peers(path, f"fp32_intel{size}", {"fp32 +every option": "fp32_fast"},
                                  ("onnxruntime", "openvino"))
         values[f"fp32_intel{size}.peak_share"] = f"{100 * row['peak_share']:.0f}%"
-    path = "benchmarks/results/engines_sd15_512_int8_intel.json"  # --size 512 --repeats 1 --rungs int8
-    values |= _against_peers(path, "int8_intel512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
-    values["int8_intel512.dev"] = f"{read_json(path)[0]['max_dev']:.3f}"
     return values
+
+
+def _engines_int8_intel512() -> dict:
+    """Written by `python -m benchmarks.vs_engines --config sd15 --size 512 --steps 2 --repeats 1 --rungs int8
+    --json benchmarks/results/engines_sd15_512_int8_intel.json` on the same Intel Xeon: the +int8 rung alone."""
+    path = "benchmarks/results/engines_sd15_512_int8_intel.json"
+    return (_against_peers(path, "int8_intel512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
+            | {"int8_intel512.dev": f"{read_json(path)[0]['max_dev']:.3f}"})
 
 
 def _int8_quality() -> dict:
@@ -297,7 +302,7 @@ def sources() -> dict:
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
             | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
-            | _int8_quality())
+            | _engines_int8_intel512() | _int8_quality())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
