@@ -42,8 +42,8 @@ def worker(steps: int, out: str) -> None:
     vae.requires_grad_(False)
     z = train.encode_pool(vae, pixels)
     start = time.perf_counter()
-    losses = train.train_diffusion(unet, text_encoder, train.CLIPTokenizer.default(), z / z.std(), specs, config,
-                                   progress=False)
+    losses = train.train_diffusion(unet, text_encoder, train.CLIPTokenizer.default(), z / z.std(), specs,
+                                   train.shape_cells(pixels), config, progress=False)
     unet_seconds = time.perf_counter() - start
     if distributed.is_main():
         Path(out).write_text(json.dumps({

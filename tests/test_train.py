@@ -66,7 +66,8 @@ def test_losses_go_down_on_tiny_networks():
     latents = torch.randn(16, 4, 8, 8) * 0.2 + torch.linspace(-1, 1, 16).view(16, 1, 1, 1)
     unet, text_encoder = train.UNet(config.unet), train.CLIPTextModel(config.text_encoder)
     losses = train.train_diffusion(
-        unet, text_encoder, train.CLIPTokenizer.default(), latents, specs, config, progress=False
+        unet, text_encoder, train.CLIPTokenizer.default(), latents, specs, train.shape_cells(pixels), config,
+        progress=False
     )
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
 

@@ -18,7 +18,7 @@ from minidiff.course import notebook, workbook
 from minidiff.course.milestones import MILESTONES, check, checklist
 from minidiff.course.milestones.blocks import _attention_variant, _block_variant, _bpe_variant, _clip_variant
 from minidiff.course.milestones.core import in_lesson_order
-from minidiff.course.milestones.guidance import diffusion_loss, guided_eps
+from minidiff.course.milestones.guidance import diffusion_loss, grounding_variant, guided_eps
 from minidiff.course.milestones.networks import _rename_variant
 from minidiff.course.milestones.prompt_weights import weighted_states
 from minidiff.course.milestones.sampling import _dpmpp_variant, _dpmpp_with
@@ -316,6 +316,10 @@ PLANTED = [
     ("diffusion_loss", lambda *a: diffusion_loss(*a, target="x0"), "not the clean latents"),
     ("diffusion_loss", lambda *a: diffusion_loss(*a, sqrt=False), "missing sqrt"),
     ("diffusion_loss", lambda *a: diffusion_loss(*a, t_from_one=True), "0 .. T - 1"),
+    ("grounding_loss", lambda p, t, c: grounding_variant(p, t, c, shares=False), "divide the token's mass"),
+    ("grounding_loss", lambda p, t, c: grounding_variant(p, t, c, pool="pick"), "ANY of the f x f"),
+    ("grounding_loss", lambda p, t, c: grounding_variant(p, t, c, square=False), "squared"),
+    ("grounding_loss", lambda p, t, c: grounding_variant(p, t, c, over="all"), "grounded tokens"),
     ("ddim_inverse_step", lambda x, eps, a_from, a_to: lesson_14.ddim_inverse_step(x, eps, a_to, a_from), "swapped"),
     ("ddim_inverse_step", lambda x, eps, a_from, a_to: math.sqrt(a_to) * (x - math.sqrt(1 - a_to) * eps)
      / math.sqrt(a_to) + math.sqrt(1 - a_to) * eps, "pred_x0 is taken at alpha_bar_to"),
@@ -612,3 +616,28 @@ def test_a_mistake_nobody_named_is_located(name, candidate, expected):
     assert "hint:" not in message and "\n  where: " in message, message
     for text in expected:
         assert text in message, message
+
+
+def _my_grounding(layer_probs, tokens, cells, pool="max", heads="each", mass="sum"):
+    """A student's grounding loss written from lesson 09's formula, not from the milestone's variants: max-pooled
+    cells (right), or average-pooled cells over a half (wrong), the heads summed before the share (wrong), the
+    share taken against the mean mass rather than the sum over positions (wrong)."""
+    import torch.nn.functional as F
+
+    losses = []
+    for probs in layer_probs:
+        f = round((cells.shape[1] * cells.shape[2] / probs.shape[2]) ** 0.5)
+        grid = cells[:, None].float()
+        mask = F.max_pool2d(grid, f) if pool == "max" else (F.avg_pool2d(grid, f) > 0.5).float()
+        mask = mask.flatten(1)[:, None, :, None]  # (B, 1, h * w, 1)
+        p = probs.sum(dim=1, keepdim=True) if heads == "summed" else probs
+        whole = p.sum(dim=2) if mass == "sum" else p.mean(dim=2)
+        inside = (p * mask).sum(dim=2) / whole  # (B, heads, L)
+        losses.append(((1 - inside) ** 2)[tokens[:, None, :].expand_as(inside)].mean())
+    return torch.stack(losses).mean()
+
+
+def test_a_grounding_loss_written_another_way_passes_and_three_wrong_ones_fail(no_shapes_model):
+    assert check("grounding_loss", _my_grounding).status == "pass"
+    for wrong in ({"pool": "avg"}, {"heads": "summed"}, {"mass": "mean"}):
+        failure("grounding_loss", lambda p, t, c, wrong=wrong: _my_grounding(p, t, c, **wrong))

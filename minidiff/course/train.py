@@ -9,7 +9,8 @@ Latent diffusion (Rombach et al. 2022) at toy scale, on minidiff.course.shapes: 
     phase 2  the text encoder and the UNet, jointly, on the epsilon loss of Ho et al. 2020:
              || eps - eps_theta(alpha_t z + sigma_t eps, t, c) ||^2, t ~ U{0, ..., 999} on SD's schedule; the
              caption is replaced by "" 10% of the time, so that one network also serves as the unconditional
-             model of classifier-free guidance (Ho & Salimans 2022)
+             model of classifier-free guidance (Ho & Salimans 2022); plus grounding_weight times the token loss
+             of TokenCompose (Wang et al. 2024) on the colour and shape words' attention (minidiff.course.grounding)
     output   a diffusers folder (model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/), its loss
              curve (loss_curve.png) and train_log.json (configs, timings per phase, losses, held-out adherence)
 
@@ -43,6 +44,7 @@ from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.config import to_diffusers
 from minidiff.course import shapes
 from minidiff.course.evaluate import evaluate
+from minidiff.course.grounding import grounded_tokens, shape_cells, with_grounding
 from minidiff.hub import bundled_path
 from minidiff.schedule import NoiseSchedule
 from minidiff.tokenizer import MAX_LENGTH, CLIPTokenizer, write_vocab_files
@@ -80,6 +82,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 100  # steps of linear warm-up, then cosine decay to zero (both phases)
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (the unconditional prompt)
+    grounding_weight: float = 0.02  # of the colour and shape words' attention on the shape (course.grounding)
     seed: int = 0
     eval_prompts: int = 256  # held-out prompts generated after training
     eval_steps: int = 20  # DPM++ 2M steps per picture
@@ -249,15 +252,16 @@ def denoising_loss(unet, text_encoder, ids, latents, t, noise, schedule: NoiseSc
     return F.mse_loss(unet(x_t, t, text_encoder(ids)), noise)
 
 
-def train_diffusion(unet, text_encoder, tokenizer, latents, specs, config: TrainConfig, progress=True) -> list:
-    """Phase 2: the UNet and the text encoder from scratch, with caption dropout; returns every step's loss (of
-    the whole global batch when distributed: each process trains on its shard)."""
+def train_diffusion(unet, text_encoder, tokenizer, latents, specs, cells, config: TrainConfig, progress=True) -> list:
+    """Phase 2: the UNet and the text encoder from scratch, with caption dropout, on the noise loss plus the
+    grounding loss of the colour and shape words in the pictures' shape `cells` (n, H, W) bool; returns every
+    step's loss (of the whole global batch when distributed: each process trains on its shard)."""
     generator = torch.Generator().manual_seed(config.seed + 2)
     rng = np.random.default_rng(config.seed + 3)  # caption wording and dropout
     schedule = NoiseSchedule.sd()
-    step_loss = distributed.wrap(distributed.LossModule(
-        lambda ids, x0, t, noise: denoising_loss(unet, text_encoder, ids, x0, t, noise, schedule),
-        unet=unet, text_encoder=text_encoder))
+    noise_loss = lambda ids, x0, t, noise: denoising_loss(unet, text_encoder, ids, x0, t, noise, schedule)
+    objective = with_grounding(noise_loss, unet, config.grounding_weight)
+    step_loss = distributed.wrap(distributed.LossModule(objective, unet=unet, text_encoder=text_encoder))
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.01, foreach=True)
     losses = []
@@ -270,8 +274,9 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, specs, config: Train
         captions = ["" if rng.random() < config.caption_dropout else shapes.caption(specs[i], rng) for i in index]
         t = torch.randint(schedule.num_train_timesteps, (config.batch,), generator=generator)  # as diffusion_loss
         noise = torch.randn((config.batch, *latents.shape[1:]), generator=generator)
-        ids, x0, t, noise = distributed.shard((tokenizer(captions), latents[index], t, noise))
-        loss = step_loss(ids, x0, t, noise)
+        tokens = grounded_tokens(tokenizer, captions, [specs[i] for i in index])
+        batch = (tokenizer(captions), latents[index], t, noise, tokens, cells[index])
+        loss = step_loss(*distributed.shard(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: the gradient averaged over the processes, i.e. the whole batch's
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -376,7 +381,8 @@ def train(config: TrainConfig, out=DEFAULT_OUT, progress: bool = True, threads: 
     timings["phase 1: vae"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    diffusion_losses = train_diffusion(unet, text_encoder, tokenizer, z * vae.scaling_factor, specs, config, progress)
+    diffusion_losses = train_diffusion(unet, text_encoder, tokenizer, z * vae.scaling_factor, specs,
+                                       shape_cells(pixels), config, progress)
     timings["phase 2: unet + text encoder"] = time.perf_counter() - start
     if not distributed.is_main():
         return {}

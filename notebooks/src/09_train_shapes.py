@@ -50,8 +50,9 @@ print("the checker reads the real pictures back:", shapes.adherence(to_pil(image
 # %% [markdown]
 # ## Re-implement the loss, compare
 #
-# Phase 2 of training is this loss and an optimizer, nothing more. Ours against `train.diffusion_loss` on the same
-# random draws (a tiny random UNet and text encoder stand in for the real ones):
+# Phase 2 of training is this loss and an optimizer (plus the small grounding term of the lesson,
+# `minidiff.course.grounding`). Ours against `train.diffusion_loss` on the same random draws (a tiny random UNet
+# and text encoder stand in for the real ones):
 
 # %%
 # your workbook's lesson_09.py (`minidiff course init workbook`); where a function is still blank, the reference

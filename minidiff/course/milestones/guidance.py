@@ -1,9 +1,11 @@
-"""Milestones of guidance and training: classifier-free guidance with its rescale, and the denoising loss.
+"""Milestones of guidance and training: classifier-free guidance with its rescale, the denoising loss and the
+grounding loss.
 
 Notation (Ho & Salimans 2022; Lin et al. 2023; Ho et al. 2020, alg. 1):
     eps_uncond, eps_cond -> the predictions without and with the prompt; w -> guidance_scale
     phi                  -> guidance_rescale: mix of the guided prediction rescaled to eps_cond's std, per picture
     loss                 -> mean (eps_theta(x_t, t, c) - eps)^2 over every element
+    P, M, J              -> the grounding loss's probabilities, shape cells and grounded tokens (lesson_09.py)
 """
 
 import torch
@@ -112,3 +114,64 @@ def check_diffusion_loss(candidate=None):
 
 def fixed_gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def grounding_variant(layer_probs, tokens, cells, shares=True, pool="any", square=True, over="grounded"):
+    """TokenCompose's token loss, or a known mistake: the mass inside not divided by the token's whole mass, a
+    coarse layer's cells picked every f-th (pool "pick"), (1 - inside) not squared, the mean over every token."""
+    batch, height, width = cells.shape
+    total = 0.0
+    for probs in layer_probs:
+        f = round((height * width / probs.shape[2]) ** 0.5)
+        if pool == "pick":
+            mask = cells[:, ::f, ::f]
+        else:
+            mask = cells.reshape(batch, height // f, f, width // f, f).any(dim=4).any(dim=2)
+        mask = mask.flatten(1).float()[:, None, :, None]
+        inside = (probs * mask).sum(dim=2) / (probs.sum(dim=2) if shares else 1)
+        miss = (1 - inside) ** 2 if square else 1 - inside
+        chosen = tokens[:, None, :].float() if over == "grounded" else torch.ones_like(miss)
+        total = total + (miss * chosen).sum() / (chosen.sum() * (probs.shape[1] if over == "grounded" else 1))
+    return total / len(layer_probs)
+
+
+def grounding_case():
+    """Three layers of an 8 x 8 latent (8 x 8 with 2 heads, 4 x 4 twice with 4 heads), 3 pictures, 6 tokens; each
+    position's probabilities sum to 1 over the tokens, so a token's mass over the positions differs from token to
+    token; the shapes straddle the 4 x 4 layers' cells."""
+    shapes = [(3, 2, 64, 6), (3, 4, 16, 6), (3, 4, 16, 6)]
+    probs = [fixed_randn(*shape, seed=90 + i).mul(2).softmax(dim=-1) for i, shape in enumerate(shapes)]
+    cells = torch.zeros(3, 8, 8, dtype=torch.bool)
+    cells[0, 1:4, 2:5] = True
+    cells[1, 5:8, 0:2] = True
+    cells[2, 3, 3] = True
+    tokens = torch.zeros(3, 6, dtype=torch.bool)
+    tokens[0, [2, 3]] = tokens[1, [1]] = tokens[2, [3, 4, 5]] = True
+    return probs, tokens, cells
+
+
+@milestone("training: the grounding loss of the colour and shape words (TokenCompose, Wang et al. 2024)", lesson=9)
+def check_grounding_loss(candidate=None):
+    """grounding_loss(layer_probs, tokens, cells) -> scalar, the mean over layers of (1 - share inside)^2
+
+    Three layers (8 x 8, 4 x 4 twice), 3 pictures, 6 tokens of which 1 to 3 are grounded per picture; the reference
+    is minidiff.course.grounding.grounding_loss, which the shapes model trained with.
+    """
+    from minidiff.course.grounding import grounding_loss as library_loss
+
+    probs, tokens, cells = grounding_case()
+    mistakes = [
+        (f"inside is a share: divide the token's mass on the shape by its mass over every position; {LOSS}",
+         lambda: grounding_variant(probs, tokens, cells, shares=False)),
+        (f"a coarser layer's cell is on the shape when ANY of the f x f latent cells it covers is, not only its "
+         f"first; {LOSS}", lambda: grounding_variant(probs, tokens, cells, pool="pick")),
+        (f"the loss is (1 - inside) squared; {LOSS}", lambda: grounding_variant(probs, tokens, cells, square=False)),
+        (f"average over the grounded tokens (the colour and shape words) only, not every token; {LOSS}",
+         lambda: grounding_variant(probs, tokens, cells, over="all")),
+    ]
+    yours = call_candidate(candidate or library_loss, signature(check_grounding_loss), [p.clone() for p in probs],
+                           tokens.clone(), cells.clone())
+    tol = Tolerance(1e-5, 1e-5)
+    compare(yours.detach() if torch.is_tensor(yours) else yours, library_loss(probs, tokens, cells), tol, "loss",
+            mistakes)
+    return f"3 layers (8 x 8 and 4 x 4), 3 pictures, 6 tokens within {tol.atol:g} (fp32)"
