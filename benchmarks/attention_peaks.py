@@ -1,6 +1,7 @@
 """Where the colour and shape words act on the shapes model: their attention maps' peaks, and the colour's routes.
 
     python -m benchmarks.attention_peaks [--prompts 64] [--json benchmarks/results/attention_peaks.json]
+                                         [--model shapes]
 
 Held-out prompts, 20 dpmpp_2m steps, guidance 5, seed 0 (minidiff.course.attention_peaks): how often the map of the
 shape word and of the colour word peaks inside the drawn shape, read as the library reads it and three other ways
@@ -26,17 +27,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="shapes", help="a shapes model: the bundled one, or a folder")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "attention_peaks.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline("shapes", device="cpu")
+    pipe = load_pipeline(args.model, device="cpu")
     start = time.perf_counter()
     peaks = peak_shares(pipe, n=args.prompts)
     print(json.dumps(peaks), flush=True)
     routes = colour_routes(pipe, n=args.prompts)
     print(json.dumps(routes), flush=True)
     record = {"command": "python -m benchmarks.attention_peaks " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "prompts": args.prompts, "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "seed": 0,
+              "model": args.model, "prompts": args.prompts, "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m",
+              "seed": 0,
               "peaks": peaks, "routes": routes, "seconds": time.perf_counter() - start}
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.json}")

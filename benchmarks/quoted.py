@@ -147,22 +147,29 @@ def _prompt_weights() -> dict:
     return numbers
 
 
-def _attention_peaks() -> dict:
+def _attention_peaks(path: str = "benchmarks/results/attention_peaks.json", prefix: str = "attn") -> dict:
     """Written by `python -m benchmarks.attention_peaks --prompts 64` (benchmarks/results/attention_peaks.json): how
     often the colour and shape words' attention maps peak inside the drawn shape, and the colour's routes."""
-    record = read_json("benchmarks/results/attention_peaks.json")
+    record = read_json(path)
     peaks, routes = record["peaks"], record["routes"]
-    values = {"attn.prompts": str(record["prompts"]), "attn.n": str(peaks["n"]),
-              "attn.chance": percent(peaks["chance"]),
-              "attn.colour_border": percent(peaks["colour_border"]), "attn.border": percent(peaks["border"]),
-              "attn.routes_n": str(routes["n"]), "attn.route_word": percent(routes["colour word"]),
-              "attn.route_after": percent(routes["words after it"]),
-              "attn.route_padding": percent(routes["<|endoftext|> + padding"])}
+    values = {"prompts": str(record["prompts"]), "n": str(peaks["n"]), "chance": percent(peaks["chance"]),
+              "others": percent(peaks["others"]),
+              "colour_border": percent(peaks["colour_border"]), "border": percent(peaks["border"]),
+              "routes_n": str(routes["n"]), "route_word": percent(routes["colour word"]),
+              "route_after": percent(routes["words after it"]),
+              "route_padding": percent(routes["<|endoftext|> + padding"])}
     readings = (("all layers", ""), ("words only", "_words"), ("8-wide layers", "_8"), ("4-wide layers", "_4"))
     for reading, key in readings:
         for kind in ("colour", "shape"):
-            values[f"attn.{kind}{key}"] = percent(peaks["readings"][reading][kind])
-    return values
+            values[f"{kind}{key}"] = percent(peaks["readings"][reading][kind])
+    return {f"{prefix}.{key}": value for key, value in values.items()}
+
+
+def _attention_peaks_noise_loss_only() -> dict:
+    """The same command on the first shapes model, trained on the noise loss alone (before course.grounding; its
+    weights are in git history before the commit that retrained them): benchmarks/results/
+    attention_peaks_noise_loss_only.json."""
+    return _attention_peaks("benchmarks/results/attention_peaks_noise_loss_only.json", "attn0")
 
 
 def _sdxl_cpu() -> dict:
@@ -300,7 +307,8 @@ def _linear_kernels() -> dict:
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
-            | _attention_peaks() | _sdxl_cpu() | _sdxl_vs_diffusers() | _end_to_end() | _engines()
+            | _attention_peaks() | _attention_peaks_noise_loss_only() | _sdxl_cpu() | _sdxl_vs_diffusers()
+            | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
             | _engines_int8_intel512() | _int8_quality())
 

@@ -133,22 +133,34 @@ def shapes_pipe():
 
 
 def test_the_peaks_on_held_out_prompts_are_the_quoted_ones(shapes_pipe):
-    """64 held-out prompts: the shape word's map peaks inside the drawn shape far above chance; the colour word's
-    below chance, however the maps are read (all layers, the words alone, one resolution). The shares equal
-    benchmarks/results/attention_peaks.json (the README quotes it: tests/test_numbers.py), to one picture."""
+    """64 held-out prompts: the colour word's and the shape word's maps peak inside the drawn shape for most of the
+    pictures, several times chance (the shapes model trains with minidiff.course.grounding's loss; the first model,
+    without it, had the colour word below chance: benchmarks/results/attention_peaks_noise_loss_only.json). The
+    shares equal benchmarks/results/attention_peaks.json (the README quotes it: tests/test_numbers.py), to one
+    picture."""
     from minidiff.course.attention_peaks import peak_shares
 
     shares = peak_shares(shapes_pipe, n=64)
     assert shares["n"] >= 48
-    assert shares["shape"] >= 2 * shares["chance"], shares
-    assert all(reading["colour"] < shares["chance"] for reading in shares["readings"].values()), shares
+    for kind in ("colour", "shape"):
+        assert shares[kind] >= max(0.6, 4 * shares["chance"]), shares
     recorded = json.loads(RESULTS.read_text())["peaks"]
     assert shares["n"] == recorded["n"]
     one_picture = 1.01 / shares["n"]
     for key in ("colour", "shape", "chance", "colour_border"):
         assert shares[key] == pytest.approx(recorded[key], abs=one_picture), key
+    assert shares["others"] == pytest.approx(recorded["others"], abs=0.01)
     for name, reading in shares["readings"].items():
         assert reading == pytest.approx(recorded["readings"][name], abs=one_picture), name
+
+
+def test_the_first_model_read_the_colour_elsewhere():
+    """The run on the first shapes model (trained on the noise loss alone) that the README and lesson 14 compare
+    with: its colour word's map peaked inside the shape below chance, and its colour came mostly through
+    <|endoftext|> and the padding."""
+    record = json.loads(RESULTS.with_name("attention_peaks_noise_loss_only.json").read_text())
+    assert record["peaks"]["colour"] < record["peaks"]["chance"] < record["peaks"]["shape"]
+    assert record["routes"]["<|endoftext|> + padding"] > record["routes"]["colour word"]
 
 
 def test_given_context_is_the_pipelines_own_encoding():
@@ -169,12 +181,16 @@ def test_given_context_is_the_pipelines_own_encoding():
 
 
 @pytest.mark.slow
-def test_the_colour_is_read_from_the_padding_more_than_from_the_colour_word(shapes_pipe):
-    """16 held-out prompts: the colour of the picture follows <|endoftext|> and the padding states more often than
-    the colour word's own state, and the later words carry almost none of it (the full 64 are in the JSON)."""
+def test_the_colour_is_read_from_the_colour_word_more_than_from_the_padding(shapes_pipe):
+    """64 held-out prompts: the colour of the picture follows the colour word's own state more often than
+    <|endoftext|> and the padding states, and the later words carry none of it; the shares equal the JSON's (the
+    first model, without the grounding loss, went the other way: test_the_first_model_read_the_colour_elsewhere)."""
     from minidiff.course.attention_peaks import colour_routes
 
-    routes = colour_routes(shapes_pipe, n=16)
-    assert routes["n"] >= 12
-    assert routes["<|endoftext|> + padding"] > routes["colour word"] + 0.2, routes
-    assert routes["words after it"] <= 0.1, routes
+    routes = colour_routes(shapes_pipe, n=64)
+    assert routes["colour word"] > routes["<|endoftext|> + padding"] + 0.2, routes
+    assert routes["words after it"] <= 0.05, routes
+    recorded = json.loads(RESULTS.read_text())["routes"]
+    assert routes["n"] == recorded["n"]
+    for route, share in recorded.items():
+        assert routes[route] == pytest.approx(share, abs=1.01 / routes["n"]), route

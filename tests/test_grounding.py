@@ -89,7 +89,7 @@ def test_training_on_the_grounding_loss_moves_the_words_attention_onto_the_shape
     optimizer = torch.optim.Adam(parameters, lr=1e-2)
     losses = []
     for _ in range(40):
-        loss = objective(ids, x, t, tokens, cells)
+        loss = objective(ids, x, t, tokens, cells, None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -69,6 +69,7 @@ class ReadingsRecorder(AttentionRecorder):
 
 def peak_shares(pipe, n: int = 64, steps: int = 20, guidance_scale: float = 5.0, seed: int = 0) -> dict:
     """{"colour", "shape", "chance": shares, "n": pictures drawn right, "readings": {name: {"colour", "shape"}},
+    "others": the share of the prompt's other tokens ("a", "small", "at", "top", ...) whose own map peaks inside,
     "colour_border": share of the colour word's peaks on the picture's edge cells, "border": the edge cells' share}
     over n held-out prompts (one batch). The top-level shares are those of the library's maps ("all layers")."""
     pairs = held_out_prompts(n, seed)
@@ -86,17 +87,22 @@ def peak_shares(pipe, n: int = 64, steps: int = 20, guidance_scale: float = 5.0,
             continue  # a picture that is wrong says nothing about where its words acted
         cells = shape_cells(image).flatten()
         hits.setdefault("chance", []).append(float(cells.float().mean()))
+        grounded = []
         for kind, words in (("colour", shapes.COLOUR_WORDS[spec.colour]), ("shape", shapes.SHAPE_WORDS[spec.shape])):
             positions = [1 + i for i in library[row].positions(prompt_word(prompt, words))]
+            grounded += positions
             for name, maps in recorder.readings.items():
                 peak = normalised(maps[row, positions].sum(dim=0)).flatten().argmax()
                 hits.setdefault((name, kind), []).append(bool(cells[peak]))
                 if name == "all layers" and kind == "colour":
                     hits.setdefault("colour_border", []).append(bool(edge.flatten()[peak]))
+        for position in set(range(1, 1 + len(library[row].tokens))) - set(grounded):  # every other token, alone
+            peak = normalised(recorder.readings["all layers"][row, position]).flatten().argmax()
+            hits.setdefault("others", []).append(bool(cells[peak]))
     share = {key: float(np.mean(values)) for key, values in hits.items()}
     readings = {name: {kind: share[(name, kind)] for kind in ("colour", "shape")} for name in recorder.readings}
     return {**readings["all layers"], "chance": share["chance"], "n": len(hits["chance"]), "readings": readings,
-            "colour_border": share["colour_border"], "border": float(edge.float().mean())}
+            "others": share["others"], "colour_border": share["colour_border"], "border": float(edge.float().mean())}
 
 
 def swapped_colour(tokenizer, prompt: str, spec) -> tuple | None:

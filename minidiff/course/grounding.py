@@ -2,13 +2,12 @@
 colour word and of the shape word to fall on the drawn shape (the token loss of TokenCompose, Wang et al. 2024).
 
 Why the shapes model needs it. Trained on the noise loss alone, the colour word's map (minidiff.attention_maps)
-peaked inside the shape on 4.8% of held-out pictures, below chance (11.8%): the text encoder, trained jointly from
-scratch and causal, carries the colour on to <|endoftext|> and the padding after it (which see the whole caption),
-and the UNet read it from there (swapping those positions for another colour's recoloured 77% of the pictures,
-the colour word's own 39%: benchmarks/attention_peaks.py). Stable Diffusion's frozen CLIP, trained on 400 M
-captions, keeps a word's meaning at the word; a 2-layer encoder trained on 20 000 pictures need not. The token
-loss adds what the captions of the shapes data set know for free, where the shape is, and costs nothing at
-inference: the model is the same network, run the same way.
+peaked inside the shape less often than chance: the text encoder, trained jointly from scratch and causal, carried
+the colour on to <|endoftext|> and the padding after it (which see the whole caption), and the UNet read it from
+there (benchmarks/attention_peaks.py measures both; the README quotes both models' runs). Stable Diffusion's frozen
+CLIP, trained on 400 M captions, keeps a word's meaning at the word; a 2-layer encoder trained on 20 000 pictures
+need not. The token loss adds what the shapes data set knows for free, where the shape is, and costs nothing at
+inference: the model is the same network, run the same way. The mean is over the grounded tokens of the batch.
 
 Notation (TokenCompose's L_token; minidiff.attention_maps for P):
     P        -> (B, heads, h * w, L) cross-attention probabilities of one layer (softmax over the L text tokens)
@@ -80,10 +79,12 @@ def recorded_probabilities(unet):
             module.kernel = kernel
 
 
-def grounding_loss(probs: list, tokens: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+def grounding_loss(probs: list, tokens: torch.Tensor, cells: torch.Tensor, count: float | None = None) -> torch.Tensor:
     """TokenCompose's token loss over the layers' probabilities P (B, heads, h * w, L), for the grounded `tokens`
-    (B, L) bool and the shape's latent `cells` (B, H, W) bool; zero when no token is grounded."""
-    count = tokens.sum()
+    (B, L) bool and the shape's latent `cells` (B, H, W) bool: the mean over `count` grounded tokens (default: those
+    in `tokens`; under torchrun the whole batch's count over the number of processes, so that the processes'
+    average gradient is the whole batch's); zero when there is none."""
+    count = float(tokens.sum()) if count is None else count
     if count == 0:
         return probs[0].new_zeros(())
     batch, height, width = cells.shape
@@ -98,13 +99,14 @@ def grounding_loss(probs: list, tokens: torch.Tensor, cells: torch.Tensor) -> to
 
 
 def with_grounding(noise_loss, unet, weight: float):
-    """noise_loss(*batch) -> the loss of (*batch, tokens, cells): noise_loss plus `weight` times the grounding loss
-    of the cross-attention of `unet` in that call (tokens (B, L) and cells (B, H, W) bool, as grounding_loss)."""
+    """noise_loss(*batch) -> the loss of (*batch, tokens, cells, count): noise_loss plus `weight` times the grounding
+    loss of the cross-attention of `unet` in that call (tokens (B, L) and cells (B, H, W) bool, count a number or
+    None, as grounding_loss)."""
 
     def loss(*batch):
-        *batch, tokens, cells = batch
+        *batch, tokens, cells, count = batch
         with recorded_probabilities(unet) as probs:
             noise_part = noise_loss(*batch)
-        return noise_part + weight * grounding_loss(probs, tokens, cells)
+        return noise_part + weight * grounding_loss(probs, tokens, cells, count)
 
     return loss

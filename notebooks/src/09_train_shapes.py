@@ -6,8 +6,8 @@
 #
 # The bundled **shapes** model is latent diffusion at toy scale, trained from scratch on a CPU by
 # `python -m minidiff.course.train shapes`: a VAE for 64x64 pictures of coloured shapes, then a CLIP-style text encoder
-# and a UNet together, on the $\epsilon$-prediction loss of Ho et al. 2020. Read beside
-# `course/09_train_shapes.md`, `minidiff/shapes.py` and `minidiff/train.py`.
+# and a UNet together, on the $\epsilon$-prediction loss of Ho et al. 2020 (plus a grounding term). Read beside
+# `course/09_train_shapes.md`, `minidiff/course/shapes.py` and `minidiff/course/train.py`.
 #
 # | code name | symbol |
 # |---|---|
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from IPython.display import Image, display
 
-from minidiff.course import shapes, train
+from minidiff.course import grounding, shapes, train
 from minidiff.course.evaluate import held_out_prompts
 from minidiff.course.notebook import use
 from minidiff.course.viz import SHAPES, course_pipeline, shapes_available, show_images, show_trace, to_pil
@@ -67,6 +67,26 @@ with torch.no_grad():
     library = train.diffusion_loss(pipe.unet, pipe.text_encoder, ids, latents, NoiseSchedule.sd(),
                                    torch.Generator().manual_seed(1))
 print(f"my loss {float(ours):.6f}, minidiff's {float(library):.6f}, difference {float((ours - library).abs()):.1e}")
+
+# %% [markdown]
+# ## The grounding term
+#
+# The colour and shape words' share of attention on the shape, for one caption, as the training sees it: the
+# cells a rendered picture's shape touches, the caption's grounded tokens, the cross-attention probabilities of
+# every layer recorded in one UNet call, and the loss (yours, where you wrote `grounding_loss`, against the
+# library's on the same probabilities).
+
+# %%
+print(mine.check("grounding_loss"))
+pixels, specs = train.render_pool(4, seed=0)
+cells = grounding.shape_cells(pixels)  # (4, 8, 8) bool: the latent cells each shape touches
+texts = [shapes.caption(spec) for spec in specs]
+tokens = grounding.grounded_tokens(pipe.tokenizer, texts, specs)
+print(texts[0], "-> grounded positions", tokens[0].nonzero().flatten().tolist())
+with torch.no_grad(), grounding.recorded_probabilities(pipe.unet) as probs:
+    pipe.unet(latents, torch.tensor([500] * 4), pipe.text_encoder(pipe.tokenizer(texts)))
+print(f"{len(probs)} cross-attention layers; my loss {float(mine.grounding_loss(probs, tokens, cells)):.6f}, "
+      f"minidiff's {float(grounding.grounding_loss(probs, tokens, cells)):.6f}")
 
 # %% [markdown]
 # ## The whole run, in miniature
