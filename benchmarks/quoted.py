@@ -172,6 +172,25 @@ def _attention_peaks_noise_loss_only() -> dict:
     return _attention_peaks("benchmarks/results/attention_peaks_noise_loss_only.json", "attn0")
 
 
+def sampler_slug(label: str) -> str:
+    """A sampler table row's label as a key: "DDIM 50, exit at 70% (pred_x0)" -> "ddim_50_exit_at_70_pred_x0"."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+def _sampler_table() -> dict:
+    """Written by `python -m benchmarks.sampler_table` (benchmarks/results/sampler_table.json): the samplers on the
+    shapes model, as `minidiff sampler-table` prints them (minidiff.course.evaluate.format_table)."""
+    run = read_json("benchmarks/results/sampler_table.json")
+    values = {"samplers.prompts": str(run["prompts"]), "samplers.date": run["date"]}
+    for row in run["rows"]:
+        key = f"samplers.{sampler_slug(row['label'])}"
+        values |= {f"{key}.steps": str(row["unet_steps"]), f"{key}.adherence": f"{100 * row['adherence']:.1f}%",
+                   f"{key}.colour": f"{100 * row['colour']:.0f}%", f"{key}.shape": f"{100 * row['shape']:.0f}%",
+                   f"{key}.position": f"{100 * row['position']:.0f}%", f"{key}.diff": f"{row['diff_to_ddim50']:.2f}",
+                   f"{key}.ms": f"{row['ms_per_image']:.0f}"}
+    return values
+
+
 def _sdxl_cpu() -> dict:
     """Written by `minidiff bench --config sdxl --size 512 ... --json benchmarks/results/sdxl_cpu_512.json`."""
     rows = {row["rung"]: row for row in read_json("benchmarks/results/sdxl_cpu_512.json")}
@@ -310,7 +329,7 @@ def sources() -> dict:
             | _attention_peaks() | _attention_peaks_noise_loss_only() | _sdxl_cpu() | _sdxl_vs_diffusers()
             | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
-            | _engines_int8_intel512() | _int8_quality())
+            | _engines_int8_intel512() | _int8_quality() | _sampler_table())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
