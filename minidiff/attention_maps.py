@@ -103,16 +103,6 @@ class AttentionRecorder:
         self.total = maps if self.total is None else self.total + maps
         self.calls += 1
 
-    def wrap(self, kernel):
-        """`kernel` (None: SDPA) that also records its queries and keys; its output is the kernel's own."""
-        kernel = kernel or F.scaled_dot_product_attention
-
-        def recording_kernel(q, k, v, mask=None):
-            self.add(q, k, mask)
-            return kernel(q, k, v, mask)
-
-        return recording_kernel
-
     def maps(self, tokenizer, prompts: list, prompt_weights: bool = True) -> list:
         """A TokenMaps per image (prompts: one per image), each token's map normalised. The tokens are those the
         text encoder saw (minidiff.prompts.prompt_chunks): "a (red:1.3) circle" gives a, red, circle; a prompt past
@@ -139,16 +129,35 @@ def cross_attention_modules(unet) -> list:
 
 
 @contextmanager
+def attention_hook(unet, add):
+    """Within the block, every cross-attention module's kernel first calls add(q, k, mask) with its (B, heads, L, d)
+    queries and keys (and gradients, where they are tracked), then returns its own output; on exit the very same
+    kernels are put back."""
+    modules = cross_attention_modules(unet)
+    kernels = [module.kernel for module in modules]
+
+    def hooked(kernel):
+        kernel = kernel or F.scaled_dot_product_attention
+
+        def run(q, k, v, mask=None):
+            add(q, k, mask)
+            return kernel(q, k, v, mask)
+
+        return run
+
+    try:
+        for module, kernel in zip(modules, kernels):
+            module.kernel = hooked(kernel)
+        yield
+    finally:
+        for module, kernel in zip(modules, kernels):
+            module.kernel = kernel
+
+
+@contextmanager
 def record_attention(unet, images: int, height: int, width: int):
     """Within the block, every call of `unet` adds its cross-attention probabilities to the AttentionRecorder it
     yields (images: the batch of pictures; height, width: the latent size); the kernels are restored on exit."""
     recorder = AttentionRecorder(images, height, width)
-    modules = cross_attention_modules(unet)
-    kernels = [module.kernel for module in modules]
-    try:
-        for module, kernel in zip(modules, kernels):
-            module.kernel = recorder.wrap(kernel)
+    with attention_hook(unet, lambda q, k, mask=None: recorder.add(q, k, mask)):  # recorder.add looked up per call
         yield recorder
-    finally:
-        for module, kernel in zip(modules, kernels):
-            module.kernel = kernel

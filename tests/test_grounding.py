@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from minidiff.attention_maps import cross_attention_modules
 from minidiff.course import grounding, shapes
 from minidiff.course.attention_peaks import shape_cells as checker_cells
 from minidiff.course.train import render_pool
@@ -61,14 +62,14 @@ def test_recording_leaves_the_output_and_the_kernels_as_they_were():
     pipe = tiny_pipeline()
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     context = pipe.encode_prompt(["a red circle", "a blue square"])
-    kernels = [module.kernel for module in grounding.cross_attention_modules(pipe.unet)]
+    kernels = [module.kernel for module in cross_attention_modules(pipe.unet)]
     plain = pipe.unet(x, t, context)
     with grounding.recorded_probabilities(pipe.unet) as probs:
         recorded = pipe.unet(x, t, context)
     assert torch.equal(plain, recorded)
     assert len(probs) == len(kernels) > 0
     assert all(torch.allclose(p.sum(dim=-1), torch.ones(())) for p in probs)
-    assert [module.kernel for module in grounding.cross_attention_modules(pipe.unet)] == kernels
+    assert [module.kernel for module in cross_attention_modules(pipe.unet)] == kernels
 
 
 def test_training_on_the_grounding_loss_moves_the_words_attention_onto_the_shape():

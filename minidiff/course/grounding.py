@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from minidiff.attention_maps import cross_attention_modules
+from minidiff.attention_maps import attention_hook
 from minidiff.course import shapes
 from minidiff.tokenizer import MAX_LENGTH
 
@@ -60,23 +60,14 @@ def grounded_tokens(tokenizer, captions: list, specs: list) -> torch.Tensor:
 @contextmanager
 def recorded_probabilities(unet):
     """Within the block, every cross-attention layer of `unet` appends its probabilities P (with their gradient)
-    to the list it yields; its output is its kernel's own. The kernels are restored on exit."""
-    probs, modules = [], cross_attention_modules(unet)
-    kernels = [module.kernel for module in modules]
+    to the list it yields (minidiff.attention_maps.attention_hook: the outputs and, on exit, the kernels as before)."""
+    probs = []
 
-    def recording(kernel):
-        def run(q, k, v, mask=None):
-            probs.append(((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1))
-            return (kernel or torch.nn.functional.scaled_dot_product_attention)(q, k, v, mask)
-        return run
+    def add(q, k, mask=None):  # cross-attention has no mask
+        probs.append(((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1))
 
-    try:
-        for module, kernel in zip(modules, kernels):
-            module.kernel = recording(kernel)
+    with attention_hook(unet, add):
         yield probs
-    finally:
-        for module, kernel in zip(modules, kernels):
-            module.kernel = kernel
 
 
 def grounding_loss(probs: list, tokens: torch.Tensor, cells: torch.Tensor, count: float | None = None) -> torch.Tensor:
