@@ -212,7 +212,11 @@ def test_reuse_memory_keeps_freed_tensors_in_the_process_and_off_gives_them_back
     default, kept, grown, trimmed = map(float, out.stdout.split())
     assert default > 80  # glibc's default: the large block goes back to the kernel at once
     assert kept < 10  # with reuse_memory: kept in the heap...
-    assert grown < 20  # ...and used again by the next steps, not grown
+    # ...and used again by the next steps: eight of them grow the process by less than one step's tensors (a heap
+    # that did not reuse them would grow by that much every step). Not a tighter bound: now and then the resident
+    # size rises once by 20 MB (2 of 10 runs right after a long benchmark on the 2-core Intel Xeon, 0 of the next
+    # 100), a one-off, not a growth per step
+    assert grown < default
     assert trimmed > 80  # off again: what the heap kept goes back
 
 
