@@ -305,6 +305,24 @@ def _engines_int8_intel512() -> dict:
             | {"int8_intel512.dev": f"{read_json(path)[0]['max_dev']:.3f}"})
 
 
+def _engine_profile() -> dict:
+    """Written by `python -m benchmarks.engine_profile --size 512` (benchmarks/results/engine_profile_512.json):
+    where the +int8 rung's step and OpenVINO's go, each engine's own profiler, four groups."""
+    run, values = read_json("benchmarks/results/engine_profile_512.json"), {}
+    for engine in ("minidiff", "openvino"):
+        record = run[engine]
+        for group, ms in record["groups_ms"].items():
+            values[f"eprof.{engine}.{group.removeprefix('the ').split()[0]}"] = f"{ms:.0f}"
+        for key in ("profiled_ms", "call_ms", "self_attention_ms"):
+            values[f"eprof.{engine}.{key.removesuffix('_ms')}"] = f"{record[key]:.0f}"
+    values["eprof.openvino.nodes"] = f"{run['openvino']['nodes_ms']:.0f}"
+    ours, theirs = run["minidiff"], run["openvino"]
+    values["eprof.ratio"] = f"{ours['call_ms'] / theirs['call_ms']:.2f}"
+    values["eprof.needed"] = f"{ours['call_ms'] - 0.8 * theirs['call_ms']:.0f}"  # ms off minidiff's call for 0.8x
+    values["eprof.rest_gap"] = f"{ours['groups_ms']['the rest'] - theirs['groups_ms']['the rest']:.0f}"
+    return values
+
+
 def _int8_quality() -> dict:
     """Written by `python -m benchmarks.int8_quality` (benchmarks/results/int8_quality.json): the shapes model's
     held-out prompts with the plain UNet and its int8 copy, from the same noise."""
@@ -329,7 +347,7 @@ def sources() -> dict:
             | _attention_peaks() | _attention_peaks_noise_loss_only() | _sdxl_cpu() | _sdxl_vs_diffusers()
             | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
-            | _engines_int8_intel512() | _int8_quality() | _sampler_table())
+            | _engines_int8_intel512() | _engine_profile() | _int8_quality() | _sampler_table())
 
 
 def marked(text: str) -> list[tuple[str, str]]:

@@ -1,0 +1,187 @@
+"""Where one UNet step's time goes: minidiff's +int8 rung (minidiff bench) beside OpenVINO in bf16 (its CPU defaults,
+as benchmarks/vs_engines.py runs it), SD 1.5's config, the same random weights and inputs, each read with its own
+profiler and its operators put in four groups:
+
+    python -m benchmarks.engine_profile [--size 512] [--json benchmarks/results/engine_profile_512.json]
+
+    attention      minidiff: aten's flash-attention kernel (SDPA); OpenVINO: the fused subgraphs of the export's
+                   scaled_dot_product_attention nodes. Also per call for the self-attentions of the longest
+                   sequence (minidiff: by the inputs' shapes; OpenVINO: its slowest attention nodes, as many)
+    convolutions   minidiff: oneDNN's int8 convolutions (and the first and last, kept in bf16); OpenVINO: its
+                   Convolution nodes
+    linear layers  minidiff: oneDNN's int8 matmuls (1x1 convolutions included); OpenVINO: FullyConnected
+    the rest       minidiff: the profiled call's time less the three (norms, activations, quantizing, layout
+                   changes, and the compiled graph's own time between its kernels); OpenVINO: its other nodes
+
+minidiff's call is the frozen compiled one of the +int8 rung (reuse_memory off, as on the rung), profiled with
+Inductor's kernel profile on (each fused kernel a row) before OpenVINO is in the process (after OpenVINO's
+compile and calls, in one run at 512 px, the page faults of fresh memory put minidiff's int8 linear layers at
+583 ms instead of about 190: they land in whichever kernel first writes a tensor);
+OpenVINO's with its per-node performance counters (PERF_COUNT), whose times add up to about its call (more, where
+nodes overlap). Profiling slows a call down: each engine's unprofiled call is timed too, in turns (medians).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.vs_engines import INSTALL, OpenVinoUNet, available, check_config, exported
+from minidiff.bench import make_setup, resolve_config, with_added, with_weights
+from minidiff.errors import MinidiffError
+from minidiff.measure import describe_device
+from minidiff.speed import FastUNet, quantize_int8
+from minidiff.unet import UNet
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GROUPS = ("attention", "convolutions", "linear layers", "the rest")
+
+
+def torch_group(name: str) -> str:
+    """The group of a torch.profiler row (Inductor's fused kernels, named graph_..._cpp_fused_..., are the rest)."""
+    if name.startswith("graph_"):
+        return "the rest"
+    if "scaled_dot_product" in name:
+        return "attention"
+    if "qconv" in name or "convolution" in name:
+        return "convolutions"
+    if "qlinear" in name or name in ("aten::mm", "aten::addmm", "aten::linear"):
+        return "linear layers"
+    return "the rest"
+
+
+def openvino_group(node_name: str, node_type: str) -> str:
+    if "scaled_dot_product_attention" in node_name:
+        return "attention"
+    return {"Convolution": "convolutions", "FullyConnected": "linear layers"}.get(node_type, "the rest")
+
+
+def grouped(rows, total_ms: float | None = None) -> dict:
+    """rows: (group, ms) -> {group: ms}; with total_ms the rest is the total less the named groups."""
+    groups = dict.fromkeys(GROUPS, 0.0)
+    for group, ms in rows:
+        groups[group] += ms
+    if total_ms is not None:
+        groups["the rest"] = total_ms - sum(groups[group] for group in GROUPS if group != "the rest")
+    return groups
+
+
+def profile_minidiff(unet, x, context) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+        start = time.perf_counter()
+        unet(x, 500, context)
+        total = 1000 * (time.perf_counter() - start)
+    events = profiler.events()
+    groups = grouped([(torch_group(e.name), e.self_cpu_time_total / 1000) for e in events], total)
+    attention = [e for e in events if torch_group(e.name) == "attention"]
+    lengths = [(e.input_shapes[0][2], e.input_shapes[1][2]) for e in attention]  # (queries, keys) a call
+    longest = max(queries for queries, keys in lengths if queries == keys)  # the self-attentions of the top level
+    selfs = [e.self_cpu_time_total / 1000 for e, shape in zip(attention, lengths) if shape == (longest, longest)]
+    return {"profiled_ms": total, "groups_ms": groups, "longest_sequence": longest,
+            "self_attention_ms": statistics.mean(selfs), "self_attention_calls": len(selfs)}
+
+
+def profile_openvino(peer, x, context, calls: int) -> dict:
+    (request,) = peer.compiled.values()  # the one input shape's
+    start = time.perf_counter()
+    peer(x, 500, context)
+    total = 1000 * (time.perf_counter() - start)
+    nodes = [(p.node_name, p.node_type, p.real_time.total_seconds() * 1000) for p in request.profiling_info]
+    groups = grouped([(openvino_group(name, kind), ms) for name, kind, ms in nodes])
+    attention = sorted((ms for name, kind, ms in nodes if openvino_group(name, kind) == "attention"), reverse=True)
+    return {"profiled_ms": total, "nodes_ms": sum(groups.values()), "groups_ms": groups,
+            "self_attention_ms": statistics.mean(attention[:calls]),
+            "self_attention_calls": calls}
+
+
+def timed_in_turns(calls: dict, repeats: int, warm_up: bool = False) -> dict:
+    """{name: median ms} of `repeats` calls of each, in turns (after one untimed call each with warm_up)."""
+    for call in calls.values() if warm_up else ():
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure(config: str, size: int, repeats: int) -> dict:
+    """The record: both engines' groups, calls and self-attention times (see the module docstring)."""
+    from torch._inductor import config as inductor_config
+
+    setup = make_setup(config, size, 1, 1, 1, "cpu", 0)
+    x, context = setup.x.to(torch.bfloat16), setup.context.to(torch.bfloat16)
+    plain = with_weights(UNet, setup.config, setup.state, torch.bfloat16, "cpu")
+    ours = FastUNet(with_added(quantize_int8(plain), setup), channels_last=True, compile=True, freeze=True)
+    with torch.no_grad(), inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        ours(x, 500, context)  # compiles, with each fused kernel named in the profile
+        ours(x, 500, context)
+        # profiled before OpenVINO is in the process (see the docstring); the calls in turns are timed below
+        record = {"minidiff": profile_minidiff(ours, x, context)}
+    path = exported(setup.config, setup.state)
+    counted = OpenVinoUNet(path, "bf16")
+    counted.config["PERF_COUNT"] = True  # its counters slow every call: the timed calls are another compile's
+    counted(x, 500, context)  # compiles
+    record["openvino"] = profile_openvino(counted, x, context, record["minidiff"]["self_attention_calls"])
+    counted.compiled.clear()  # its memory, before the second compile
+    peer = OpenVinoUNet(path, "bf16")  # as vs_engines runs it
+    with torch.no_grad():
+        call_ms = timed_in_turns({"minidiff": lambda: ours(x, 500, context),
+                                  "openvino": lambda: peer(x, 500, context)}, repeats, warm_up=True)
+    for name in ("minidiff", "openvino"):
+        record[name]["call_ms"] = call_ms[name]
+    return record | {"config": config, "size": size, "batch": x.shape[0],
+                     "openvino_dtype": str(peer.dtype).removeprefix("torch."), "device": describe_device("cpu"),
+                     "torch": torch.__version__}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_profile")
+    parser.add_argument("--size", type=int, default=512, help="pixels (the latent is size / 8)")
+    parser.add_argument("--config", default="sd15")
+    parser.add_argument("--repeats", type=int, default=3, help="unprofiled calls of each engine, in turns")
+    parser.add_argument("--json", help="the record's file (default benchmarks/results/engine_profile_SIZE.json)")
+    args = parser.parse_args(argv)
+    path = Path(args.json or RESULTS / f"engine_profile_{args.size}.json")
+    try:  # before minutes of compiling: the inputs, the engine, the folder the record goes to
+        if not available("openvino"):
+            raise MinidiffError(f"OpenVINO is not installed: {INSTALL}")
+        config = resolve_config(args.config)
+        check_config(config)
+        factor = 8 * config.downsample_factor
+        if args.size < factor or args.size % factor:
+            raise MinidiffError(f"--size {args.size} must be a positive multiple of {factor} px for this UNet")
+        if args.repeats < 1:
+            raise MinidiffError(f"--repeats {args.repeats}: time at least 1 call of each engine")
+        if not path.parent.is_dir():
+            raise MinidiffError(f"--json {path}: no folder {path.parent}: make it, or write the record elsewhere")
+    except MinidiffError as e:
+        print(f"engine_profile: error: {e}", file=sys.stderr)
+        return 2
+    record = measure(args.config, args.size, args.repeats)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record, indent=1) + "\n")
+    temporary.replace(path)
+    ours, theirs = record["minidiff"], record["openvino"]
+    print(f"{args.config} at {args.size} px, CFG batch {record['batch']}, ms (profiled call; unprofiled call below)")
+    print(f"{'':16}{'minidiff +int8':>16}{'OpenVINO ' + record['openvino_dtype']:>18}")
+    for group in GROUPS:
+        print(f"{group:16}{ours['groups_ms'][group]:16.1f}{theirs['groups_ms'][group]:18.1f}")
+    print(f"{'nodes':16}{'':16}{theirs['nodes_ms']:18.1f}")
+    for key, label in (("profiled_ms", "profiled call"), ("call_ms", "unprofiled call"),
+                       ("self_attention_ms", "one self-attn.")):
+        print(f"{label:16}{ours[key]:16.1f}{theirs[key]:18.1f}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""benchmarks/engine_profile.py: each profiler row lands in the group it belongs to, the groups add up as the
+docstring says, and a whole run on the tiny config writes a record with every group filled. No timing assertions."""
+
+import json
+
+import pytest
+
+import benchmarks.engine_profile as engine_profile
+import benchmarks.vs_engines as vs_engines
+from benchmarks.vs_engines import available
+
+
+@pytest.mark.parametrize("name, group", [
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    # Inductor's fused kernels around the attention (the projections' epilogues) are the rest, not attention
+    ("graph_0_cpp_fused__scaled_dot_product_flash_attention_for_cpu__to_copy_add_clamp_div_mul_6", "the rest"),
+    ("onednn::qconv_pointwise", "convolutions"),
+    ("mkldnn::_convolution_pointwise", "convolutions"),  # conv_in and conv_out, kept in bf16
+    ("onednn::qlinear_pointwise", "linear layers"),
+    ("aten::addmm", "linear layers"),
+    ("graph_0_cpp_fused__to_copy_abs_add_amax_clamp_div_gelu_mul_native_layer_norm_13", "the rest"),
+    ("## Call CompiledFxGraph None ##", "the rest"),
+])
+def test_torch_rows_are_grouped(name, group):
+    assert engine_profile.torch_group(name) == group
+
+
+@pytest.mark.parametrize("node, kind, group", [
+    ("node_scaled_dot_product_attention_26", "Subgraph", "attention"),
+    ("node_gelu_3", "Subgraph", "the rest"),
+    ("node_conv2d_5", "Convolution", "convolutions"),
+    ("node_linear_12", "FullyConnected", "linear layers"),
+    ("node_group_norm_2", "MVN", "the rest"),
+])
+def test_openvino_nodes_are_grouped(node, kind, group):
+    assert engine_profile.openvino_group(node, kind) == group
+
+
+def test_the_rest_is_the_total_less_the_named_groups_or_the_sum_of_its_rows():
+    rows = [("attention", 5.0), ("convolutions", 2.0), ("the rest", 1.0), ("linear layers", 1.5), ("the rest", 0.5)]
+    assert engine_profile.grouped(rows, total_ms=10.0) == {
+        "attention": 5.0, "convolutions": 2.0, "linear layers": 1.5, "the rest": 1.5}
+    assert engine_profile.grouped(rows)["the rest"] == 1.5  # OpenVINO: its other nodes
+    assert engine_profile.grouped(rows, total_ms=9.0)["the rest"] == 0.5
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--size", "100"], "--size 100 must be a positive multiple of 64 px"),
+    (["--size", "0"], "--size 0 must be a positive multiple"),
+    (["--repeats", "0"], "--repeats 0: time at least 1 call"),
+    (["--config", "sd16"], "unknown UNet config 'sd16'"),
+    (["--config", "sdxl"], "without 'text_time' added conditioning"),
+    (["--json", "no/such/folder/profile.json"], "no folder no/such/folder: make it"),
+])
+def test_bad_arguments_are_one_line_before_any_work(arguments, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine_profile, "available", lambda name: True)  # the message, with or without OpenVINO
+    monkeypatch.setattr(engine_profile, "measure", lambda *args: pytest.fail("measured despite bad arguments"))
+    assert engine_profile.main(["--size", "64", "--config", "tiny", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("engine_profile: error: ") and message in error and error.count("\n") == 1, error
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_without_openvino_it_names_the_extra(capsys, monkeypatch):
+    monkeypatch.setattr(engine_profile, "available", lambda name: False)
+    assert engine_profile.main([]) == 2
+    assert 'pip install -e ".[engines]"' in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~2 min of CPU: compiling the int8 UNet, exporting it and compiling it twice in OpenVINO
+@pytest.mark.skipif(not available("openvino"), reason="needs the engines extra")
+def test_a_run_on_the_tiny_config_writes_every_group(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(vs_engines, "_exports", {})  # the exports it makes are not left to the other tests
+    path = tmp_path / "profile.json"
+    assert engine_profile.main(["--config", "tiny", "--size", "64", "--repeats", "1", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert not list(tmp_path.glob("*.tmp"))  # written to a temporary file, then renamed
+    for engine in ("minidiff", "openvino"):
+        groups = record[engine]["groups_ms"]
+        assert list(groups) == list(engine_profile.GROUPS)
+        assert all(groups[group] > 0 for group in ("attention", "convolutions", "linear layers")), groups
+        assert record[engine]["call_ms"] > 0 and record[engine]["self_attention_calls"] > 0
+    minidiff = record["minidiff"]
+    assert sum(minidiff["groups_ms"].values()) == pytest.approx(minidiff["profiled_ms"])
+    assert minidiff["longest_sequence"] == (64 // 8) ** 2  # the latent's pixels: the top level's self-attention
+    assert record["openvino"]["nodes_ms"] == pytest.approx(sum(record["openvino"]["groups_ms"].values()))
+    assert "attention" in capsys.readouterr().out
