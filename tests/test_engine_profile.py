@@ -71,7 +71,9 @@ def test_without_openvino_it_names_the_extra(capsys, monkeypatch):
 @pytest.mark.slow  # ~2 min of CPU: compiling the int8 UNet, exporting it and compiling it twice in OpenVINO
 @pytest.mark.skipif(not available("openvino"), reason="needs the engines extra")
 def test_a_run_on_the_tiny_config_writes_every_group(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(vs_engines, "_exports", {})  # the exports it makes are not left to the other tests
+    # its exports in a folder of their own, not left to the other tests (nor named like theirs)
+    monkeypatch.setattr(vs_engines, "_exports", {})
+    monkeypatch.setattr(vs_engines, "_folder", None)
     path = tmp_path / "profile.json"
     assert engine_profile.main(["--config", "tiny", "--size", "64", "--repeats", "1", "--json", str(path)]) == 0
     record = json.loads(path.read_text())
