@@ -45,7 +45,7 @@ def torch_group(name: str) -> str:
     """The group of a torch.profiler row (Inductor's fused kernels, named graph_..._cpp_fused_..., are the rest)."""
     if name.startswith("graph_"):
         return "the rest"
-    if "scaled_dot_product" in name:
+    if "::_scaled_dot_product" in name:  # the kernel, not the dispatching aten::scaled_dot_product_attention
         return "attention"
     if "qconv" in name or "convolution" in name:
         return "convolutions"

@@ -12,6 +12,7 @@ from benchmarks.vs_engines import available
 
 @pytest.mark.parametrize("name, group", [
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::scaled_dot_product_attention", "the rest"),  # an eager call's dispatch: its kernel is a child row
     # Inductor's fused kernels around the attention (the projections' epilogues) are the rest, not attention
     ("graph_0_cpp_fused__scaled_dot_product_flash_attention_for_cpu__to_copy_add_clamp_div_mul_6", "the rest"),
     ("onednn::qconv_pointwise", "convolutions"),
