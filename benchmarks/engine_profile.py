@@ -33,6 +33,7 @@ import torch
 from benchmarks.vs_engines import INSTALL, OpenVinoUNet, available, check_config, exported
 from minidiff.bench import make_setup, resolve_config, with_added, with_weights
 from minidiff.errors import MinidiffError
+from minidiff.files import atomic_save, check_writable
 from minidiff.measure import describe_device
 from minidiff.speed import FastUNet, quantize_int8
 from minidiff.unet import UNet
@@ -113,11 +114,11 @@ def timed_in_turns(calls: dict, repeats: int, warm_up: bool = False) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def measure(config: str, size: int, repeats: int) -> dict:
-    """The record: both engines' groups, calls and self-attention times (see the module docstring)."""
+def measure(setup, repeats: int) -> dict:
+    """The record of minidiff.bench's `setup` (its weights and inputs): both engines' groups, calls and
+    self-attention times (see the module docstring)."""
     from torch._inductor import config as inductor_config
 
-    setup = make_setup(config, size, 1, 1, 1, "cpu", 0)
     x, context = setup.x.to(torch.bfloat16), setup.context.to(torch.bfloat16)
     plain = with_weights(UNet, setup.config, setup.state, torch.bfloat16, "cpu")
     ours = FastUNet(with_added(quantize_int8(plain), setup), channels_last=True, compile=True, freeze=True)
@@ -138,7 +139,7 @@ def measure(config: str, size: int, repeats: int) -> dict:
                                   "openvino": lambda: peer(x, 500, context)}, repeats, warm_up=True)
     for name in ("minidiff", "openvino"):
         record[name]["call_ms"] = call_ms[name]
-    return record | {"config": config, "size": size, "batch": x.shape[0],
+    return record | {"batch": x.shape[0],
                      "openvino_dtype": str(peer.dtype).removeprefix("torch."), "device": describe_device("cpu"),
                      "torch": torch.__version__}
 
@@ -151,25 +152,19 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="the record's file (default benchmarks/results/engine_profile_SIZE.json)")
     args = parser.parse_args(argv)
     path = Path(args.json or RESULTS / f"engine_profile_{args.size}.json")
-    try:  # before minutes of compiling: the inputs, the engine, the folder the record goes to
+    try:  # before minutes of compiling: the engine, the inputs (make_setup checks the size first), the record's file
         if not available("openvino"):
             raise MinidiffError(f"OpenVINO is not installed: {INSTALL}")
-        config = resolve_config(args.config)
-        check_config(config)
-        factor = 8 * config.downsample_factor
-        if args.size < factor or args.size % factor:
-            raise MinidiffError(f"--size {args.size} must be a positive multiple of {factor} px for this UNet")
+        check_config(resolve_config(args.config))
         if args.repeats < 1:
             raise MinidiffError(f"--repeats {args.repeats}: time at least 1 call of each engine")
-        if not path.parent.is_dir():
-            raise MinidiffError(f"--json {path}: no folder {path.parent}: make it, or write the record elsewhere")
+        check_writable(path)
+        setup = make_setup(args.config, args.size, 1, 1, 1, "cpu", 0)
     except MinidiffError as e:
         print(f"engine_profile: error: {e}", file=sys.stderr)
         return 2
-    record = measure(args.config, args.size, args.repeats)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
-    temporary.replace(path)
+    record = measure(setup, args.repeats) | {"config": args.config, "size": args.size}
+    atomic_save(path, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
     ours, theirs = record["minidiff"], record["openvino"]
     print(f"{args.config} at {args.size} px, CFG batch {record['batch']}, ms (profiled call; unprofiled call below)")
     print(f"{'':16}{'minidiff +int8':>16}{'OpenVINO ' + record['openvino_dtype']:>18}")

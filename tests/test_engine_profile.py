@@ -51,7 +51,7 @@ def test_the_rest_is_the_total_less_the_named_groups_or_the_sum_of_its_rows():
     (["--repeats", "0"], "--repeats 0: time at least 1 call"),
     (["--config", "sd16"], "unknown UNet config 'sd16'"),
     (["--config", "sdxl"], "without 'text_time' added conditioning"),
-    (["--json", "no/such/folder/profile.json"], "no folder no/such/folder: make it"),
+    (["--json", "no/such/folder/profile.json"], "the folder no/such/folder does not exist; create it first"),
 ])
 def test_bad_arguments_are_one_line_before_any_work(arguments, message, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
@@ -78,7 +78,7 @@ def test_a_run_on_the_tiny_config_writes_every_group(tmp_path, capsys, monkeypat
     path = tmp_path / "profile.json"
     assert engine_profile.main(["--config", "tiny", "--size", "64", "--repeats", "1", "--json", str(path)]) == 0
     record = json.loads(path.read_text())
-    assert not list(tmp_path.glob("*.tmp"))  # written to a temporary file, then renamed
+    assert [file.name for file in tmp_path.iterdir()] == ["profile.json"]  # its temporary file renamed
     for engine in ("minidiff", "openvino"):
         groups = record[engine]["groups_ms"]
         assert list(groups) == list(engine_profile.GROUPS)
