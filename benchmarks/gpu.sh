@@ -13,7 +13,8 @@
 #
 # It installs nothing: it uses $PYTHON (default .venv/bin/python, else python3), which needs torch (a CUDA build
 # on the GPU) and diffusers (pip install -e ".[parity]"). The GPU run is held to 8 minutes: SDXL first, stopped at
-# 150 s, then SD 1.5 with the rest of the 480 s; a part stopped at its limit keeps the rows it printed. The dry run
+# 150 s, then SD 1.5 with the rest of the 480 s. The table file holds each part's log too: a line of numbers
+# per finished rung, so a part stopped at its limit keeps the rungs it finished. The dry run
 # drops the +CUDA graphs rung, which exists on a GPU only; on the CPU "+fp16" is "+bf16".
 #
 # The time on an H100 / H200, estimated (no GPU had been lent when this was written; the first run will tell):
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) dry_run=1 ;;
         --out) [ $# -ge 2 ] || { echo "gpu.sh: --out needs a folder" >&2; exit 2; }; out="$2"; shift ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu.sh: unknown argument '$1': use --dry-run and/or --out DIR" >&2; exit 2 ;;
     esac
     shift
@@ -89,7 +90,11 @@ run_part() {  # NAME LIMIT_S JSON ARGS...
     shift 3
     local command=("$python" -m benchmarks.vs_diffusers --device "$device" "$@" --json "$json")
     { echo; echo "# $name: ${command[*]}"; } >> "$table.partial"
-    PYTHONUNBUFFERED=1 timeout "$limit" "${command[@]}" >> "$table.partial" || part_status=$?
+    # its table to the file; its log (a line per finished rung) to the file and the terminal
+    set +e
+    PYTHONUNBUFFERED=1 timeout "$limit" "${command[@]}" 2>&1 >> "$table.partial" | tee -a "$table.partial" >&2
+    part_status=${PIPESTATUS[0]}
+    set -e
     echo "# $name: $((SECONDS - start)) s, exit status $part_status" >> "$table.partial"
     if [ "$part_status" = 124 ]; then
         echo "gpu.sh: the $name ladder ran past $limit s and was stopped: $table has what it printed" >&2

@@ -431,7 +431,8 @@ def bench(config="sd15", size: int = 256, images: int = 1, steps: int = 4, repea
     try:
         for rung in all_rungs:
             log(f"rung {rung.name} ...")
-            results.append(run_rung(setup, rung, reference_out, peers, compile_options, log, caches))
+            results.append(result := run_rung(setup, rung, reference_out, peers, compile_options, log, caches))
+            log(measure.rung_line(result))  # its numbers now: a run stopped later keeps them in its log
     finally:
         if reuse_memory_available():
             reuse_freed_memory(False)  # the process's allocator as it was

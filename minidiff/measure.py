@@ -254,6 +254,15 @@ def peer_names(results: list) -> list:
     return list(dict.fromkeys(name for r in results for name in r.peers))
 
 
+def rung_line(r) -> str:
+    """One line of a finished rung's numbers (a minidiff.bench.Result), logged as the rung ends: the table is printed
+    after the last one."""
+    dev = "" if r.max_dev is None else f", max dev {r.max_dev:.1e}"
+    return (f"  {r.rung}: {r.ms_per_step:.1f} ms/step, e2e {r.e2e_s:.2f} s, peak {r.peak_mb:.0f} MB{dev}, "
+            + ("PASS" if r.passed else "FAIL")
+            + "".join(f"; {name} {p.ms_per_step:.1f} ms (ratio {p.ratio:.2f})" for name, p in r.peers.items()))
+
+
 def format_table(results: list) -> str:
     """The results as a fixed-width table: five columns per peer (its ms, the ratio, the deviation from minidiff's
     output, its deviation from fp32 eager, the memory of its call)."""

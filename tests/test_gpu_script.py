@@ -44,6 +44,9 @@ def test_the_dry_run_writes_the_table_of_every_rung(tmp_path):
         for row in rows:
             assert row["passed"] and row["diffusers_ms"] > 0 and row["diffusers_max_dev"] is not None, row
             assert next(line for line in part if line.startswith(row["rung"])).count(" PASS ") == 1
+            # the rung's line in the log, written as it ended: what a part stopped at its limit keeps
+            logged = f"  {row['rung']}: {row['ms_per_step']:.1f} ms/step, "
+            assert next(line for line in part if line.startswith(logged)).count("PASS; diffusers ") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_ladder.json", "gpu_ladder.txt",
                                                           "gpu_ladder_sdxl.json"]  # no .partial left
 
