@@ -1,14 +1,14 @@
 """`minidiff bench` and `minidiff profile`: how much faster each speed option makes the UNet, and at what accuracy.
 
 The ladder switches the options of minidiff.speed on one rung at a time, on the same random weights and inputs:
-    fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +freeze (weights folded and
-    pre-packed into the compiled graph) -> +CUDA graphs (GPU only) -> +reuse memory (CPU with glibc: freed tensors
+    fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +CUDA graphs (GPU only) -> +freeze
+    (weights folded and pre-packed into the compiled graph) -> +reuse memory (CPU with glibc: freed tensors
     stay in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by
     distillation); on a CPU, +int8 (+freeze in 8-bit weights and activations, minidiff.speed.int8); then, where
     the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in float32, the rung to set
     beside an engine that computes in float32)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
-else fp32) and keep the options of the rung before. The rungs up to +compile (and +CUDA graphs, torch.compile's
+else fp32) and keep the options of the rung before. The rungs up to +CUDA graphs (torch.compile's
 "reduce-overhead" mode) use only options diffusers itself offers; +freeze and +reuse memory are minidiff's.
 
 Peers: other engines timed on the same weights and inputs (benchmarks/vs_diffusers.py: diffusers; the library
@@ -139,11 +139,11 @@ def ladder(device) -> list:
     best = Rung("channels_last", "+channels_last", fast, channels_last=True, tolerance=TOLERANCE[fast])
     rungs.append(best)
     rungs.append(best := dataclasses.replace(best, key="compile", name="+compile", compile=True))
+    if cuda:  # before +freeze: torch.compile's "reduce-overhead" mode, which diffusers offers too
+        rungs.append(best := dataclasses.replace(best, key="cuda_graphs", name="+CUDA graphs", cuda_graphs=True))
     rungs.append(frozen := dataclasses.replace(best, key="freeze", name="+freeze", freeze=True))
     best = frozen
-    if cuda:
-        rungs.append(best := dataclasses.replace(best, key="cuda_graphs", name="+CUDA graphs", cuda_graphs=True))
-    elif reuse_memory_available():  # the CUDA caching allocator already keeps freed GPU memory
+    if not cuda and reuse_memory_available():  # the CUDA caching allocator already keeps freed GPU memory
         rungs.append(best := dataclasses.replace(best, key="reuse_memory", name="+reuse memory", reuse_memory=True))
     if not cuda and int8_available():
         rungs.append(dataclasses.replace(frozen, key="int8", name="+int8", int8=True, tolerance=INT8_TOLERANCE))

@@ -149,6 +149,18 @@ def test_only_freeze_and_reuse_memory_are_minidiffs_own_options():
     assert not any(r.minidiff_options for r in ladder("cpu") if r.key in ("fp32", "half", "channels_last", "compile"))
 
 
+def test_on_a_gpu_cuda_graphs_come_before_freeze_as_an_option_diffusers_offers():
+    """diffusers offers CUDA graphs itself (torch.compile's "reduce-overhead" mode): its fastest with its own
+    options must be able to be the +CUDA graphs rung, so that rung comes before +freeze and carries no freeze."""
+    rungs = ladder("cuda")  # the rungs only: nothing runs on the device
+    keys = [r.key for r in rungs]
+    assert keys[:7] == ["fp32", "half", "channels_last", "compile", "cuda_graphs", "freeze", "taesd"]
+    graphs, frozen = rungs[4], rungs[5]
+    assert graphs.cuda_graphs and graphs.compile and not graphs.minidiff_options and graphs.dtype == torch.float16
+    assert frozen == dataclasses.replace(graphs, key="freeze", name="+freeze", freeze=True)
+    assert all(r.cuda_graphs for r in rungs[5:]) and "reuse_memory" not in keys and "int8" not in keys
+
+
 def test_the_fp32_rung_with_every_option_is_the_fastest_rung_in_fp32():
     rungs = {r.key: r for r in ladder("cpu")}
     if "fp32_fast" not in rungs:
