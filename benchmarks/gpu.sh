@@ -3,7 +3,7 @@
 # with diffusers' UNet2DConditionModel on the same random weights (of full size) and inputs, CFG batch 2
 # (benchmarks/vs_diffusers.py, the ladder of minidiff/bench.py), in two parts:
 #     SDXL base at 1024x1024 px: fp32 eager -> +fp16 -> +channels_last
-#     SD 1.5 at 512x512 px:      fp32 eager -> +fp16 -> +channels_last -> +compile -> +freeze -> +CUDA graphs -> +TAESD
+#     SD 1.5 at 512x512 px:      fp32 eager -> +fp16 -> +channels_last -> +compile -> +CUDA graphs -> +freeze -> +TAESD
 # Attention is PyTorch's SDPA (flash / memory-efficient kernels) on every rung, in minidiff and in diffusers alike:
 # it is the one attention function (minidiff/attention.py), not an option.
 #
@@ -17,17 +17,15 @@
 # per finished rung, so a part stopped at its limit keeps the rungs it finished. The dry run
 # drops the +CUDA graphs rung, which exists on a GPU only; on the CPU "+fp16" is "+bf16".
 #
-# The time on an H100 / H200, estimated (no GPU had been lent when this was written; the first run will tell):
-# - SDXL, ~1 min: start and imports ~10 s; the weights are drawn on the GPU (a moment; on one CPU core 2.6e9 draws
-#   take ~40 s). One UNet step on the CFG batch at 1024 px is 13.5 TFLOP (measure.count_flops): ~0.35 s in fp32
-#   (PyTorch computes fp32 matmuls without TF32 by default; ~40 TFLOP/s of the 67 peak), ~0.07 s in fp16. A rung makes
-#   ~50 UNet calls (12 timed per engine, the warm-ups, 2 sampling runs of 6 steps and one to count the syncs):
-#   ~20 s in fp32, ~5 s in each fp16 rung, plus three VAE decodes at 1024 px. SDXL's compiled rungs are left out:
-#   its UNet has 1680 weight tensors to SD 1.5's 686, and Inductor compiling it for minidiff and for diffusers
-#   would take minutes by itself.
-# - SD 1.5, ~4.5 min, nearly all of it Inductor compiling (a guess: ~50 s for the first UNet, ~30 s for each later
-#   one, whose Triton kernels are mostly in the cache): 6 UNet compiles (minidiff and diffusers on +compile, +freeze
-#   and +CUDA graphs), the VAE decoder and TAESD. Its ~100 UNet calls per rung (1.6 TFLOP each) take seconds.
+# The time, measured on an NVIDIA H200 (2026-12-04, torch 2.11.0+cu130, 16 CPU cores; benchmarks/results/
+# gpu_ladder.txt): 467 s in all, within the 8 minutes.
+# - SDXL, 56 s: the weights are drawn on the GPU (on one CPU core 2.6e9 draws take ~40 s); one UNet step on the CFG
+#   batch at 1024 px is 13.5 TFLOP (measure.count_flops): 288 ms in fp32 (PyTorch computes fp32 matmuls without
+#   TF32 by default), 49 ms in fp16. SDXL's compiled rungs are left out: its UNet has 1680 weight tensors to
+#   SD 1.5's 686, and Inductor compiling it for minidiff and for diffusers would take minutes by itself.
+# - SD 1.5, 411 s, nearly all of it Inductor compiling: 6 UNet compiles (minidiff and diffusers on +compile,
+#   +CUDA graphs and +freeze), the VAE decoder and TAESD; its ~100 UNet calls per rung take seconds. (That run had
+#   +freeze before +CUDA graphs; `--rungs cuda_graphs` alone, two UNet compiles and the VAE's, took 148 s.)
 # The fp16 rungs decode with the VAE as minidiff's Pipeline does (a float16 decode that overflows is redone in
 # float32); the random weights do not overflow as SDXL's trained VAE does, so SDXL's fp16 e2e column is that of a
 # VAE that stays finite in fp16 (its fp16-fixed finetune).

@@ -341,13 +341,43 @@ def _linear_kernels() -> dict:
             "linear.ratio": f"{linear / onednn:.2f}"}
 
 
+GPU_RUNGS = {"fp32 eager": "fp32", "+fp16": "half", "+channels_last": "channels_last", "+compile": "compile",
+             "+freeze": "freeze", "+CUDA graphs": "cuda_graphs", "+TAESD (decode)": "taesd"}
+
+
+def _gpu_rows(path: str, prefix: str) -> dict:
+    """A GPU ladder's rows (ms to 0.1, as the table prints them): minidiff's and diffusers' ms, the ratio, e2e."""
+    values = {}
+    for row in read_json(path):
+        key = f"{prefix}.{GPU_RUNGS[row['rung']]}"
+        values |= {f"{key}_ms": f"{row['ms_per_step']:.1f}", f"{key}_diffusers_ms": f"{row['diffusers_ms']:.1f}",
+                   f"{key}_ratio": f"{row['diffusers_ratio']:.2f}", f"{key}_e2e": f"{row['e2e_s']:.2f}",
+                   f"{key}_dev": f"{row['max_dev']:.1e}", f"{key}_gb": f"{row['peak_mb'] / 1024:.1f}",
+                   f"{key}_tflops": f"{row['gflop'] / row['ms_per_step']:.0f}"}
+    return values
+
+
+def _gpu_ladder() -> dict:
+    """Written by `benchmarks/gpu.sh` on an H200 (benchmarks/results/gpu_ladder.txt, gpu_ladder.json: SD 1.5 at
+    512 px; gpu_ladder_sdxl.json: SDXL at 1024 px), and by its SD 1.5 command with `--rungs cuda_graphs` after the
+    rung moved before +freeze (gpu_ladder_cuda_graphs.json)."""
+    log = (ROOT / "benchmarks/results/gpu_ladder.txt").read_text()
+    seconds = {name: re.search(rf"^# {re.escape(name)}: (\d+) s, exit status 0$", log, re.M)[1]
+               for name in ("SDXL", "SD 1.5")}
+    return (_gpu_rows("benchmarks/results/gpu_ladder.json", "gpu15")
+            | _gpu_rows("benchmarks/results/gpu_ladder_sdxl.json", "gpuxl")
+            | _gpu_rows("benchmarks/results/gpu_ladder_cuda_graphs.json", "gpucg")
+            | {"gpu.total_s": re.search(r"^# (\d+) s in all, exit status 0$", log, re.M)[1],
+               "gpu.sdxl_s": seconds["SDXL"], "gpu.sd15_s": seconds["SD 1.5"]})
+
+
 def sources() -> dict:
     """Every key a document may quote, and its value as it must read."""
     return (_shapes() | _inversion() | _distributed() | _inpaint() | _new_word() | _prompt_weights()
             | _attention_peaks() | _attention_peaks_noise_loss_only() | _sdxl_cpu() | _sdxl_vs_diffusers()
             | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
-            | _engines_int8_intel512() | _engine_profile() | _int8_quality() | _sampler_table())
+            | _engines_int8_intel512() | _engine_profile() | _int8_quality() | _sampler_table() | _gpu_ladder())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
