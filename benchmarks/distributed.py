@@ -18,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from minidiff.errors import MinidiffError
+from minidiff.files import atomic_save, check_writable
+
 ROOT = Path(__file__).resolve().parent.parent
 POOL = 1024
 
@@ -45,12 +48,13 @@ def worker(steps: int, out: str) -> None:
     losses = train.train_diffusion(unet, text_encoder, train.CLIPTokenizer.default(), z / z.std(), specs,
                                    train.shape_cells(pixels), config, progress=False)
     unet_seconds = time.perf_counter() - start
-    if distributed.is_main():
-        Path(out).write_text(json.dumps({
+    if distributed.is_main():  # rank 0 alone, into the folder the parent process made for it
+        record = {
             "processes": distributed.world_size(), "threads": torch.get_num_threads(),
             "losses": {"vae": vae_losses, "diffusion": losses},
             "s_per_step": {"vae": vae_seconds / steps, "diffusion": unet_seconds / steps},
-        }))
+        }
+        atomic_save(out, lambda temporary: Path(temporary).write_text(json.dumps(record)))
     distributed.teardown()
 
 
@@ -80,6 +84,11 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args.steps, args.out)
         return 0
+    try:  # before the two runs: the result's file
+        check_writable(args.out)
+    except MinidiffError as e:
+        print(f"distributed: error: {e}", file=sys.stderr)
+        return 2
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         one = run(args.steps, 1, Path(folder) / "one.json")
@@ -91,7 +100,7 @@ def main(argv=None) -> int:
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # before and after: a shared machine
         "max_relative_loss_difference": difference, "one_process": one, "two_processes": two,
     }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    atomic_save(args.out, lambda temporary: Path(temporary).write_text(json.dumps(result, indent=1) + "\n"))
     print(json.dumps({k: result[k] for k in ("steps", "load_average", "max_relative_loss_difference")}
                      | {"s_per_step": {"1 process": one["s_per_step"], "2 processes": two["s_per_step"]}}, indent=1))
     return 0

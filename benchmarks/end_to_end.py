@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from minidiff.errors import MinidiffError
+from minidiff.files import atomic_save, check_writable
 from minidiff.pipeline import load_pipeline
 
 PROMPT = "a small red circle in the top left"
@@ -85,6 +87,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (and OMP_NUM_THREADS of the cold runs)")
     parser.add_argument("--json", help="also write the medians as JSON")
     args = parser.parse_args(argv)
+    try:  # before the cold runs: the medians' file, if any
+        if args.json:
+            check_writable(args.json)
+    except MinidiffError as e:
+        print(f"end_to_end: error: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
 
     cold = [cold_generate(args.steps, args.threads) for _ in range(min(3, args.repeats))]
@@ -105,8 +113,8 @@ def main(argv=None) -> int:
         label = f"  {part}" + (f" ({medians['UNet calls']:.0f} calls)" if part == "UNet steps" else "")
         print(f"{label:32s} {medians[part + ' wall_s']:8.3f} {medians[part + ' cpu_s']:8.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"steps": args.steps, "threads": args.threads, "load": load,
-                                               **medians}, indent=2))
+        record = {"steps": args.steps, "threads": args.threads, "load": load, **medians}
+        atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=2)))
     return 0
 
 

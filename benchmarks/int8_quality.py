@@ -9,12 +9,15 @@ Writes benchmarks/results/int8_quality.json (quoted in the README).
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from minidiff.course.evaluate import evaluate
+from minidiff.errors import MinidiffError
+from minidiff.files import atomic_save, check_writable
 from minidiff.pipeline import load_pipeline
 from minidiff.speed.int8 import Int8Module, quantize_int8
 
@@ -31,6 +34,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", default=str(RESULTS))
     args = parser.parse_args(argv)
+    try:  # before the pictures: the record's file
+        check_writable(args.json)
+    except MinidiffError as e:
+        print(f"int8_quality: error: {e}", file=sys.stderr)
+        return 2
     pipe = load_pipeline("shapes", device="cpu", dtype=args.dtype)
     plain_scores, plain_images = evaluate(pipe, args.prompts)
     layers = sum(isinstance(m, Int8Module) for m in quantize_int8(pipe.unet).modules())
@@ -41,7 +49,7 @@ def main(argv=None) -> int:
               "int8": int8_scores, "mean_abs_pixel_difference": float(difference.mean()),
               "max_abs_pixel_difference": float(difference.max()), "identical_pictures": int(sum(same)),
               "torch": torch.__version__}
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
     print(json.dumps(record, indent=1))
     return 0
 

@@ -11,11 +11,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from minidiff.errors import MinidiffError
+from minidiff.files import atomic_save, check_writable
 from minidiff.measure import CallTimer
 from minidiff.speed.kernels import OneDNNLinear
 
@@ -64,6 +67,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
+    try:  # before the timings: the rows' file, if any (its folder made as before)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            check_writable(args.json)
+    except MinidiffError as e:
+        print(f"linear_kernels: error: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     rows = measure(args.repeats)
     total = {name: sum(row[f"{name}_ms"] for row in rows) for name in ("linear", "onednn")}
@@ -73,8 +83,7 @@ def main(argv=None) -> int:
         run = {"threads": args.threads, "repeats": args.repeats, "cpu": platform.processor() or platform.machine(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "rows": rows, "linear_total_ms": total["linear"], "onednn_total_ms": total["onednn"]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(run, indent=2) + "\n")
+        atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(run, indent=2) + "\n"))
     return 0
 
 

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from minidiff.course import evaluate, shapes
+from minidiff.errors import MinidiffError
+from minidiff.files import atomic_save, check_writable
 from minidiff.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,16 +75,22 @@ def main(argv=None):
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "prompt_weights.json"))
     parser.add_argument("--grid", default=str(ROOT / "course" / "images" / "prompt_weights.png"))
     args = parser.parse_args(argv)
+    try:  # before the pictures: the record's file
+        check_writable(args.json)
+    except MinidiffError as e:
+        print(f"prompt_weights: error: {e}", file=sys.stderr)
+        return 2
     pipe = load_pipeline("shapes", device="cpu")
     results, images, pairs = measure(pipe, args.prompts, args.weights, args.seed)
     record = {"command": "python -m benchmarks.prompt_weights " + " ".join(argv if argv is not None else sys.argv[1:]),
               "n": args.prompts, "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "seed": args.seed,
               "weights": [1.0, *args.weights], "results": results}
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
     if args.grid:
         evaluate.save_grid(*picked(images, pairs, "colour word at 1, negative = colour"), args.grid, columns=8)
     print(f"wrote {args.json}" + (f", {args.grid}" if args.grid else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

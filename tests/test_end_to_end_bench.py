@@ -16,3 +16,13 @@ def test_the_warm_breakdown_adds_up_and_leaves_the_pipeline_as_it_was():
         assert all(row[f"{part} {clock}"] > 0 for part in parts[:3])
         assert sum(row[f"{part} {clock}"] for part in parts) == pytest.approx(row[f"image {clock}"])
     assert not {"forward", "decode"} & (vars(pipe.unet).keys() | vars(pipe.vae).keys() | vars(pipe.text_encoder).keys())
+
+
+def test_a_json_path_in_a_missing_folder_is_one_line_before_any_work(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(end_to_end, "cold_generate", lambda *args: pytest.fail("measured despite a bad --json"))
+    assert end_to_end.main(["--json", "no/such/folder/end_to_end.json"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("end_to_end: error: ") and "the folder no/such/folder does not exist" in error, error
+    assert error.count("\n") == 1, error
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -229,3 +229,16 @@ def test_up_weighting_the_colour_word_wins_colour_back_from_a_negative_prompt():
     results, _, _ = measure(load_pipeline("shapes", device="cpu", dtype=torch.float32), 24, [1.6], batch=24)
     plain, against, weighted = (r["colour"] for r in results.values())
     assert against < plain and weighted > against, results
+
+
+def test_the_benchmark_refuses_a_json_path_in_a_missing_folder_before_any_work(capsys, monkeypatch, tmp_path):
+    """benchmarks/prompt_weights.py: a one-line error and exit status 2 before the pipeline is loaded."""
+    import benchmarks.prompt_weights as prompt_weights
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prompt_weights, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded despite --json"))
+    assert prompt_weights.main(["--json", "no/such/folder/prompt_weights.json"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("prompt_weights: error: ") and "the folder no/such/folder does not exist" in error, error
+    assert error.count("\n") == 1, error
+    assert list(tmp_path.iterdir()) == []  # nothing written
