@@ -2,29 +2,26 @@
 
 The ladder switches the options of minidiff.speed on one rung at a time, on the same random weights and inputs:
     fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +CUDA graphs (GPU only) -> +freeze
-    (weights folded and pre-packed into the compiled graph) -> +reuse memory (CPU with glibc: freed tensors
-    stay in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by
-    distillation); on a CPU, +int8 (+freeze in 8-bit weights and activations, minidiff.speed.int8); then, where
-    the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in float32, the rung to set
-    beside an engine that computes in float32)
+    (weights folded and pre-packed into the compiled graph) -> +reuse memory (CPU with glibc: freed tensors stay
+    in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by distillation);
+    on a CPU, +int8 (+freeze in 8-bit weights and activations, calibrated scales: minidiff.speed.int8); then, where
+    the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in float32: beside an fp32 engine)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
 else fp32) and keep the options of the rung before. The rungs up to +CUDA graphs (torch.compile's
 "reduce-overhead" mode) use only options diffusers itself offers; +freeze and +reuse memory are minidiff's.
 
 Peers: other engines timed on the same weights and inputs (benchmarks/vs_diffusers.py: diffusers; the library
-imports none). A peer is a factory (config, state: fp32 tensors it must not change, dtype, device, rung: Rung) ->
-a callable (x, t, context). A torch module it returns runs behind the rung's options (FastUNet), as minidiff's
-UNet does; any other callable (an engine with its own runtime: benchmarks/vs_engines.py, ONNX Runtime and OpenVINO)
-is called as it is, with `t` an int, and is handed the inputs in its `dtype` attribute if it has one (the dtype it
-computes in), else in the rung's.
+imports none): a factory (config, state: fp32 tensors it must not change, dtype, device, rung: Rung) -> a callable
+(x, t, context). A torch module runs behind the rung's options (FastUNet), as minidiff's UNet does; any other
+callable (an engine with its own runtime: benchmarks/vs_engines.py) is called as it is, `t` an int, the inputs in
+its `dtype` attribute if it has one (the dtype it computes in), else in the rung's.
 
 Columns:
     ms/step, it/s -> one UNet call on the classifier-free-guidance batch (2 per image), median over steps x repeats
                      calls, taken in turns with the peers' (A B B A ...)
-    e2e s         -> `steps` Euler steps with guidance plus the decode to pixels, median over the repeats; the VAE
-                     decodes as the Pipeline does (minidiff.speed.vae_decode: a float16 decode that overflows is
-                     redone in float32; random weights do not overflow as SDXL's trained VAE does in float16, so
-                     an SDXL fp16 e2e is that of a VAE that stays finite, such as its fp16-fixed finetune)
+    e2e s         -> `steps` Euler steps with guidance plus the decode to pixels, median over the repeats (decoded
+                     as the Pipeline does, minidiff.speed.vae_decode; random weights do not overflow in float16 as
+                     SDXL's trained VAE does: an SDXL fp16 e2e is that of its fp16-fixed finetune)
     peak MB       -> CUDA max allocated, or the process's peak resident memory (VmHWM) on a CPU
     max dev       -> max |out - out_fp32_eager| / max |out_fp32_eager| on one UNet call; PASS if <= tol
     % peak        -> FLOPs of one step (measure.count_flops: convolutions, linear layers, attention's products) / its
@@ -33,10 +30,9 @@ Columns:
     call MB       -> the memory one warm UNet call takes above what was in use before it (measure.call_memory_mb)
     NAME ms       -> per peer: its median ms/step; ratio = minidiff ms / NAME ms; vs NAME = max |out_NAME - out| /
                      max |out| on the same call; NAME dev = its max dev from fp32 eager; NAME MB = its call MB
-The summary compares minidiff's fastest rung of the full network with each torch peer's fastest among the rungs
-with options the peer offers itself (diffusers: up to torch.compile with default options, as it documents), and
-with the peer's fastest behind minidiff's options too (+freeze and later); and with an engine's fastest in each
-dtype it ran, beside minidiff's fastest rung in that dtype.
+The summary sets minidiff's fastest rung of the full network against each torch peer's fastest with options it
+offers itself (diffusers: torch.compile, and its CUDA graphs on a GPU) and behind minidiff's too (+freeze and
+later); and against an engine's fastest in each dtype, beside minidiff's fastest rung in that dtype.
 The weights are random: the timings are those of the real network, the images are noise.
 """
 
@@ -58,7 +54,7 @@ from minidiff.schedule import NoiseSchedule
 from minidiff.sdxl import WithAddedConditioning
 from minidiff.speed import (FastUNet, cpu_defaults, reuse_freed_memory, reuse_memory_available, timestep_tensor,
                             vae_decode)
-from minidiff.speed.int8 import INT8_TOLERANCE, int8_available, quantize_int8
+from minidiff.speed.int8 import INT8_TOLERANCE, calibrate_int8, int8_available, quantize_int8
 from minidiff.taesd import TAESD
 from minidiff.tokenizer import MAX_LENGTH
 from minidiff.unet import UNet, UNetConfig
@@ -161,11 +157,9 @@ def distilled_config(config: UNetConfig, kind: str) -> UNetConfig:
     """BK-SDM's block removal applied to any config: small = one layer per block and no mid-block; tiny = small
     without the innermost stage. From sd15 these are UNetConfig.bk_sdm_small() and .bk_sdm_tiny()."""
     small = dataclasses.replace(config, layers_per_block=1, mid_block=False)
-    if kind == "small":
-        return small
-    return dataclasses.replace(small, block_out_channels=config.block_out_channels[:-1],
-                               cross_attention=config.cross_attention[:-1],
-                               num_attention_heads=config.num_attention_heads[:-1])
+    return small if kind == "small" else dataclasses.replace(
+        small, block_out_channels=config.block_out_channels[:-1], cross_attention=config.cross_attention[:-1],
+        num_attention_heads=config.num_attention_heads[:-1])
 
 
 @torch.no_grad()
@@ -260,12 +254,8 @@ def vae_config(config: UNetConfig) -> VAEConfig:
 
 def build_decoders(setup: Setup, dtype, rung: Rung, compile_options):
     """The rung's decoder (the UNet's VAE, vae_config; or TAESD) in its dtype and layout."""
-    generator = torch.Generator().manual_seed(1)
-    if rung.decoder == "taesd":
-        config, model_class = None, TAESD
-    else:
-        config, model_class = vae_config(setup.config), AutoencoderKL
-    state = random_weights(meta_model(model_class, config), generator)
+    config, model_class = (None, TAESD) if rung.decoder == "taesd" else (vae_config(setup.config), AutoencoderKL)
+    state = random_weights(meta_model(model_class, config), torch.Generator().manual_seed(1))
     decoder = with_weights(model_class, config, state, dtype, setup.device)
     if rung.channels_last:
         decoder.to(memory_format=torch.channels_last)
@@ -280,6 +270,14 @@ def decode(decoder, latents):
     return vae_decode(decoder, z) if isinstance(decoder, AutoencoderKL) else decoder.decode(z)
 
 
+def int8(unet: nn.Module, setup: Setup, dtype) -> nn.Module:
+    """The +int8 rung's UNet: quantized, its activation scales calibrated on 4 calls at other timesteps and noise."""
+    noise, context = torch.Generator().manual_seed(7), setup.context.to(dtype)
+    calls = [(torch.randn(setup.x.shape, generator=noise).to(setup.device, dtype), t) for t in (900, 600, 300, 100)]
+    return calibrate_int8(quantize_int8(unet), lambda model: [
+        with_added(model, setup)(x, timestep_tensor(t, x), context) for x, t in calls])
+
+
 def unets(setup: Setup, rung: Rung, peers: dict, compile_options: dict):
     """(minidiff's UNet, {name: the peer's}) for the rung; minidiff's and the peers' modules behind its options."""
     config = setup.config if rung.distilled is None else distilled_config(setup.config, rung.distilled)
@@ -290,11 +288,11 @@ def unets(setup: Setup, rung: Rung, peers: dict, compile_options: dict):
     options = dict(channels_last=rung.channels_last, compile=rung.compile, freeze=rung.freeze,
                    cuda_graphs=rung.cuda_graphs, compile_options=compile_options)
     plain = with_weights(UNet, config, state, rung.dtype, setup.device)
-    ours = FastUNet(with_added(quantize_int8(plain) if rung.int8 else plain, setup), **options)
+    ours = FastUNet(with_added(int8(plain, setup, rung.dtype) if rung.int8 else plain, setup), **options)
     theirs = {}
     for name, factory in peers.items():
         peer = factory(config, state, rung.dtype, setup.device, rung)
-        peer = quantize_int8(peer) if rung.int8 and isinstance(peer, nn.Module) else peer  # as freeze is
+        peer = int8(peer, setup, rung.dtype) if rung.int8 and isinstance(peer, nn.Module) else peer  # as freeze is
         theirs[name] = FastUNet(with_added(peer, setup), **options) if isinstance(peer, nn.Module) else peer
     return ours, theirs
 

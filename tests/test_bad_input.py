@@ -881,6 +881,12 @@ API_ROWS = [
     ("optimize-freeze-alone", optimize_with(freeze=True), MinidiffError, "use it with compile=True"),
     ("optimize-cuda-graphs-cpu", optimize_with(cuda_graphs=True), MinidiffError, "needs the model on a CUDA GPU"),
     ("optimize-not-a-model", lambda ctx: minidiff.optimize(5), MinidiffError, "takes a Pipeline or a UNet"),
+    # calibrate_int8(): before any call
+    ("calibrate-int8-not-quantized", lambda ctx: minidiff.speed.calibrate_int8(ctx["pipe"].unet, lambda unet: None),
+     MinidiffError, "call quantize_int8(model) first"),
+    ("calibrate-int8-not-callable", lambda ctx: minidiff.speed.calibrate_int8(
+        minidiff.speed.quantize_int8(torch.nn.Sequential(torch.nn.Linear(4, 4))), [torch.ones(1, 4)]),
+     MinidiffError, "takes run(model), a function that calls the model"),
     # load_pipeline: checked before anything loads
     ("load-unknown-option", load_with(turbo=True), InputError, "load_pipeline() has no option 'turbo'"),
     ("load-dtype-string", load_with(dtype="float64"), InputError, "unknown dtype 'float64'"),

@@ -9,7 +9,8 @@ from torch import nn
 from minidiff.errors import MinidiffError
 from minidiff.measure import relative_error
 from minidiff.speed import FastUNet, cpu_defaults
-from minidiff.speed.int8 import INT8_TOLERANCE, Int8Conv2d, Int8Linear, int8_available, per_channel_int8, quantize_int8
+from minidiff.speed.int8 import (INT8_TOLERANCE, Int8Conv2d, Int8Linear, Int8Module, calibrate_int8,
+                                  int8_available, per_channel_int8, quantize_int8)
 from tests.test_speed_kernels import perturbed_unet
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="oneDNN's int8 kernels need an x86-64 CPU")
@@ -22,11 +23,15 @@ LAYERS = [  # (plain layer, input shape)
 ]
 
 
-def dequantized_reference(layer, x):
+def dequantized_reference(layer, x, scale=None):
     """The formula of minidiff.speed.int8 computed plainly in float64: both operands rounded as the module rounds
-    them, then multiplied exactly (the kernel's integer products and sums are exact)."""
-    scale = x.abs().amax().double() / 127
-    x_rounded = (torch.clamp(torch.round(x.double() / scale) + 128, 0, 255) - 128) * scale
+    them (with a calibrated `scale`, divided in float32 as the module divides; else x's own), then multiplied
+    exactly (the kernel's integer products and sums are exact)."""
+    if scale is None:
+        scale = x.abs().amax().double() / 127
+        x_rounded = (torch.clamp(torch.round(x.double() / scale) + 128, 0, 255) - 128) * scale
+    else:
+        x_rounded = (torch.clamp(torch.round(x.float() / scale) + 128, 0, 255) - 128).double() * scale
     q, w_scale = per_channel_int8(layer.weight)
     w_rounded = q.double() * w_scale.double().view(-1, *[1] * (q.dim() - 1))
     bias = layer.bias.double()
@@ -143,3 +148,53 @@ def test_quantize_int8_refuses_what_it_cannot_compute(monkeypatch):
     monkeypatch.setattr("minidiff.speed.int8.int8_available", lambda: False)
     with pytest.raises(MinidiffError, match="x86-64"):
         quantize_int8(nn.Sequential(nn.Linear(4, 4)))
+
+
+# --- static scales (calibrate_int8) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_calibrated_layers_round_every_input_with_the_scale_they_saw(make, shape):
+    """The largest |x| of the calibration calls fixes the scale: an input as large computes as the per-call scale
+    would, a smaller one keeps the calibrated scale (not its own), a larger one saturates at uint8's range; oneDNN
+    applies the scales and the bias itself."""
+    torch.manual_seed(0)
+    plain = make().eval()
+    kind = Int8Conv2d if isinstance(plain, nn.Conv2d) else Int8Linear
+    x = torch.randn(shape) + 0.5
+    int8 = calibrate_int8(nn.Sequential(kind(plain)), lambda model: [model(x / 3), model(x), model(x / 2)])[0]
+    assert int8.input_scale == pytest.approx(x.abs().max().item() / 127)
+    with torch.no_grad():
+        for factor in (1, 0.5, 2):  # within, below and beyond the calibrated range
+            expected = dequantized_reference(plain, x * factor, int8.input_scale)
+            assert relative_error(int8(x * factor).double(), expected) <= 1e-5, factor
+        assert relative_error(int8(x * 2).double(), dequantized_reference(plain, x * 2)) > 1e-3  # it did saturate
+
+
+def test_calibrate_int8_refuses_a_run_that_misses_layers_and_leaves_no_hook():
+    model = quantize_int8(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    with pytest.raises(MinidiffError, match=r"1 of the 2 int8 layers were not called .*such as 1\)"):
+        calibrate_int8(model, lambda m: m[0](torch.randn(2, 4)))
+    assert not any(layer._forward_pre_hooks for layer in model)
+    assert all(layer.input_scale is None for layer in model)  # still scaled at every call, as before
+    x = torch.randn(2, 4)
+    calibrate_int8(model, lambda m: m(x))
+    first = [layer.input_scale for layer in model]
+    calibrate_int8(model, lambda m: m(10 * x))  # again: the new calls replace the scales
+    assert all(later > 5 * earlier for later, earlier in zip((layer.input_scale for layer in model), first))
+
+
+def test_a_calibrated_int8_unet_compiles_frozen_as_one_graph_within_the_rung_tolerance():
+    plain, unet = perturbed_unet(), perturbed_unet().to(torch.bfloat16)
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    calibrate_int8(quantize_int8(unet), lambda model: [model(torch.randn(2, 4, 16, 16).bfloat16(), t, context.bfloat16())
+                                                      for t in (900, 500, 100)])
+    assert all(m.input_scale > 0 for m in unet.modules() if isinstance(m, Int8Module))
+    half = x.bfloat16(), torch.full((2,), 321.0), context.bfloat16()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(unet)(*half)
+        assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+        frozen = FastUNet(unet, channels_last=True, compile=True, freeze=True)(*half)
+        expected = plain(x, 321, context)
+    torch._dynamo.reset()
+    assert relative_error(frozen.float(), expected) <= INT8_TOLERANCE

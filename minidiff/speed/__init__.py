@@ -10,6 +10,7 @@ lives here and is put in place per model, never by a global switch:
     vae_decode     -> the VAE decode in tiles, and redone in float32 when float16 overflows (vae_decoding.py)
     quantize_int8  -> a model's convolutions and linear layers in 8-bit weights and activations through oneDNN
                       (int8.py; CPU; within the +int8 rung's tolerance of minidiff bench, not the same numbers)
+    calibrate_int8 -> its activation scales fixed from calibration calls (static quantization; the +int8 rung)
 
 and the options `optimize(pipe_or_unet, ...)` switches on, each a known technique:
     dtype          -> float16 / bfloat16 weights and activations (half the memory traffic); chosen at loading
@@ -41,7 +42,7 @@ from minidiff.clip import CLIPAttention
 from minidiff.errors import MinidiffError
 from minidiff.speed.attention_kernels import attention_kernel, blockwise_attention, cpu_attention
 from minidiff.speed.fast_unet import CudaGraphCall, FastUNet, check_cuda_graphs, timestep_tensor
-from minidiff.speed.int8 import int8_available, quantize_int8
+from minidiff.speed.int8 import calibrate_int8, int8_available, quantize_int8
 from minidiff.speed.kernels import BlockedFeedForward, MatmulConv3x3, OneDNNLinear, replace_modules
 from minidiff.speed.memory import reuse_freed_memory, reuse_memory_available
 from minidiff.speed.vae_decoding import decode_in_float32, vae_decode
@@ -51,7 +52,7 @@ from minidiff.vae import SpatialSelfAttention
 __all__ = [
     "BlockedFeedForward", "CudaGraphCall", "FastUNet", "MatmulConv3x3", "OneDNNLinear", "attention_kernel",
     "blockwise_attention",
-    "cpu_attention", "cpu_defaults", "decode_in_float32", "int8_available", "optimize", "quantize_int8",
+    "calibrate_int8", "cpu_attention", "cpu_defaults", "decode_in_float32", "int8_available", "optimize", "quantize_int8",
     "reuse_freed_memory", "reuse_memory_available",
     "set_attention", "timestep_tensor", "vae_decode",
 ]

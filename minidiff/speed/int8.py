@@ -11,6 +11,11 @@ lane where bf16 has two) and applies the weight scales; the activation scale and
 The activation scale reaches oneDNN as a constant 1 (and the zero point as a constant 128) so that its kernel,
 built once per shape, is reused at every call; a scale that changes per call would rebuild it every time.
 
+Static scales (`calibrate_int8`): each layer's scale fixed from the largest |x| it saw on calibration calls. The
+largest value is then not computed at every call (one pass less over each input, and the rounding joins the pass
+that computes the input), and oneDNN applies the activation scale and the bias itself: y = oneDNN(q_x, q_w; s_x,
+s_w, b). An input beyond the calibrated range saturates (uint8's range: -128 to 127 steps).
+
 Fast only compiled with freezing (`optimize(..., compile=True, freeze=True)` after `quantize_int8`): Inductor then
 folds the weights' packing into the graph's constants. Eager calls pack once and keep the packed weight.
 Inference only: the quantized modules have no gradients, and their state_dict holds int8 weights (load the
@@ -63,6 +68,7 @@ class Int8Module(nn.Module):
         self.register_buffer("weight_zero_point", torch.zeros(len(scale), dtype=torch.int64))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.packed = None  # eager calls: the packed weight, made at the first call
+        self.input_scale = None  # calibrate_int8: the activation scale, fixed; None: taken at every call
 
     def _apply(self, fn, recurse=True):
         # module.to(dtype) casts every floating buffer: the scales and the bias stay as they were, float32, as
@@ -82,8 +88,27 @@ class Int8Module(nn.Module):
             self.packed = self.pack()
         return self.packed
 
+    def quantize(self, x):
+        """(uint8 input, the scale the epilogue applies): None where oneDNN applies the calibrated scale."""
+        if self.input_scale is None:
+            return quantize_activation(x)
+        return torch.clamp(torch.round(x.float() / self.input_scale) + ZERO_POINT, 0, 255).to(torch.uint8), None
+
+    def onednn_scale_and_bias(self, scale) -> tuple:
+        """What oneDNN applies: the calibrated activation scale and the bias, or neither (a constant 1)."""
+        return (1.0, None) if scale is not None else (self.input_scale, self.bias)
+
+    def matmul(self, q, scale, dtype):
+        """oneDNN's int8 matmul of the rows of q with the weight (the linear layer, a 1x1 convolution)."""
+        x_scale, bias = self.onednn_scale_and_bias(scale)
+        return torch.ops.onednn.qlinear_pointwise(q, x_scale, ZERO_POINT, self.packed_weight(), self.weight_scale,
+                                                  self.weight_zero_point, bias, 1.0, 0, dtype, "none", [], "")
+
     def finish(self, out, scale, dtype):
-        """The epilogue: the activation scale, the bias, the input's dtype."""
+        """The epilogue: the activation scale, the bias, the input's dtype (only the dtype where oneDNN applied
+        the calibrated scale and the bias)."""
+        if scale is None:
+            return out.to(dtype)
         out = out * scale
         if self.bias is not None:
             out = out + (self.bias if out.dim() != 4 else self.bias.view(-1, 1, 1))
@@ -123,21 +148,21 @@ class Int8Conv2d(Int8Module):
     def forward(self, x):
         if self.pointwise:
             return self.forward_pointwise(x)
-        q, scale = quantize_activation(x)
+        q, scale = self.quantize(x)
+        x_scale, bias = self.onednn_scale_and_bias(scale)
         # float32 out, whatever x's dtype (finish casts): with a bf16 destination oneDNN's int8 convolution took
         # 2.5x as long on SD 1.5's 1280 channels at 16x16 (7.3 vs 2.9 ms a call, CFG batch 2, Intel Xeon with AMX)
-        out = torch.ops.onednn.qconv_pointwise(q, 1.0, ZERO_POINT, self.packed_weight(), self.weight_scale,
-                                               self.weight_zero_point, None, self.stride, self.padding,
+        out = torch.ops.onednn.qconv_pointwise(q, x_scale, ZERO_POINT, self.packed_weight(), self.weight_scale,
+                                               self.weight_zero_point, bias, self.stride, self.padding,
                                                self.dilation, 1, 1.0, 0, torch.float32, "none", [], "")
         return self.finish(out, scale, x.dtype)
 
     def forward_pointwise(self, x):
         """The 1x1 convolution as a matmul: (B * H * W, C_in) pixels -> (B * H * W, C_out), in channels_last."""
         batch, channels, height, width = x.shape
-        q, scale = quantize_activation(x.permute(0, 2, 3, 1).reshape(-1, channels))
-        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, ZERO_POINT, self.packed_weight(), self.weight_scale,
-                                                 self.weight_zero_point, None, 1.0, 0, x.dtype, "none", [], "")
-        return self.finish(out, scale, x.dtype).view(batch, height, width, -1).permute(0, 3, 1, 2)
+        q, scale = self.quantize(x.permute(0, 2, 3, 1).reshape(-1, channels))
+        return self.finish(self.matmul(q, scale, x.dtype), scale, x.dtype).view(batch, height, width, -1).permute(
+            0, 3, 1, 2)
 
 
 class Int8Linear(Int8Module):
@@ -158,10 +183,8 @@ class Int8Linear(Int8Module):
         return torch.ops.onednn.qlinear_prepack(self.qweight, None)
 
     def forward(self, x):
-        q, scale = quantize_activation(x)
-        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, ZERO_POINT, self.packed_weight(), self.weight_scale,
-                                                 self.weight_zero_point, None, 1.0, 0, x.dtype, "none", [], "")
-        return self.finish(out, scale, x.dtype)
+        q, scale = self.quantize(x)
+        return self.finish(self.matmul(q, scale, x.dtype), scale, x.dtype)
 
 
 # TorchDynamo traces a call only with a shape function for it; PyTorch registers none for the two packing ops
@@ -185,4 +208,34 @@ def quantize_int8(model: nn.Module, keep: tuple = ("conv_in", "conv_out")) -> nn
         raise MinidiffError(f"int8 computes on a CPU; the model is on {device}: quantize the model on the CPU")
     replace_modules(model, Int8Conv2d, keep)
     replace_modules(model, Int8Linear, keep)
+    return model
+
+
+@torch.no_grad()
+def calibrate_int8(model: nn.Module, run) -> nn.Module:
+    """Static activation scales for a quantize_int8 model: `run(model)` calls it on inputs like those it will see
+    (eager calls; in SD, the sampler's timesteps and guidance), and each int8 layer keeps the largest |x| it saw
+    as its fixed scale (module docstring). Calibrate again to replace them. In place; returns model."""
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, Int8Module)}
+    if not layers:
+        raise MinidiffError("calibrate_int8 needs int8 layers: call quantize_int8(model) first")
+    if not callable(run):
+        raise MinidiffError(f"calibrate_int8 takes run(model), a function that calls the model; got {run!r}")
+    largest = {}
+    observe = lambda name: lambda module, inputs: largest.__setitem__(
+        name, max(largest.get(name, 0.0), inputs[0].detach().abs().amax().float().item()))
+    for module in layers.values():
+        module.input_scale = None  # scaled at every call while the calls are observed
+    hooks = [module.register_forward_pre_hook(observe(name)) for name, module in layers.items()]
+    try:
+        run(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(largest) < len(layers):
+        unseen = next(name for name in layers if name not in largest)
+        raise MinidiffError(f"{len(layers) - len(largest)} of the {len(layers)} int8 layers were not called while "
+                            f"calibrating (such as {unseen}): run(model) must call the model on its usual inputs")
+    for name, module in layers.items():
+        module.input_scale = max(largest[name], 1e-12) / 127
     return model
