@@ -9,8 +9,16 @@ from torch import nn
 from minidiff.errors import MinidiffError
 from minidiff.measure import relative_error
 from minidiff.speed import FastUNet, cpu_defaults
-from minidiff.speed.int8 import (INT8_TOLERANCE, Int8Conv2d, Int8Linear, Int8Module, calibrate_int8,
-                                  int8_available, per_channel_int8, quantize_int8)
+from minidiff.speed.int8 import (
+    INT8_TOLERANCE,
+    Int8Conv2d,
+    Int8Linear,
+    Int8Module,
+    calibrate_int8,
+    int8_available,
+    per_channel_int8,
+    quantize_int8,
+)
 from tests.test_speed_kernels import perturbed_unet
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="oneDNN's int8 kernels need an x86-64 CPU")
@@ -187,8 +195,8 @@ def test_calibrate_int8_refuses_a_run_that_misses_layers_and_leaves_no_hook():
 def test_a_calibrated_int8_unet_compiles_frozen_as_one_graph_within_the_rung_tolerance():
     plain, unet = perturbed_unet(), perturbed_unet().to(torch.bfloat16)
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
-    calibrate_int8(quantize_int8(unet), lambda model: [model(torch.randn(2, 4, 16, 16).bfloat16(), t, context.bfloat16())
-                                                      for t in (900, 500, 100)])
+    calibration = [(torch.randn(2, 4, 16, 16).bfloat16(), t) for t in (900, 500, 100)]
+    calibrate_int8(quantize_int8(unet), lambda model: [model(x_t, t, context.bfloat16()) for x_t, t in calibration])
     assert all(m.input_scale > 0 for m in unet.modules() if isinstance(m, Int8Module))
     half = x.bfloat16(), torch.full((2,), 321.0), context.bfloat16()
     with torch.no_grad():

@@ -51,8 +51,8 @@ from minidiff.vae import SpatialSelfAttention
 
 __all__ = [
     "BlockedFeedForward", "CudaGraphCall", "FastUNet", "MatmulConv3x3", "OneDNNLinear", "attention_kernel",
-    "blockwise_attention",
-    "calibrate_int8", "cpu_attention", "cpu_defaults", "decode_in_float32", "int8_available", "optimize", "quantize_int8",
+    "blockwise_attention", "calibrate_int8",
+    "cpu_attention", "cpu_defaults", "decode_in_float32", "int8_available", "optimize", "quantize_int8",
     "reuse_freed_memory", "reuse_memory_available",
     "set_attention", "timestep_tensor", "vae_decode",
 ]
