@@ -305,6 +305,18 @@ def _engines_int8_intel512() -> dict:
             | {"int8_intel512.dev": f"{read_json(path)[0]['max_dev']:.3f}"})
 
 
+def _engines_int8_static() -> dict:
+    """The +int8 rung with calibrated scales (calibrate_int8), after the float32 destination of its convolutions:
+    the commands of _engines_int8 and _engines_int8_intel512 into engines_sd15_256_int8_static.json and
+    engines_sd15_512_int8_static.json, on the Intel Xeon."""
+    path256, path512 = (f"benchmarks/results/engines_sd15_{size}_int8_static.json" for size in (256, 512))
+    rows = {row["rung"]: row for row in read_json(path256)}
+    return (_against_peers(path256, "int8s256", {"+freeze": "freeze", "+int8": "int8"}, ("openvino",))
+            | _fastest_against("int8s256", rows) | {"int8s256.dev": f"{rows['+int8']['max_dev']:.3f}"}
+            | _against_peers(path512, "int8s512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
+            | {"int8s512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"})
+
+
 def _engine_profile() -> dict:
     """Written by `python -m benchmarks.engine_profile --size 512` (benchmarks/results/engine_profile_512.json):
     where the +int8 rung's step and OpenVINO's go, each engine's own profiler, four groups."""
@@ -325,12 +337,14 @@ def _engine_profile() -> dict:
 
 def _int8_quality() -> dict:
     """Written by `python -m benchmarks.int8_quality` (benchmarks/results/int8_quality.json): the shapes model's
-    held-out prompts with the plain UNet and its int8 copy, from the same noise."""
+    held-out prompts with the plain UNet and its int8 copy (scaled at every call, then calibrated), same noise."""
     run = read_json("benchmarks/results/int8_quality.json")
     return {"int8q.prompts": str(run["prompts"]), "int8q.plain": percent(run["plain"]["all"]),
             "int8q.int8": percent(run["int8"]["all"]), "int8q.pixels": f"{run['mean_abs_pixel_difference']:.2f}",
             "int8q.layers": str(run["int8_layers"]),
-            "int8q.lost": f"{100 * (run['plain']['all'] - run['int8']['all']):.1f}"}
+            "int8q.lost": f"{100 * (run['plain']['all'] - run['int8']['all']):.1f}",
+            "int8q.calibrated": percent(run["int8_calibrated"]["all"]),
+            "int8q.calibrated_pixels": f"{run['calibrated']['mean_abs_pixel_difference']:.2f}"}
 
 
 def _linear_kernels() -> dict:
@@ -377,7 +391,8 @@ def sources() -> dict:
             | _attention_peaks() | _attention_peaks_noise_loss_only() | _sdxl_cpu() | _sdxl_vs_diffusers()
             | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
-            | _engines_int8_intel512() | _engine_profile() | _int8_quality() | _sampler_table() | _gpu_ladder())
+            | _engines_int8_intel512() | _engines_int8_static() | _engine_profile() | _int8_quality()
+            | _sampler_table() | _gpu_ladder())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
