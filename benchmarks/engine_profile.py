@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.vs_engines import INSTALL, OpenVinoUNet, available, check_config, exported
-from minidiff.bench import make_setup, resolve_config, with_added, with_weights
+from minidiff.bench import int8, make_setup, resolve_config, with_added, with_weights
 from minidiff.errors import MinidiffError
 from minidiff.files import atomic_save, check_writable
 from minidiff.measure import describe_device
-from minidiff.speed import FastUNet, quantize_int8
+from minidiff.speed import FastUNet
 from minidiff.unet import UNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,7 +121,8 @@ def measure(setup, repeats: int) -> dict:
 
     x, context = setup.x.to(torch.bfloat16), setup.context.to(torch.bfloat16)
     plain = with_weights(UNet, setup.config, setup.state, torch.bfloat16, "cpu")
-    ours = FastUNet(with_added(quantize_int8(plain), setup), channels_last=True, compile=True, freeze=True)
+    ours = FastUNet(with_added(int8(plain, setup, torch.bfloat16), setup), channels_last=True, compile=True,
+                    freeze=True)  # the bench's +int8 rung: quantized, its scales calibrated
     with torch.no_grad(), inductor_config.patch({"cpp.enable_kernel_profile": True}):
         ours(x, 500, context)  # compiles, with each fused kernel named in the profile
         ours(x, 500, context)
