@@ -7,7 +7,7 @@ Held-out prompts (minidiff.course.evaluate.held_out_prompts) are generated with 
 as the negative prompt ("a large red circle ..." against "red"), the colour word at weight 1 and at each of
 --weights, written "(red:1.6)"; and once without a negative prompt, for reference. Every setting draws from the same
 noise (one seed per batch). The shapes checker (minidiff.course.shapes) reads the colour back from the pixels.
-The JSON holds the adherence of every setting; benchmarks/numbers.py quotes it in the README and lesson 14. The
+The JSON holds the adherence of every setting; benchmarks/quoted.py quotes it in the README and lesson 14. The
 picture shows the prompts whose colour the negative prompt took at weight 1 (then others), in every setting.
 """
 
