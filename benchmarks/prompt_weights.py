@@ -75,8 +75,9 @@ def main(argv=None):
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "prompt_weights.json"))
     parser.add_argument("--grid", default=str(ROOT / "course" / "images" / "prompt_weights.png"))
     args = parser.parse_args(argv)
-    try:  # before the pictures: the record's file
+    try:  # before the pictures: the record's file and the grid's
         check_writable(args.json)
+        check_writable(args.grid or None)
     except MinidiffError as e:
         print(f"prompt_weights: error: {e}", file=sys.stderr)
         return 2
@@ -87,7 +88,8 @@ def main(argv=None):
               "weights": [1.0, *args.weights], "results": results}
     atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
     if args.grid:
-        evaluate.save_grid(*picked(images, pairs, "colour word at 1, negative = colour"), args.grid, columns=8)
+        grid = picked(images, pairs, "colour word at 1, negative = colour")
+        atomic_save(args.grid, lambda temporary: evaluate.save_grid(*grid, temporary, columns=8))
     print(f"wrote {args.json}" + (f", {args.grid}" if args.grid else ""))
     return 0
 

@@ -34,8 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "sampler_table.json"))
     parser.add_argument("--grid", default=str(ROOT / "course" / "images" / "sampler_table.png"))
     args = parser.parse_args(argv)
-    try:  # before the table: the record's file
+    try:  # before the table: the record's file and the grid's
         check_writable(args.json)
+        check_writable(args.grid)
     except MinidiffError as e:
         print(f"sampler_table: error: {e}", file=sys.stderr)
         return 2
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "rows": results}
     atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
-    save_grid(images, held_out_prompts(args.prompts, args.seed), args.grid)
+    atomic_save(args.grid, lambda temporary: save_grid(images, held_out_prompts(args.prompts, args.seed), temporary))
     print(f"wrote {args.json}, {args.grid}")
     return 0
 

@@ -231,13 +231,17 @@ def test_up_weighting_the_colour_word_wins_colour_back_from_a_negative_prompt():
     assert against < plain and weighted > against, results
 
 
-def test_the_benchmark_refuses_a_json_path_in_a_missing_folder_before_any_work(capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("flag, name", [("--json", "prompt_weights.json"), ("--grid", "prompt_weights.png")])
+def test_the_benchmark_refuses_an_output_in_a_missing_folder_before_any_work(capsys, monkeypatch, tmp_path, flag,
+                                                                             name):
     """benchmarks/prompt_weights.py: a one-line error and exit status 2 before the pipeline is loaded."""
     import benchmarks.prompt_weights as prompt_weights
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(prompt_weights, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded despite --json"))
-    assert prompt_weights.main(["--json", "no/such/folder/prompt_weights.json"]) == 2
+    monkeypatch.setattr(prompt_weights, "load_pipeline", lambda *args, **kwargs: pytest.fail(f"loaded despite {flag}"))
+    others = {"--json": str(tmp_path / "record.json"), "--grid": str(tmp_path / "grid.png")}
+    assert prompt_weights.main(["--json", others["--json"], "--grid", others["--grid"],
+                                flag, f"no/such/folder/{name}"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("prompt_weights: error: ") and "the folder no/such/folder does not exist" in error, error
     assert error.count("\n") == 1, error
