@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.records import save_json, writable
 from minidiff.course.attention_peaks import colour_routes, peak_shares
-from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save, check_writable
 from minidiff.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,10 +31,7 @@ def main(argv=None):
     parser.add_argument("--model", default="shapes", help="a shapes model: the bundled one, or a folder")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "attention_peaks.json"))
     args = parser.parse_args(argv)
-    try:  # before the prompts: the record's file
-        check_writable(args.json)
-    except MinidiffError as e:
-        print(f"attention_peaks: error: {e}", file=sys.stderr)
+    if not writable("attention_peaks", args.json):  # before the prompts: the record's file
         return 2
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, device="cpu")
@@ -48,7 +44,7 @@ def main(argv=None):
               "model": args.model, "prompts": args.prompts, "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m",
               "seed": 0,
               "peaks": peaks, "routes": routes, "seconds": time.perf_counter() - start}
-    atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
+    save_json(args.json, record)
     print(f"wrote {args.json}")
     return 0
 

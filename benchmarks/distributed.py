@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save, check_writable
+from benchmarks.records import save_json, writable
+from minidiff.files import atomic_save
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = 1024
@@ -84,10 +84,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args.steps, args.out)
         return 0
-    try:  # before the two runs: the result's file
-        check_writable(args.out)
-    except MinidiffError as e:
-        print(f"distributed: error: {e}", file=sys.stderr)
+    if not writable("distributed", args.out):  # before the two runs: the result's file
         return 2
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
@@ -100,7 +97,7 @@ def main(argv=None) -> int:
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # before and after: a shared machine
         "max_relative_loss_difference": difference, "one_process": one, "two_processes": two,
     }
-    atomic_save(args.out, lambda temporary: Path(temporary).write_text(json.dumps(result, indent=1) + "\n"))
+    save_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("steps", "load_average", "max_relative_loss_difference")}
                      | {"s_per_step": {"1 process": one["s_per_step"], "2 processes": two["s_per_step"]}}, indent=1))
     return 0

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save, check_writable
+from benchmarks.records import writable
+from minidiff.files import atomic_save
 from minidiff.pipeline import load_pipeline
 
 PROMPT = "a small red circle in the top left"
@@ -87,11 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (and OMP_NUM_THREADS of the cold runs)")
     parser.add_argument("--json", help="also write the medians as JSON")
     args = parser.parse_args(argv)
-    try:  # before the cold runs: the medians' file, if any
-        if args.json:
-            check_writable(args.json)
-    except MinidiffError as e:
-        print(f"end_to_end: error: {e}", file=sys.stderr)
+    if not writable("end_to_end", args.json or None):  # before the cold runs: the medians' file, if any
         return 2
     torch.set_num_threads(args.threads)
 

@@ -22,7 +22,6 @@ nodes overlap). Profiling slows a call down: each engine's unprofiled call is ti
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,13 +29,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.records import save_json
 from benchmarks.vs_engines import INSTALL, OpenVinoUNet, available, check_config, exported
-from minidiff.bench import int8, make_setup, resolve_config, with_added, with_weights
+from minidiff.bench import ladder, make_setup, resolve_config, unets
 from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save, check_writable
+from minidiff.files import check_writable
 from minidiff.measure import describe_device
-from minidiff.speed import FastUNet
-from minidiff.unet import UNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUPS = ("attention", "convolutions", "linear layers", "the rest")
@@ -119,10 +117,9 @@ def measure(setup, repeats: int) -> dict:
     self-attention times (see the module docstring)."""
     from torch._inductor import config as inductor_config
 
-    x, context = setup.x.to(torch.bfloat16), setup.context.to(torch.bfloat16)
-    plain = with_weights(UNet, setup.config, setup.state, torch.bfloat16, "cpu")
-    ours = FastUNet(with_added(int8(plain, setup, torch.bfloat16), setup), channels_last=True, compile=True,
-                    freeze=True)  # the bench's +int8 rung: quantized, its scales calibrated
+    rung = next(rung for rung in ladder("cpu") if rung.key == "int8")  # quantized, calibrated, frozen
+    ours, _ = unets(setup, rung, {}, {})  # as the bench builds it
+    x, context = setup.x.to(rung.dtype), setup.context.to(rung.dtype)
     with torch.no_grad(), inductor_config.patch({"cpp.enable_kernel_profile": True}):
         ours(x, 500, context)  # compiles, with each fused kernel named in the profile
         ours(x, 500, context)
@@ -165,7 +162,7 @@ def main(argv=None) -> int:
         print(f"engine_profile: error: {e}", file=sys.stderr)
         return 2
     record = measure(setup, args.repeats) | {"config": args.config, "size": args.size}
-    atomic_save(path, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
+    save_json(path, record)
     ours, theirs = record["minidiff"], record["openvino"]
     print(f"{args.config} at {args.size} px, CFG batch {record['batch']}, ms (profiled call; unprofiled call below)")
     print(f"{'':16}{'minidiff +int8':>16}{'OpenVINO ' + record['openvino_dtype']:>18}")

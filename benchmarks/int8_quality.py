@@ -11,16 +11,14 @@ Writes benchmarks/results/int8_quality.json (quoted in the README).
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.records import save_json, writable
 from minidiff.course import shapes
 from minidiff.course.evaluate import evaluate, generate
-from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save, check_writable
 from minidiff.pipeline import load_pipeline
 from minidiff.speed.int8 import Int8Module, calibrate_int8, quantize_int8
 
@@ -44,10 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", default=str(RESULTS))
     args = parser.parse_args(argv)
-    try:  # before the pictures: the record's file
-        check_writable(args.json)
-    except MinidiffError as e:
-        print(f"int8_quality: error: {e}", file=sys.stderr)
+    if not writable("int8_quality", args.json):  # before the pictures: the record's file
         return 2
     pipe = load_pipeline("shapes", device="cpu", dtype=args.dtype)
     plain_scores, plain_images = evaluate(pipe, args.prompts)
@@ -61,7 +56,7 @@ def main(argv=None) -> int:
     record = {"prompts": args.prompts, "dtype": args.dtype, "int8_layers": layers, "plain": plain_scores,
               "int8": int8_scores, **compared(plain_images, int8_images), "int8_calibrated": static_scores,
               "calibrated": compared(plain_images, static_images), "torch": torch.__version__}
-    atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
+    save_json(args.json, record)
     print(json.dumps(record, indent=1))
     return 0
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.records import save_json
 from minidiff.course.evaluate import inversion_study
 from minidiff.course.gaussian import convergence_order, inversion_round_trip
 from minidiff.course.viz import image_grid, latents_to_pil
-from minidiff.files import atomic_save
 from minidiff.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def main(argv=None):
         | {"seconds": seconds, "machine": platform.processor() or platform.machine()},
     }
     RESULTS.parent.mkdir(exist_ok=True)
-    atomic_save(RESULTS, lambda temporary: Path(temporary).write_text(json.dumps(results, indent=1) + "\n"))
+    save_json(RESULTS, results)
 
     # the picture: four held-out pictures; rows: the picture, its inverted noise (3 of 4 channels), the round trip
     chosen = study["pictures"][:4]

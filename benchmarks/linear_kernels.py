@@ -8,17 +8,13 @@ in * out / time. The numbers agree to float32 rounding (the largest difference r
 """
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save, check_writable
+from benchmarks.records import save_json, writable
 from minidiff.measure import CallTimer
 from minidiff.speed.kernels import OneDNNLinear
 
@@ -67,10 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
-    try:  # before the timings: the rows' file, if any
-        check_writable(args.json)
-    except MinidiffError as e:
-        print(f"linear_kernels: error: {e}", file=sys.stderr)
+    if not writable("linear_kernels", args.json):  # before the timings: the rows' file, if any
         return 2
     torch.set_num_threads(args.threads)
     rows = measure(args.repeats)
@@ -81,7 +74,7 @@ def main(argv=None) -> int:
         run = {"threads": args.threads, "repeats": args.repeats, "cpu": platform.processor() or platform.machine(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "rows": rows, "linear_total_ms": total["linear"], "onednn_total_ms": total["onednn"]}
-        atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(run, indent=2) + "\n"))
+        save_json(args.json, run, indent=2)
     return 0
 
 

@@ -12,15 +12,14 @@ picture shows the prompts whose colour the negative prompt took at weight 1 (the
 """
 
 import argparse
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.records import save_json, writable
 from minidiff.course import evaluate, shapes
-from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save, check_writable
+from minidiff.files import atomic_save
 from minidiff.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,18 +74,14 @@ def main(argv=None):
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "prompt_weights.json"))
     parser.add_argument("--grid", default=str(ROOT / "course" / "images" / "prompt_weights.png"))
     args = parser.parse_args(argv)
-    try:  # before the pictures: the record's file and the grid's
-        check_writable(args.json)
-        check_writable(args.grid or None)
-    except MinidiffError as e:
-        print(f"prompt_weights: error: {e}", file=sys.stderr)
+    if not writable("prompt_weights", args.json, args.grid or None):  # before the pictures: the record and grid
         return 2
     pipe = load_pipeline("shapes", device="cpu")
     results, images, pairs = measure(pipe, args.prompts, args.weights, args.seed)
     record = {"command": "python -m benchmarks.prompt_weights " + " ".join(argv if argv is not None else sys.argv[1:]),
               "n": args.prompts, "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "seed": args.seed,
               "weights": [1.0, *args.weights], "results": results}
-    atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
+    save_json(args.json, record)
     if args.grid:
         grid = picked(images, pairs, "colour word at 1, negative = colour")
         atomic_save(args.grid, lambda temporary: evaluate.save_grid(*grid, temporary, columns=8))

@@ -10,17 +10,15 @@ classifier-free guidance, in batches of 50 on the machine's CPU threads.
 """
 
 import argparse
-import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.records import save_json, writable
 from minidiff.course.evaluate import format_table, held_out_prompts, sampler_table, save_grid
-from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save, check_writable
+from minidiff.files import atomic_save
 from minidiff.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,11 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "sampler_table.json"))
     parser.add_argument("--grid", default=str(ROOT / "course" / "images" / "sampler_table.png"))
     args = parser.parse_args(argv)
-    try:  # before the table: the record's file and the grid's
-        check_writable(args.json)
-        check_writable(args.grid)
-    except MinidiffError as e:
-        print(f"sampler_table: error: {e}", file=sys.stderr)
+    if not writable("sampler_table", args.json, args.grid):  # before the table: the record's file and the grid's
         return 2
     pipe = load_pipeline("shapes", device="cpu")
     results, images = sampler_table(pipe, args.prompts, args.guidance, args.seed)
@@ -46,7 +40,7 @@ def main(argv=None) -> int:
     record = {"prompts": args.prompts, "guidance_scale": args.guidance, "seed": args.seed, "batch": 50,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "rows": results}
-    atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=1) + "\n"))
+    save_json(args.json, record)
     atomic_save(args.grid, lambda temporary: save_grid(images, held_out_prompts(args.prompts, args.seed), temporary))
     print(f"wrote {args.json}, {args.grid}")
     return 0
