@@ -4,7 +4,7 @@ The ladder switches the options of minidiff.speed on one rung at a time, on the 
     fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +CUDA graphs (GPU only) -> +freeze
     (weights folded and pre-packed into the compiled graph) -> +reuse memory (CPU with glibc: freed tensors stay
     in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by distillation);
-    on a CPU, +int8 (+freeze in 8-bit weights and activations, calibrated scales: minidiff.speed.int8); then, where
+    on a CPU, +int8 (+reuse memory in 8-bit weights and activations, calibrated scales: minidiff.speed.int8); then, where
     the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in float32: beside an fp32 engine)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
 else fp32) and keep the options of the rung before. The rungs up to +CUDA graphs (torch.compile's
@@ -137,12 +137,11 @@ def ladder(device) -> list:
     rungs.append(best := dataclasses.replace(best, key="compile", name="+compile", compile=True))
     if cuda:  # before +freeze: torch.compile's "reduce-overhead" mode, which diffusers offers too
         rungs.append(best := dataclasses.replace(best, key="cuda_graphs", name="+CUDA graphs", cuda_graphs=True))
-    rungs.append(frozen := dataclasses.replace(best, key="freeze", name="+freeze", freeze=True))
-    best = frozen
+    rungs.append(best := dataclasses.replace(best, key="freeze", name="+freeze", freeze=True))
     if not cuda and reuse_memory_available():  # the CUDA caching allocator already keeps freed GPU memory
         rungs.append(best := dataclasses.replace(best, key="reuse_memory", name="+reuse memory", reuse_memory=True))
     if not cuda and int8_available():
-        rungs.append(dataclasses.replace(frozen, key="int8", name="+int8", int8=True, tolerance=INT8_TOLERANCE))
+        rungs.append(dataclasses.replace(best, key="int8", name="+int8", int8=True, tolerance=INT8_TOLERANCE))
     rungs.append(dataclasses.replace(best, key="taesd", name="+TAESD (decode)", decoder="taesd"))
     for kind in ("small", "tiny"):
         rungs.append(dataclasses.replace(best, key=f"bk_{kind}", name=f"BK-SDM {kind}", decoder="taesd",

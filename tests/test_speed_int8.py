@@ -9,6 +9,7 @@ from torch import nn
 from minidiff.errors import MinidiffError
 from minidiff.measure import relative_error
 from minidiff.speed import FastUNet, cpu_defaults
+from minidiff.speed import int8 as int8_module
 from minidiff.speed.int8 import (
     INT8_TOLERANCE,
     Int8Conv2d,
@@ -131,6 +132,29 @@ def test_frozen_int8_layers_compile_to_the_eager_numbers(make, shape):
         eager, frozen = int8(x), torch.compile(int8)(x)
     torch._dynamo.reset()
     assert torch.equal(frozen, eager)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_padded_input_channels_give_the_numbers_of_the_unpadded_convolution(monkeypatch, calibrated):
+    """A convolution whose input channel count oneDNN computes slowly (PADDED_INPUT_CHANNELS) gets zero weights
+    and zero-point inputs on the added channels: the same numbers as the unpadded one, eager and frozen."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(32, 48, 3, padding=1).eval()
+    x = (torch.randn(2, 32, 12, 12) + 0.5).contiguous(memory_format=torch.channels_last)
+    unpadded = Int8Conv2d(plain)
+    monkeypatch.setitem(int8_module.PADDED_INPUT_CHANNELS, 32, 40)
+    padded = Int8Conv2d(plain)
+    assert (unpadded.added_channels, padded.added_channels) == (0, 8) and padded.qweight.shape == (48, 40, 3, 3)
+    assert not padded.qweight[:, 32:].any() and torch.equal(padded.qweight[:, :32], unpadded.qweight)
+    assert Int8Conv2d(nn.Conv2d(32, 48, 1)).added_channels == 0  # the matmul path has no slow count
+    if calibrated:
+        for layer in (unpadded, padded):
+            calibrate_int8(nn.Sequential(layer), lambda model: model(x))
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        expected = unpadded(x)
+        assert torch.equal(padded(x), expected)
+        assert torch.equal(torch.compile(padded)(x), expected)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("calibrated", [False, True])

@@ -25,6 +25,7 @@ plain weights again to undo it). Measured with `minidiff bench --rungs int8` (th
 import platform
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minidiff.errors import MinidiffError
@@ -35,6 +36,11 @@ ZERO_POINT = 128  # uint8 activations: round(x / s) + 128 in [1, 255]
 # at every layer (measured 0.055-0.058 on sd15 at 256 px, 0.071 at 512 px, random weights; bf16 alone 0.012); on
 # a trained model its cost is measured on the shapes model (python -m benchmarks.int8_quality; README)
 INT8_TOLERANCE = 0.1
+# Input channels on which oneDNN's int8 3x3 convolution takes a slow path, and the count to pad them to (zero
+# weights on the added channels): SD 1.5's 1920 (the up blocks' concatenations), 1920 -> 1280 at 16x16, CFG batch 2,
+# 14.3 ms a call, padded to 1984 5.4 ms; 1920 -> 640 at 32x32 16.1 -> 9.9 ms (2-core Intel Xeon with AMX; 2048
+# channels are as fast as 1984, 2560 and 1280 padded are slower, so only this count)
+PADDED_INPUT_CHANNELS = {1920: 1984}
 
 
 def int8_available() -> bool:
@@ -136,8 +142,11 @@ class Int8Conv2d(Int8Module):
         super().__init__(conv.weight, conv.bias)
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
         self.pointwise = conv.kernel_size == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
-        if not self.pointwise:
-            self.qweight = self.qweight.contiguous(memory_format=torch.channels_last)
+        self.added_channels = 0 if self.pointwise else PADDED_INPUT_CHANNELS.get(conv.in_channels,
+                                                                                 conv.in_channels) - conv.in_channels
+        if not self.pointwise:  # zero weights on the added input channels: they add nothing to the sums
+            self.qweight = F.pad(self.qweight, (0, 0, 0, 0, 0, self.added_channels)).contiguous(
+                memory_format=torch.channels_last)
 
     def pack(self):
         if self.pointwise:
@@ -149,6 +158,8 @@ class Int8Conv2d(Int8Module):
         if self.pointwise:
             return self.forward_pointwise(x)
         q, scale = self.quantize(x)
+        if self.added_channels:  # the zero point: (q - 128) = 0 on the added channels
+            q = F.pad(q, (0, 0, 0, 0, 0, self.added_channels), value=ZERO_POINT)
         x_scale, bias = self.onednn_scale_and_bias(scale)
         # float32 out, whatever x's dtype (finish casts): with a bf16 destination oneDNN's int8 convolution took
         # 2.5x as long on SD 1.5's 1280 channels at 16x16 (7.3 vs 2.9 ms a call, CFG batch 2, Intel Xeon with AMX)
