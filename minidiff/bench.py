@@ -4,8 +4,9 @@ The ladder switches the options of minidiff.speed on one rung at a time, on the 
     fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +CUDA graphs (GPU only) -> +freeze
     (weights folded and pre-packed into the compiled graph) -> +reuse memory (CPU with glibc: freed tensors stay
     in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by distillation);
-    on a CPU, +int8 (+reuse memory in 8-bit weights and activations, calibrated scales: minidiff.speed.int8); then, where
-    the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in float32: beside an fp32 engine)
+    on a CPU, +int8 (+reuse memory in 8-bit weights and activations, calibrated scales: minidiff.speed.int8);
+    then, where the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in float32: beside an
+    fp32 engine)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
 else fp32) and keep the options of the rung before. The rungs up to +CUDA graphs (torch.compile's
 "reduce-overhead" mode) use only options diffusers itself offers; +freeze and +reuse memory are minidiff's.
