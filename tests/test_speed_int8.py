@@ -85,7 +85,7 @@ def test_int8_layers_moved_to_another_dtype_compute_as_before(make, shape):
     with torch.no_grad():
         before = int8(x)
         int8.to(torch.bfloat16)
-        assert int8.packed is None and int8.weight_scale.dtype == int8.bias.dtype == torch.float32
+        assert int8.packed == {} and int8.weight_scale.dtype == int8.bias.dtype == torch.float32
         assert torch.equal(int8(x), before)
         assert torch.equal(int8.to(torch.float32)(x.float()), kind(plain)(x.float()))
 
@@ -132,6 +132,33 @@ def test_frozen_int8_layers_compile_to_the_eager_numbers(make, shape):
         eager, frozen = int8(x), torch.compile(int8)(x)
     torch._dynamo.reset()
     assert torch.equal(frozen, eager)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_3x3_convolution_on_a_small_map_is_a_matmul_of_the_unfolded_input(monkeypatch, calibrated):
+    """At most UNFOLDED_MAX_PIXELS output pixels: one matmul of each pixel's 3x3 neighbourhood (stride 1,
+    padding 1 only), the convolution's numbers, eager and frozen, its output in channels_last."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(32, 48, 3, padding=1).eval()
+    int8 = Int8Conv2d(plain)
+    assert int8.unfoldable and not any(Int8Conv2d(conv).unfoldable for conv in (
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 5, padding=2)))
+    x = torch.randn(2, 32, 5, 7) + 0.5  # 70 pixels
+    if calibrated:
+        calibrate_int8(nn.Sequential(int8), lambda model: model(x))
+    calls, unfolded = [], Int8Conv2d.forward_unfolded
+    monkeypatch.setattr(Int8Conv2d, "forward_unfolded", lambda self, *args: calls.append(1) or unfolded(self, *args))
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        out = int8(x)
+        frozen = torch.compile(int8)(x)
+        assert len(calls) == 2
+        monkeypatch.setattr(int8_module, "UNFOLDED_MAX_PIXELS", 69)
+        convolved = int8(x)  # oneDNN's convolution
+    torch._dynamo.reset()
+    assert len(calls) == 2 and out.shape == (2, 48, 5, 7) and out.is_contiguous(memory_format=torch.channels_last)
+    reference = dequantized_reference(plain, x, int8.input_scale)
+    assert relative_error(out.double(), reference) <= 1e-5 and relative_error(convolved.double(), reference) <= 1e-5
+    assert torch.equal(frozen, out)
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
