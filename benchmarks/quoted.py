@@ -317,6 +317,18 @@ def _engines_int8_static() -> dict:
             | {"int8s512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"})
 
 
+def _engines_int8_unfolded() -> dict:
+    """The +int8 rung on +reuse memory, its 1920-channel convolutions padded and its convolutions on small maps
+    unfolded into matmuls: the commands of _engines_int8_static into engines_sd15_256_int8_unfolded.json and
+    engines_sd15_512_int8_unfolded.json, on the Intel Xeon."""
+    path256, path512 = (f"benchmarks/results/engines_sd15_{size}_int8_unfolded.json" for size in (256, 512))
+    rows = {row["rung"]: row for row in read_json(path256)}
+    return (_against_peers(path256, "int8u256", {"+freeze": "freeze", "+int8": "int8"}, ("openvino",))
+            | _fastest_against("int8u256", rows) | {"int8u256.dev": f"{rows['+int8']['max_dev']:.3f}"}
+            | _against_peers(path512, "int8u512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
+            | {"int8u512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"})
+
+
 def _engine_profile() -> dict:
     """Written by `python -m benchmarks.engine_profile --size 512` (benchmarks/results/engine_profile_512.json):
     where the +int8 rung's step and OpenVINO's go, each engine's own profiler, four groups."""
@@ -391,7 +403,7 @@ def sources() -> dict:
             | _attention_peaks() | _attention_peaks_noise_loss_only() | _sdxl_cpu() | _sdxl_vs_diffusers()
             | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
-            | _engines_int8_intel512() | _engines_int8_static() | _engine_profile() | _int8_quality()
+            | _engines_int8_intel512() | _engines_int8_static() | _engines_int8_unfolded() | _engine_profile() | _int8_quality()
             | _sampler_table() | _gpu_ladder())
 
 

@@ -16,6 +16,10 @@ largest value is then not computed at every call (one pass less over each input,
 that computes the input), and oneDNN applies the activation scale and the bias itself: y = oneDNN(q_x, q_w; s_x,
 s_w, b). An input beyond the calibrated range saturates (uint8's range: -128 to 127 steps).
 
+Where oneDNN's int8 convolution is slow, the same sums go another way: a 3x3 convolution on a small map is one
+matmul of each pixel's unfolded neighbourhood (UNFOLDED_MAX_PIXELS), and an input channel count with a slow path
+is padded (PADDED_INPUT_CHANNELS: zero weights, zero-point inputs).
+
 Fast only compiled with freezing (`optimize(..., compile=True, freeze=True)` after `quantize_int8`): Inductor then
 folds the weights' packing into the graph's constants. Eager calls pack once and keep the packed weight.
 Inference only: the quantized modules have no gradients, and their state_dict holds int8 weights (load the
