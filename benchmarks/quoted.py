@@ -403,8 +403,8 @@ def sources() -> dict:
             | _attention_peaks() | _attention_peaks_noise_loss_only() | _sdxl_cpu() | _sdxl_vs_diffusers()
             | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
-            | _engines_int8_intel512() | _engines_int8_static() | _engines_int8_unfolded() | _engine_profile() | _int8_quality()
-            | _sampler_table() | _gpu_ladder())
+            | _engines_int8_intel512() | _engines_int8_static() | _engines_int8_unfolded() | _engine_profile()
+            | _int8_quality() | _sampler_table() | _gpu_ladder())
 
 
 def marked(text: str) -> list[tuple[str, str]]:
