@@ -196,7 +196,6 @@ class Int8Conv2d(Int8Module):
         return self.finish(self.matmul(q, scale, x.dtype), scale, x.dtype).view(batch, height, width, -1).permute(
             0, 3, 1, 2)
 
-
     def forward_unfolded(self, q, scale, dtype):
         """The 3x3 convolution (stride 1, padding 1) as one matmul: each pixel's 3x3 neighbourhood of the quantized
         input, its channels last, as a row of 9 x C_in, padded with the zero point; out in channels_last."""
