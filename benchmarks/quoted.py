@@ -305,28 +305,29 @@ def _engines_int8_intel512() -> dict:
             | {"int8_intel512.dev": f"{read_json(path)[0]['max_dev']:.3f}"})
 
 
+def _int8_run_pair(name: str, prefix: str) -> dict:
+    """The +int8 rung's two runs beside the engines, engines_sd15_256_int8_NAME.json (+freeze and +int8) and
+    engines_sd15_512_int8_NAME.json (+int8 alone): keys PREFIX256.* and PREFIX512.*."""
+    path256, path512 = (f"benchmarks/results/engines_sd15_{size}_int8_{name}.json" for size in (256, 512))
+    rows = {row["rung"]: row for row in read_json(path256)}
+    return (_against_peers(path256, f"{prefix}256", {"+freeze": "freeze", "+int8": "int8"}, ("openvino",))
+            | _fastest_against(f"{prefix}256", rows) | {f"{prefix}256.dev": f"{rows['+int8']['max_dev']:.3f}"}
+            | _against_peers(path512, f"{prefix}512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
+            | {f"{prefix}512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"})
+
+
 def _engines_int8_static() -> dict:
     """The +int8 rung with calibrated scales (calibrate_int8), after the float32 destination of its convolutions:
     the commands of _engines_int8 and _engines_int8_intel512 into engines_sd15_256_int8_static.json and
     engines_sd15_512_int8_static.json, on the Intel Xeon."""
-    path256, path512 = (f"benchmarks/results/engines_sd15_{size}_int8_static.json" for size in (256, 512))
-    rows = {row["rung"]: row for row in read_json(path256)}
-    return (_against_peers(path256, "int8s256", {"+freeze": "freeze", "+int8": "int8"}, ("openvino",))
-            | _fastest_against("int8s256", rows) | {"int8s256.dev": f"{rows['+int8']['max_dev']:.3f}"}
-            | _against_peers(path512, "int8s512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
-            | {"int8s512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"})
+    return _int8_run_pair("static", "int8s")
 
 
 def _engines_int8_unfolded() -> dict:
     """The +int8 rung on +reuse memory, its 1920-channel convolutions padded and its convolutions on small maps
-    unfolded into matmuls: the commands of _engines_int8_static into engines_sd15_256_int8_unfolded.json and
+    unfolded into matmuls: the same commands into engines_sd15_256_int8_unfolded.json and
     engines_sd15_512_int8_unfolded.json, on the Intel Xeon."""
-    path256, path512 = (f"benchmarks/results/engines_sd15_{size}_int8_unfolded.json" for size in (256, 512))
-    rows = {row["rung"]: row for row in read_json(path256)}
-    return (_against_peers(path256, "int8u256", {"+freeze": "freeze", "+int8": "int8"}, ("openvino",))
-            | _fastest_against("int8u256", rows) | {"int8u256.dev": f"{rows['+int8']['max_dev']:.3f}"}
-            | _against_peers(path512, "int8u512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
-            | {"int8u512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"})
+    return _int8_run_pair("unfolded", "int8u")
 
 
 def _engine_profile() -> dict:
