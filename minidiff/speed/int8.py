@@ -155,10 +155,10 @@ class Int8Conv2d(Int8Module):
         super().__init__(conv.weight, conv.bias)
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
         self.pointwise = conv.kernel_size == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
-        self.unfoldable = conv.kernel_size == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1] and \
-            self.dilation == [1, 1]
-        self.added_channels = 0 if self.pointwise else PADDED_INPUT_CHANNELS.get(conv.in_channels,
-                                                                                 conv.in_channels) - conv.in_channels
+        self.unfoldable = (conv.kernel_size == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]
+                           and self.dilation == [1, 1])
+        padded_channels = PADDED_INPUT_CHANNELS.get(conv.in_channels, conv.in_channels)
+        self.added_channels = 0 if self.pointwise else padded_channels - conv.in_channels
         if not self.pointwise:  # zero weights on the added input channels: they add nothing to the sums
             self.qweight = F.pad(self.qweight, (0, 0, 0, 0, 0, self.added_channels)).contiguous(
                 memory_format=torch.channels_last)
@@ -193,8 +193,7 @@ class Int8Conv2d(Int8Module):
         """The 1x1 convolution as a matmul: (B * H * W, C_in) pixels -> (B * H * W, C_out), in channels_last."""
         batch, channels, height, width = x.shape
         q, scale = self.quantize(x.permute(0, 2, 3, 1).reshape(-1, channels))
-        return self.finish(self.matmul(q, scale, x.dtype), scale, x.dtype).view(batch, height, width, -1).permute(
-            0, 3, 1, 2)
+        return self.matmul_over_pixels(q, scale, x.dtype, (batch, height, width))
 
     def forward_unfolded(self, q, scale, dtype):
         """The 3x3 convolution (stride 1, padding 1) as one matmul: each pixel's 3x3 neighbourhood of the quantized
@@ -202,8 +201,14 @@ class Int8Conv2d(Int8Module):
         batch, channels, height, width = q.shape
         padded = F.pad(q.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1), value=ZERO_POINT)  # (B, H + 2, W + 2, C)
         rows = torch.cat([padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)], dim=-1)
-        out = self.matmul(rows.reshape(-1, 9 * channels), scale, dtype, self.pack_unfolded)  # (B * H * W, C_out)
-        return self.finish(out, scale, dtype).view(batch, height, width, -1).permute(0, 3, 1, 2)
+        return self.matmul_over_pixels(rows.reshape(-1, 9 * channels), scale, dtype, (batch, height, width),
+                                       self.pack_unfolded)
+
+    def matmul_over_pixels(self, rows, scale, dtype, size, pack=None):
+        """The int8 matmul of one row per output pixel, (B * H * W, ...) -> the (B, C_out, H, W) map of
+        size = (B, H, W), in channels_last."""
+        out = self.finish(self.matmul(rows, scale, dtype, pack), scale, dtype)  # (B * H * W, C_out)
+        return out.view(*size, -1).permute(0, 3, 1, 2)
 
 
 class Int8Linear(Int8Module):
