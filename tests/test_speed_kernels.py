@@ -126,6 +126,22 @@ def test_blocked_feed_forward_is_the_plain_feed_forward(monkeypatch):
     assert_same_with_gradients(blocked, plain, torch.randn(2, 21, 8), 1e-6)
 
 
+def test_blocked_feed_forward_goes_whole_under_torch_compile(monkeypatch):
+    """The compiled graph computes the sequence at once: no split, no concatenation (see the class docstring)."""
+    torch.manual_seed(0)
+    plain = FeedForward(8).eval()
+    blocked = BlockedFeedForward.from_plain(plain)
+    monkeypatch.setattr(BlockedFeedForward, "block_tokens", 4)
+    graphs = []
+    record = lambda graph, inputs: graphs.append(graph) or graph.forward
+    x = torch.randn(2, 21, 8)
+    with torch.no_grad():
+        out = torch.compile(blocked, backend=record, fullgraph=True)(x)
+        torch.testing.assert_close(out, plain(x), rtol=1e-6, atol=1e-6)
+    calls = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert not any("cat" in call or "split" in call for call in calls), calls
+
+
 # --- the attention kernels -----------------------------------------------------------------------------------
 
 
