@@ -4,9 +4,9 @@ The ladder switches the options of minidiff.speed on one rung at a time, on the 
     fp32 eager -> +fp16 (GPU) or +bf16 (CPU) -> +channels_last -> +compile -> +CUDA graphs (GPU only) -> +freeze
     (weights folded and pre-packed into the compiled graph) -> +reuse memory (CPU with glibc: freed tensors stay
     in the heap) -> +TAESD (decode) -> BK-SDM small, BK-SDM tiny (Kim et al. 2023: blocks removed by distillation);
-    on a CPU, +int8 (+reuse memory in 8-bit weights and activations, calibrated scales: minidiff.speed.int8);
-    then, where the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in float32: beside an
-    fp32 engine)
+    on a CPU, +int8 (+reuse memory in 8-bit weights and activations, calibrated scales: minidiff.speed.int8) ->
+    +autotune (Inductor's max_autotune: C++ GEMM kernels tuned at compile, the graph called from C++); then, where
+    the fast dtype is not fp32, fp32 +every option (channels_last to reuse memory in float32: beside an fp32 engine)
 From +channels_last on, the rungs use the fast dtype (fp16 on a GPU, bf16 on a CPU with bf16 instructions,
 else fp32) and keep the options of the rung before. The rungs up to +CUDA graphs (torch.compile's
 "reduce-overhead" mode) use only options diffusers itself offers; +freeze and +reuse memory are minidiff's.
@@ -53,8 +53,8 @@ from minidiff.pipeline import guided
 from minidiff.samplers import sample
 from minidiff.schedule import NoiseSchedule
 from minidiff.sdxl import WithAddedConditioning
-from minidiff.speed import (FastUNet, cpu_defaults, reuse_freed_memory, reuse_memory_available, timestep_tensor,
-                            vae_decode)
+from minidiff.speed import FastUNet, cpu_defaults, reuse_freed_memory, reuse_memory_available, vae_decode
+from minidiff.speed.fast_unet import timestep_tensor
 from minidiff.speed.int8 import INT8_TOLERANCE, calibrate_int8, int8_available, quantize_int8
 from minidiff.taesd import TAESD
 from minidiff.tokenizer import MAX_LENGTH
@@ -80,6 +80,7 @@ class Rung:
     decoder: str = "vae"  # "vae" (AutoencoderKL) or "taesd"
     distilled: str | None = None  # None, "small" or "tiny": the BK-SDM version of the configuration
     int8: bool = False  # minidiff.speed.quantize_int8 before the options (a CPU with oneDNN)
+    autotune: bool = False  # with compile: Inductor's max_autotune (minidiff.speed.fast_unet.AUTOTUNE_OPTIONS)
     tolerance: float | None = None  # bound on max dev; None: another network, nothing to compare with
 
     @property
@@ -142,7 +143,8 @@ def ladder(device) -> list:
     if not cuda and reuse_memory_available():  # the CUDA caching allocator already keeps freed GPU memory
         rungs.append(best := dataclasses.replace(best, key="reuse_memory", name="+reuse memory", reuse_memory=True))
     if not cuda and int8_available():
-        rungs.append(dataclasses.replace(best, key="int8", name="+int8", int8=True, tolerance=INT8_TOLERANCE))
+        quantized = dataclasses.replace(best, key="int8", name="+int8", int8=True, tolerance=INT8_TOLERANCE)
+        rungs += [quantized, dataclasses.replace(quantized, key="autotune", name="+autotune", autotune=True)]
     rungs.append(dataclasses.replace(best, key="taesd", name="+TAESD (decode)", decoder="taesd"))
     for kind in ("small", "tiny"):
         rungs.append(dataclasses.replace(best, key=f"bk_{kind}", name=f"BK-SDM {kind}", decoder="taesd",
@@ -286,7 +288,7 @@ def unets(setup: Setup, rung: Rung, peers: dict, compile_options: dict):
         skeleton = meta_model(UNet, config)
         state = {k: v.to(setup.device) for k, v in random_weights(skeleton, torch.Generator().manual_seed(2)).items()}
     options = dict(channels_last=rung.channels_last, compile=rung.compile, freeze=rung.freeze,
-                   cuda_graphs=rung.cuda_graphs, compile_options=compile_options)
+                   cuda_graphs=rung.cuda_graphs, compile_options=compile_options, autotune=rung.autotune)
     plain = with_weights(UNet, config, state, rung.dtype, setup.device)
     ours = FastUNet(with_added(int8(plain, setup, rung.dtype) if rung.int8 else plain, setup), **options)
     theirs = {}

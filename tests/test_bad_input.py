@@ -879,6 +879,9 @@ API_ROWS = [
     ("optimize-slice-float", optimize_with(attention_slice=2.5), MinidiffError, "whole number of queries"),
     ("optimize-compile-options", optimize_with(compile_options=5), MinidiffError, "compile_options must be a dict"),
     ("optimize-freeze-alone", optimize_with(freeze=True), MinidiffError, "use it with compile=True"),
+    ("optimize-autotune-alone", optimize_with(autotune=True), MinidiffError, "autotune=True tunes the compiled"),
+    ("optimize-autotune-string", optimize_with(compile=True, autotune="max"), MinidiffError,
+     "autotune must be True or False"),
     ("optimize-cuda-graphs-cpu", optimize_with(cuda_graphs=True), MinidiffError, "needs the model on a CUDA GPU"),
     ("optimize-not-a-model", lambda ctx: minidiff.optimize(5), MinidiffError, "takes a Pipeline or a UNet"),
     # calibrate_int8(): before any call

@@ -49,7 +49,7 @@ def test_the_bench_prints_every_rung_and_passes_on_the_tiny_config(capsys, tmp_p
     if not reuse_memory_available():  # glibc's allocator only
         expected.remove("reuse_memory")
     if int8_available():  # oneDNN's int8 kernels, x86-64
-        expected.insert(expected.index("taesd"), "int8")
+        expected[expected.index("taesd"):expected.index("taesd")] = ["int8", "autotune"]
     if fast_dtype("cpu") != torch.float32:  # a CPU with bf16 instructions: every option in fp32 too
         expected.append("fp32_fast")
     assert [r.key for r in rungs] == expected
@@ -144,7 +144,7 @@ def test_the_summary_compares_the_fastest_full_network_rungs():
 
 def test_only_freeze_and_reuse_memory_are_minidiffs_own_options():
     own = {r.key for r in ladder("cpu") if r.minidiff_options} - {"fp32_fast"}  # fp32_fast: every option, below
-    own_options = {"freeze", "taesd", "bk_small", "bk_tiny"} | ({"int8"} if int8_available() else set())
+    own_options = {"freeze", "taesd", "bk_small", "bk_tiny"} | ({"int8", "autotune"} if int8_available() else set())
     assert own == own_options | ({"reuse_memory"} if reuse_memory_available() else set())
     assert not any(r.minidiff_options for r in ladder("cpu") if r.key in ("fp32", "half", "channels_last", "compile"))
 

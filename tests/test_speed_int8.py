@@ -10,6 +10,7 @@ from minidiff.errors import MinidiffError
 from minidiff.measure import relative_error
 from minidiff.speed import FastUNet, cpu_defaults
 from minidiff.speed import int8 as int8_module
+from minidiff.speed.fast_unet import AUTOTUNE_OPTIONS
 from minidiff.speed.int8 import (
     INT8_TOLERANCE,
     Int8Conv2d,
@@ -247,3 +248,34 @@ def test_calibrate_int8_refuses_a_run_that_misses_layers_and_leaves_no_hook():
     first = [layer.input_scale for layer in model]
     calibrate_int8(model, lambda m: m(10 * x))  # again: the new calls replace the scales
     assert all(later > 5 * earlier for later, earlier in zip((layer.input_scale for layer in model), first))
+
+
+def test_autotune_asks_inductor_for_its_tuned_cpu_kernels(monkeypatch):
+    """optimize(..., autotune=True) reaches torch.compile as Inductor's options (AUTOTUNE_OPTIONS["cpu"]), beside
+    freezing and under options the caller gave; another backend gets none."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda function, **options: seen.append(options) or function)
+    unet = perturbed_unet()
+    FastUNet(unet, compile=True, freeze=True, autotune=True)
+    FastUNet(unet, compile=True, autotune=True, compile_options={"options": {"cpp_wrapper": False}})
+    FastUNet(unet, compile=True, autotune=True, compile_options={"backend": "eager"})
+    assert seen[0] == {"options": {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "cpp_wrapper": True,
+                                   "freezing": True}}
+    assert seen[1]["options"]["cpp_wrapper"] is False and seen[1]["options"]["max_autotune"] is True
+    assert seen[2] == {"backend": "eager"}
+
+
+def test_int8_layers_compile_with_the_autotuned_kernels():
+    """The +autotune rung's compile (AUTOTUNE_OPTIONS["cpu"], frozen) of calibrated int8 layers, the 3x3
+    convolution on a small map as a matmul of its unfolded input, equals the frozen compile without it within one
+    rounding step of the output's bf16 (whichever kernel Inductor's timing picks: its C++ GEMM or oneDNN's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 32, 1)).to(torch.bfloat16)
+    x = torch.randn(2, 32, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
+    calibrate_int8(quantize_int8(model, keep=()), lambda m: m(x))
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        expected = torch.compile(model)(x)
+        torch._dynamo.reset()
+        tuned = torch.compile(model, options=AUTOTUNE_OPTIONS["cpu"])(x)
+    torch._dynamo.reset()
+    assert relative_error(tuned.float(), expected.float()) <= 1e-2

@@ -48,7 +48,7 @@ def add_bench_arguments(parser):
     parser.add_argument("--steps", type=int, default=4, help="Euler steps of the end-to-end run")
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per rung (medians are reported)")
     parser.add_argument("--rungs", help="comma-separated subset: fp32,half,channels_last,compile,freeze,cuda_graphs,"
-                        "reuse_memory,int8,taesd,bk_small,bk_tiny,fp32_fast")
+                        "reuse_memory,int8,autotune,taesd,bk_small,bk_tiny,fp32_fast")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' only traces: "
                         "a quick check of the compile path)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")

@@ -21,6 +21,9 @@ and the options `optimize(pipe_or_unet, ...)` switches on, each a known techniqu
                       compiled graph, folded and pre-packed once into the layouts oneDNN / MKL compute in (without
                       it a CPU convolution reorders its weights on every call); the UNet's weights must not change
                       afterwards (optimize again after loading new ones)
+    autotune       -> with compile: Inductor's max_autotune for the UNet: each matmul timed at compile against
+                      kernels generated for its shape, the fastest kept; on a CPU C++ GEMM kernels (int8 ones
+                      too) and the graph called from C++ (fast_unet.AUTOTUNE_OPTIONS); compiles take about 3x
     cuda_graphs    -> record the UNet's kernels once per input shape and replay them (NVIDIA CUDA Graphs): no
                       per-kernel launch cost from Python; GPU only, static shapes
     attention      -> set_attention's kernel for every model of the pipeline; attention_slice bounds the memory
@@ -41,7 +44,7 @@ from torch import nn
 from minidiff.clip import CLIPAttention
 from minidiff.errors import MinidiffError
 from minidiff.speed.attention_kernels import attention_kernel, blockwise_attention, cpu_attention
-from minidiff.speed.fast_unet import CudaGraphCall, FastUNet, check_cuda_graphs, timestep_tensor
+from minidiff.speed.fast_unet import CudaGraphCall, FastUNet, check_compiled, check_cuda_graphs, timestep_tensor
 from minidiff.speed.int8 import calibrate_int8, int8_available, quantize_int8
 from minidiff.speed.kernels import BlockedFeedForward, MatmulConv3x3, OneDNNLinear, replace_modules
 from minidiff.speed.memory import reuse_freed_memory, reuse_memory_available
@@ -115,7 +118,8 @@ def cpu_defaults(target):
 
 def optimize(target, *, channels_last: bool = False, compile: bool = False, freeze: bool = False,
              cuda_graphs: bool = False, attention: str | None = None, attention_slice: int | None = None,
-             vae_tile_size: int | None = None, compile_options: dict | None = None, reuse_memory: bool = False):
+             vae_tile_size: int | None = None, compile_options: dict | None = None, reuse_memory: bool = False,
+             autotune: bool = False):
     """Switch on speed options for a Pipeline (returned, changed in place) or a bare UNet (returns a FastUNet).
 
     attention / attention_slice: set_attention(target, attention, attention_slice) when either is given (None and
@@ -124,7 +128,7 @@ def optimize(target, *, channels_last: bool = False, compile: bool = False, free
     decoder (in place: its keys are unchanged); freeze applies to the UNet (the decoder runs once per image).
     """
     for name, flag in (("channels_last", channels_last), ("compile", compile), ("freeze", freeze),
-                       ("cuda_graphs", cuda_graphs), ("reuse_memory", reuse_memory)):
+                       ("cuda_graphs", cuda_graphs), ("reuse_memory", reuse_memory), ("autotune", autotune)):
         if not isinstance(flag, bool):
             raise MinidiffError(f"optimize(): {name} must be True or False, got {flag!r}")
     if compile_options is not None and not isinstance(compile_options, dict):
@@ -140,6 +144,7 @@ def optimize(target, *, channels_last: bool = False, compile: bool = False, free
     if vae_tile_size is not None and (isinstance(vae_tile_size, bool) or not isinstance(vae_tile_size, int)
                                       or vae_tile_size < 8):
         raise MinidiffError(f"vae_tile_size is a size in latent pixels, at least 8 (64 px), got {vae_tile_size!r}")
+    check_compiled(compile, freeze, autotune)
     if attention is not None or attention_slice is not None:
         set_attention(target, attention, attention_slice)
     if reuse_memory:
@@ -151,12 +156,12 @@ def optimize(target, *, channels_last: bool = False, compile: bool = False, free
             raise MinidiffError("vae_tile_size applies to a Pipeline's VAE: call optimize(pipe, vae_tile_size=...)")
         if cuda_graphs:
             check_cuda_graphs(next(target.parameters()).device)
-        return FastUNet(target, channels_last, compile, cuda_graphs, compile_options, freeze)
+        return FastUNet(target, channels_last, compile, cuda_graphs, compile_options, freeze, autotune)
     if isinstance(unet, FastUNet):  # optimize() again: start from the plain UNet
         unet = unet.unet
     if cuda_graphs:
         check_cuda_graphs(next(unet.parameters()).device)
-    target.unet = FastUNet(unet, channels_last, compile, cuda_graphs, compile_options, freeze)
+    target.unet = FastUNet(unet, channels_last, compile, cuda_graphs, compile_options, freeze, autotune)
     for decoder in (target.vae, target.taesd):
         if decoder is None:
             continue
