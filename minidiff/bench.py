@@ -328,8 +328,8 @@ def run_rung(setup: Setup, rung: Rung, reference_out, peers: dict, compile_optio
     if reuse_memory_available():
         reuse_freed_memory(rung.reuse_memory)
     options = (rung.dtype, rung.channels_last, rung.compile)
-    ours, theirs = cached(unet_cache, (rung.distilled, rung.freeze, rung.cuda_graphs, rung.int8, *options),
-                          lambda: unets(setup, rung, peers, compile_options))
+    network = dataclasses.astuple(dataclasses.replace(rung, key="", name="", decoder="", tolerance=None))
+    ours, theirs = cached(unet_cache, network, lambda: unets(setup, rung, peers, compile_options))
     decoder = cached(decoder_cache, (rung.decoder, *options),
                      lambda: build_decoders(setup, rung.dtype, rung, compile_options))
     x, context, t = setup.x.to(rung.dtype), setup.context.to(rung.dtype), 500
