@@ -330,6 +330,23 @@ def _engines_int8_unfolded() -> dict:
     return _int8_run_pair("unfolded", "int8u")
 
 
+def _engines_autotune() -> dict:
+    """The +autotune rung (+int8 compiled with Inductor's max_autotune and C++ wrapper): `python -m
+    benchmarks.vs_engines --config sd15 --size 256 --steps 2 --repeats 3 --rungs int8,autotune --json
+    benchmarks/results/engines_sd15_256_autotune.json`, then `--size 512 --repeats 2 --rungs autotune` into
+    engines_sd15_512_autotune.json and `--rungs int8` twice, into engines_sd15_512_int8_whole_ff.json and
+    engines_sd15_512_int8_whole_ff_2.json (keys tune512.* and tune512b.*), on the Intel Xeon."""
+    path256, path512 = (f"benchmarks/results/engines_sd15_{size}_autotune.json" for size in (256, 512))
+    path512_int8 = "benchmarks/results/engines_sd15_512_int8_whole_ff.json"
+    rows = {row["rung"]: row for row in read_json(path256)}
+    return (_against_peers(path256, "tune256", {"+int8": "int8", "+autotune": "autotune"}, ("openvino",))
+            | {"tune256.dev": f"{rows['+autotune']['max_dev']:.3f}"}
+            | _against_peers(path512, "tune512", {"+autotune": "autotune"}, ("onnxruntime", "openvino"))
+            | {"tune512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"}
+            | _against_peers(path512_int8, "tune512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
+            | _against_peers(path512_int8.replace(".json", "_2.json"), "tune512b", {"+int8": "int8"}, ("openvino",)))
+
+
 def _engine_profile() -> dict:
     """Written by `python -m benchmarks.engine_profile --size 512` (benchmarks/results/engine_profile_512.json):
     where the +int8 rung's step and OpenVINO's go, each engine's own profiler, four groups."""
@@ -404,7 +421,8 @@ def sources() -> dict:
             | _attention_peaks() | _attention_peaks_noise_loss_only() | _sdxl_cpu() | _sdxl_vs_diffusers()
             | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
-            | _engines_int8_intel512() | _engines_int8_static() | _engines_int8_unfolded() | _engine_profile()
+            | _engines_int8_intel512() | _engines_int8_static() | _engines_int8_unfolded() | _engines_autotune()
+            | _engine_profile()
             | _int8_quality() | _sampler_table() | _gpu_ladder())
 
 

@@ -405,7 +405,8 @@ def load_pipeline(path_or_name="shapes", dtype=None, device=None, taesd=None, va
     dtype: a torch dtype or "float32" / "float16" / "bfloat16"; device: default cuda when present.
     taesd: a path or known name of TAESD weights, for fast previews (preview="taesd").
     allow_pickle: read .ckpt/.pt/.bin files (tensors only, torch.load(weights_only=True)); only for files you trust.
-    speed_options: channels_last, compile, freeze, cuda_graphs, attention, attention_slice, vae_tile_size, reuse_memory
+    speed_options: channels_last, compile, freeze, autotune, cuda_graphs, attention, attention_slice, vae_tile_size,
+    reuse_memory
     (see minidiff.speed.optimize).
     """
     import inspect
