@@ -335,7 +335,8 @@ def _engines_autotune() -> dict:
     benchmarks.vs_engines --config sd15 --size 256 --steps 2 --repeats 3 --rungs int8,autotune --json
     benchmarks/results/engines_sd15_256_autotune.json`, then `--size 512 --repeats 2 --rungs autotune` into
     engines_sd15_512_autotune.json and `--rungs int8` twice, into engines_sd15_512_int8_whole_ff.json and
-    engines_sd15_512_int8_whole_ff_2.json (keys tune512.* and tune512b.*), on the Intel Xeon."""
+    engines_sd15_512_int8_whole_ff_2.json (keys tune512.* and tune512b.*), then with `--repeats 4` into
+    engines_sd15_512_int8_whole_ff_r4.json (tune512c.*), on the Intel Xeon."""
     path256, path512 = (f"benchmarks/results/engines_sd15_{size}_autotune.json" for size in (256, 512))
     path512_int8 = "benchmarks/results/engines_sd15_512_int8_whole_ff.json"
     rows = {row["rung"]: row for row in read_json(path256)}
@@ -344,7 +345,8 @@ def _engines_autotune() -> dict:
             | _against_peers(path512, "tune512", {"+autotune": "autotune"}, ("onnxruntime", "openvino"))
             | {"tune512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"}
             | _against_peers(path512_int8, "tune512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
-            | _against_peers(path512_int8.replace(".json", "_2.json"), "tune512b", {"+int8": "int8"}, ("openvino",)))
+            | _against_peers(path512_int8.replace(".json", "_2.json"), "tune512b", {"+int8": "int8"}, ("openvino",))
+            | _against_peers(path512_int8.replace(".json", "_r4.json"), "tune512c", {"+int8": "int8"}, ("openvino",)))
 
 
 def _engine_profile() -> dict:
