@@ -327,10 +327,10 @@ def run_rung(setup: Setup, rung: Rung, reference_out, peers: dict, compile_optio
     unet_cache, decoder_cache = caches or ({}, {})
     if reuse_memory_available():
         reuse_freed_memory(rung.reuse_memory)
-    options = (rung.dtype, rung.channels_last, rung.compile)
-    network = dataclasses.astuple(dataclasses.replace(rung, key="", name="", decoder="", tolerance=None))
+    network = dataclasses.astuple(dataclasses.replace(  # how the UNet runs; reuse memory is the process's
+        rung, key="", name="", decoder="", tolerance=None, reuse_memory=False))
     ours, theirs = cached(unet_cache, network, lambda: unets(setup, rung, peers, compile_options))
-    decoder = cached(decoder_cache, (rung.decoder, *options),
+    decoder = cached(decoder_cache, (rung.decoder, rung.dtype, rung.channels_last, rung.compile),
                      lambda: build_decoders(setup, rung.dtype, rung, compile_options))
     x, context, t = setup.x.to(rung.dtype), setup.context.to(rung.dtype), 500
     # each peer gets the inputs in the dtype it computes in (an fp32 engine on a bf16 rung: the fp32 inputs)

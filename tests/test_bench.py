@@ -83,7 +83,8 @@ def test_a_rung_outside_its_tolerance_fails():
 
 def test_consecutive_rungs_share_a_unet_only_when_it_runs_the_same_way(monkeypatch):
     """The rungs' models are cached from one rung to the next: a rung that changes how the UNet runs (autotune,
-    int8, freeze, ...) builds its own; one that changes only the decoder or the tolerance reuses it."""
+    int8, freeze, ...) builds its own; one that changes only the decoder, the tolerance or the process's memory
+    setting (reuse memory) reuses it."""
     setup = make_setup("tiny", 64, 1, 1, 1, "cpu", 0)
     built = []
     monkeypatch.setattr("minidiff.bench.unets", lambda setup, rung, peers, options: built.append(rung.key) or (
@@ -91,7 +92,9 @@ def test_consecutive_rungs_share_a_unet_only_when_it_runs_the_same_way(monkeypat
     base = Rung("compile", "+compile", compile=True, tolerance=1.0)
     caches = ({}, {})
     for rung in (base, dataclasses.replace(base, key="autotune", autotune=True),
-                 dataclasses.replace(base, key="taesd", autotune=True, decoder="taesd", tolerance=2.0),
+                 dataclasses.replace(base, key="reuse", autotune=True, reuse_memory=True),
+                 dataclasses.replace(base, key="taesd", autotune=True, reuse_memory=True, decoder="taesd",
+                                     tolerance=2.0),
                  dataclasses.replace(base, key="int8", autotune=True, int8=True)):
         run_rung(setup, rung, torch.zeros_like(setup.x), {}, {"backend": "eager"}, lambda line: None, caches)
     assert built == ["compile", "autotune", "int8"]
