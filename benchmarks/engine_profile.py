@@ -13,7 +13,8 @@ profiler and its operators put in four groups:
     the rest       minidiff: the profiled call's time less the three (norms, activations, quantizing, layout
                    changes, and the compiled graph's own time between its kernels); OpenVINO: its other nodes
 
-minidiff's call is the frozen compiled one of the +int8 rung (reuse_memory off, as on the rung), profiled with
+minidiff's call is the frozen compiled one of the +int8 rung, under the rung's allocator setting (reuse memory on,
+as `minidiff bench` and vs_engines time it, for both engines: it is the process's), profiled with
 Inductor's kernel profile on (each fused kernel a row) before OpenVINO is in the process (after OpenVINO's
 compile and calls, in one run at 512 px, the page faults of fresh memory put minidiff's int8 linear layers at
 583 ms instead of about 190: they land in whichever kernel first writes a tensor);
@@ -35,6 +36,7 @@ from minidiff.bench import ladder, make_setup, resolve_config, unets
 from minidiff.errors import MinidiffError
 from minidiff.files import check_writable
 from minidiff.measure import describe_device
+from minidiff.speed import reuse_freed_memory, reuse_memory_available
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUPS = ("attention", "convolutions", "linear layers", "the rest")
@@ -115,9 +117,21 @@ def timed_in_turns(calls: dict, repeats: int, warm_up: bool = False) -> dict:
 def measure(setup, repeats: int) -> dict:
     """The record of minidiff.bench's `setup` (its weights and inputs): both engines' groups, calls and
     self-attention times (see the module docstring)."""
+    rung = next(rung for rung in ladder("cpu") if rung.key == "int8")  # quantized, calibrated, frozen
+    if reuse_memory_available():  # as run_rung sets it (without it every call would pay for fresh pages, which the
+        # timed rung does not)
+        reuse_freed_memory(rung.reuse_memory)
+    try:
+        return measure_rung(setup, rung, repeats)
+    finally:
+        if reuse_memory_available():
+            reuse_freed_memory(False)  # the process's allocator as it was
+
+
+def measure_rung(setup, rung, repeats: int) -> dict:
+    """measure's record, under the allocator setting measure chose."""
     from torch._inductor import config as inductor_config
 
-    rung = next(rung for rung in ladder("cpu") if rung.key == "int8")  # quantized, calibrated, frozen
     ours, _ = unets(setup, rung, {}, {})  # as the bench builds it
     x, context = setup.x.to(rung.dtype), setup.context.to(rung.dtype)
     with torch.no_grad(), inductor_config.patch({"cpp.enable_kernel_profile": True}):

@@ -8,6 +8,7 @@ import pytest
 import benchmarks.engine_profile as engine_profile
 import benchmarks.vs_engines as vs_engines
 from benchmarks.vs_engines import available
+from minidiff.speed import memory, reuse_memory_available
 
 
 @pytest.mark.parametrize("name, group", [
@@ -89,3 +90,15 @@ def test_a_run_on_the_tiny_config_writes_every_group(tmp_path, capsys, monkeypat
     assert minidiff["longest_sequence"] == (64 // 8) ** 2  # the latent's pixels: the top level's self-attention
     assert record["openvino"]["nodes_ms"] == pytest.approx(sum(record["openvino"]["groups_ms"].values()))
     assert "attention" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not reuse_memory_available(), reason="reuse memory tunes glibc's allocator")
+def test_minidiff_is_profiled_under_the_rungs_allocator_setting(monkeypatch):
+    # the +int8 rung is timed with reuse memory on (minidiff bench, vs_engines); profiled without it, every call
+    # paid for fresh pages (its unprofiled call 2.2 s at 512 px in one run, about 1.2 s under the rung's setting)
+    seen = []
+    monkeypatch.setattr(engine_profile, "measure_rung", lambda *args: seen.append(memory._REUSING["on"]) or {})
+    rung = next(rung for rung in engine_profile.ladder("cpu") if rung.key == "int8")
+    assert engine_profile.measure(None, 1) == {}
+    assert seen == [rung.reuse_memory] == [True]
+    assert memory._REUSING["on"] is False  # the process's allocator as it was
