@@ -14,6 +14,7 @@ from minidiff.speed.fast_unet import AUTOTUNE_OPTIONS
 from minidiff.speed.int8 import (
     INT8_TOLERANCE,
     Int8Conv2d,
+    Int8GEGLU,
     Int8Linear,
     Int8Module,
     calibrate_int8,
@@ -21,6 +22,7 @@ from minidiff.speed.int8 import (
     per_channel_int8,
     quantize_int8,
 )
+from minidiff.unet import GEGLU
 from tests.test_speed_kernels import perturbed_unet
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="oneDNN's int8 kernels need an x86-64 CPU")
@@ -113,8 +115,11 @@ def test_quantize_int8_keeps_the_first_and_last_convolutions_and_stays_within_th
     plain = cpu_defaults(perturbed_unet())
     quantized = cpu_defaults(perturbed_unet())
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in quantized.modules())
+    geglus = sum(isinstance(m, GEGLU) for m in quantized.modules())
     quantize_int8(quantized)
-    assert sum(isinstance(m, (Int8Conv2d, Int8Linear)) for m in quantized.modules()) == layers - 2
+    assert sum(isinstance(m, Int8GEGLU) for m in quantized.modules()) == geglus > 0
+    # each GEGLU's projection becomes two int8 layers, its value and gate halves
+    assert sum(isinstance(m, (Int8Conv2d, Int8Linear)) for m in quantized.modules()) == layers - 2 + geglus
     assert not isinstance(quantized.conv_in, Int8Conv2d) and not isinstance(quantized.conv_out, Int8Conv2d)
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
     with torch.no_grad():
@@ -279,3 +284,61 @@ def test_int8_layers_compile_with_the_autotuned_kernels():
         tuned = torch.compile(model, options=AUTOTUNE_OPTIONS["cpu"])(x)
     torch._dynamo.reset()
     assert relative_error(tuned.float(), expected.float()) <= 1e-2
+
+
+# --- GEGLU: the projection's two halves, GELU in the gate's epilogue ---------------------------------------------
+
+
+def geglu_reference(plain: GEGLU, x, scale=None):
+    """value * GELU(gate) of the int8 projection's exact product (dequantized_reference), in float64."""
+    value, gate = dequantized_reference(plain.proj, x, scale).chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_an_int8_geglu_is_the_int8_projection_then_the_exact_gelu(calibrated):
+    """Scaled at every call, the two halves are Int8Linear layers and torch's GELU; calibrated, one rounding of the
+    input and oneDNN's GELU (its erf) in the gate's epilogue: both the formula of the plain module on the int8
+    product, within float32 rounding (the tanh GELU, or the halves swapped, are 1e-3 and more away)."""
+    torch.manual_seed(0)
+    plain = GEGLU(40, 24).eval()
+    x = torch.randn(2, 9, 40) + 0.5
+    int8 = Int8GEGLU.from_plain(plain)
+    scale = None
+    if calibrated:
+        calibrate_int8(nn.Sequential(int8), lambda model: model(x))
+        scale = int8.value.input_scale
+        assert int8.gate.input_scale == scale == pytest.approx(x.abs().max().item() / 127)
+    with torch.no_grad():
+        out = int8(x)
+        assert out.shape == (2, 9, 24) and relative_error(out.double(), geglu_reference(plain, x, scale)) <= 1e-5
+        bf16 = Int8GEGLU.from_plain(plain.bfloat16())
+        bf16.value.input_scale = bf16.gate.input_scale = scale
+        error = relative_error(bf16(x.bfloat16()).float(), plain.float()(x))
+    assert 1e-4 < error <= 2e-2  # within 8-bit rounding of the plain module
+
+
+def test_a_calibrated_int8_geglu_rounds_its_input_once_and_applies_gelu_in_the_matmul(monkeypatch):
+    plain = GEGLU(16, 8).eval()
+    int8 = Int8GEGLU.from_plain(plain)
+    x = torch.randn(3, 16)
+    calibrate_int8(nn.Sequential(int8), lambda model: model(x))
+    calls = []
+    for name in ("quantize", "matmul"):
+        original = getattr(Int8Module, name)
+        monkeypatch.setattr(Int8Module, name, lambda self, *args, original=original, name=name, **kwargs: (
+            calls.append((name, self, kwargs.get("activation", "none"))) or original(self, *args, **kwargs)))
+    with torch.no_grad():
+        int8(x)
+    assert calls == [("quantize", int8.value, "none"), ("matmul", int8.value, "none"), ("matmul", int8.gate, "gelu")]
+
+
+def test_a_frozen_int8_geglu_compiles_to_the_eager_numbers():
+    torch.manual_seed(0)
+    int8 = Int8GEGLU.from_plain(GEGLU(32, 48).eval())
+    x = torch.randn(2, 5, 32).bfloat16()
+    calibrate_int8(nn.Sequential(int8), lambda model: model(x))
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        eager, frozen = int8(x), torch.compile(int8)(x)
+    torch._dynamo.reset()
+    assert torch.equal(frozen, eager)
