@@ -349,6 +349,14 @@ def _engines_autotune() -> dict:
             | _against_peers(path512_int8.replace(".json", "_r4.json"), "tune512c", {"+int8": "int8"}, ("openvino",)))
 
 
+def _engines_geglu() -> dict:
+    """After Int8GEGLU: `python -m benchmarks.vs_engines --config sd15 --size 512 --steps 2 --repeats 4 --rungs int8
+    --json benchmarks/results/engines_sd15_512_int8_geglu.json` on the Intel Xeon (keys geglu512.*)."""
+    path = "benchmarks/results/engines_sd15_512_int8_geglu.json"
+    return (_against_peers(path, "geglu512", {"+int8": "int8"}, ("openvino",))
+            | {"geglu512.dev": f"{read_json(path)[0]['max_dev']:.3f}"})
+
+
 def _engine_profile() -> dict:
     """Written by `python -m benchmarks.engine_profile --size 512` (benchmarks/results/engine_profile_512.json):
     where the +int8 rung's step and OpenVINO's go, each engine's own profiler, four groups."""
@@ -424,6 +432,7 @@ def sources() -> dict:
             | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
             | _engines_int8_intel512() | _engines_int8_static() | _engines_int8_unfolded() | _engines_autotune()
+            | _engines_geglu()
             | _engine_profile()
             | _int8_quality() | _sampler_table() | _gpu_ladder())
 
