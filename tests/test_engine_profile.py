@@ -8,7 +8,7 @@ import pytest
 import benchmarks.engine_profile as engine_profile
 import benchmarks.vs_engines as vs_engines
 from benchmarks.vs_engines import available
-from minidiff.speed import memory, reuse_memory_available
+from minidiff.speed import int8_available, memory, reuse_memory_available
 
 
 @pytest.mark.parametrize("name, group", [
@@ -92,7 +92,8 @@ def test_a_run_on_the_tiny_config_writes_every_group(tmp_path, capsys, monkeypat
     assert "attention" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not reuse_memory_available(), reason="reuse memory tunes glibc's allocator")
+@pytest.mark.skipif(not (reuse_memory_available() and int8_available()),
+                    reason="the +int8 rung (x86-64) on glibc's allocator")
 def test_minidiff_is_profiled_under_the_rungs_allocator_setting(monkeypatch):
     # the +int8 rung is timed with reuse memory on (minidiff bench, vs_engines); profiled without it, every call
     # paid for fresh pages (its unprofiled call 2.2 s at 512 px in one run, about 1.2 s under the rung's setting)
