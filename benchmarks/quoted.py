@@ -351,10 +351,14 @@ def _engines_autotune() -> dict:
 
 def _engines_geglu() -> dict:
     """After Int8GEGLU: `python -m benchmarks.vs_engines --config sd15 --size 512 --steps 2 --repeats 4 --rungs int8
-    --json benchmarks/results/engines_sd15_512_int8_geglu.json` on the Intel Xeon (keys geglu512.*)."""
-    path = "benchmarks/results/engines_sd15_512_int8_geglu.json"
-    return (_against_peers(path, "geglu512", {"+int8": "int8"}, ("openvino",))
-            | {"geglu512.dev": f"{read_json(path)[0]['max_dev']:.3f}"})
+    --json benchmarks/results/engines_sd15_512_int8_geglu.json` on the Intel Xeon (keys geglu512.*), then `--size
+    256` into engines_sd15_256_int8_geglu.json (geglu256.*)."""
+    values = {}
+    for size in (512, 256):
+        path = f"benchmarks/results/engines_sd15_{size}_int8_geglu.json"
+        values |= (_against_peers(path, f"geglu{size}", {"+int8": "int8"}, ("openvino",))
+                   | {f"geglu{size}.dev": f"{read_json(path)[0]['max_dev']:.3f}"})
+    return values
 
 
 def _engine_profile() -> dict:
