@@ -337,16 +337,18 @@ def _engines_autotune() -> dict:
     engines_sd15_512_autotune.json and `--rungs int8` twice, into engines_sd15_512_int8_whole_ff.json and
     engines_sd15_512_int8_whole_ff_2.json (keys tune512.* and tune512b.*), then with `--repeats 4` into
     engines_sd15_512_int8_whole_ff_r4.json (tune512c.*), on the Intel Xeon."""
-    path256, path512 = (f"benchmarks/results/engines_sd15_{size}_autotune.json" for size in (256, 512))
-    path512_int8 = "benchmarks/results/engines_sd15_512_int8_whole_ff.json"
+    results = "benchmarks/results/engines_sd15_"
+    path256, path512 = f"{results}256_autotune.json", f"{results}512_autotune.json"
     rows = {row["rung"]: row for row in read_json(path256)}
-    return (_against_peers(path256, "tune256", {"+int8": "int8", "+autotune": "autotune"}, ("openvino",))
-            | {"tune256.dev": f"{rows['+autotune']['max_dev']:.3f}"}
-            | _against_peers(path512, "tune512", {"+autotune": "autotune"}, ("onnxruntime", "openvino"))
-            | {"tune512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"}
-            | _against_peers(path512_int8, "tune512", {"+int8": "int8"}, ("onnxruntime", "openvino"))
-            | _against_peers(path512_int8.replace(".json", "_2.json"), "tune512b", {"+int8": "int8"}, ("openvino",))
-            | _against_peers(path512_int8.replace(".json", "_r4.json"), "tune512c", {"+int8": "int8"}, ("openvino",)))
+    values = (_against_peers(path256, "tune256", {"+int8": "int8", "+autotune": "autotune"}, ("openvino",))
+              | {"tune256.dev": f"{rows['+autotune']['max_dev']:.3f}"}
+              | _against_peers(path512, "tune512", {"+autotune": "autotune"}, ("onnxruntime", "openvino"))
+              | {"tune512.dev": f"{read_json(path512)[0]['max_dev']:.3f}"}
+              | _against_peers(f"{results}512_int8_whole_ff.json", "tune512", {"+int8": "int8"},
+                               ("onnxruntime", "openvino")))
+    for file, prefix in (("512_int8_whole_ff_2.json", "tune512b"), ("512_int8_whole_ff_r4.json", "tune512c")):
+        values |= _against_peers(results + file, prefix, {"+int8": "int8"}, ("openvino",))
+    return values
 
 
 def _engines_geglu() -> dict:
