@@ -17,6 +17,7 @@ from benchmarks.records import save_json
 from minidiff.course.evaluate import inversion_study
 from minidiff.course.gaussian import convergence_order, inversion_round_trip
 from minidiff.course.viz import image_grid, latents_to_pil
+from minidiff.files import atomic_save
 from minidiff.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def main(argv=None):
     labels = (["the picture"] * 4 + ["its noise (ch. 0-2)"] * 4
               + [f"DDIM {args.steps} back: {value:.1f} dB" for value in study["per_picture"][:4]])
     grid = image_grid([o for o, _ in chosen] + noises + [a for _, a in chosen], columns=4, scale=2, labels=labels)
-    grid.save(PICTURE)
+    atomic_save(PICTURE, grid.save)
     print(json.dumps({k: v for k, v in results["shapes"].items() if k != "per_picture"}, indent=1))
     print(json.dumps(results["gaussian"]["order"]))
 

@@ -19,6 +19,8 @@ import sys
 from functools import cache
 from pathlib import Path
 
+from minidiff.files import atomic_save
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "course").glob("*.md"))]
 MARKED = re.compile(r"<!--n:(?P<key>[\w.:-]+)-->(?P<text>.*?)<!--/n-->", re.S)
@@ -468,7 +470,7 @@ def write(documents=DOCUMENTS) -> int:
         new = MARKED.sub(lambda m: f"<!--n:{m['key']}-->{values.get(m['key'], m['text'])}<!--/n-->", text)
         changed += sum(a != b for a, b in zip(marked(text), marked(new)))
         if new != text:
-            path.write_text(new)
+            atomic_save(path, lambda tmp, new=new: Path(tmp).write_text(new))
     return changed
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from minidiff.errors import CheckpointError, MinidiffError
+from minidiff.files import atomic_save
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # positions of the CLIP text encoder: START + 75 tokens + END
@@ -114,8 +115,10 @@ def write_vocab_files(folder) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = bundled_vocab()
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_path.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    texts = {vocab_path: json.dumps(vocab, ensure_ascii=False),
+             merges_path: "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)}
+    for path, text in texts.items():
+        atomic_save(path, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
     return vocab_path, merges_path
 
 

@@ -144,3 +144,73 @@ def test_the_readme_layout_names_every_module():
     top = {f"minidiff/{p.name}" for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     top |= {f"minidiff/{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert not top - named, f"modules missing from the README's layout table: {sorted(top - named)}"
+
+
+
+WRITES = {"write_text", "write_bytes", "save", "savefig", "save_file"}
+# writes that no reader waits for: to a buffer in memory or a kernel file; atomic_save's own call of the writer on
+# its temporary path; one milestone's, into its own tempfile.TemporaryDirectory
+SAFE_TARGETS = ("buffer", "os.devnull", "/proc/self/")
+SAFE_WRITES = {"minidiff/files.py": "tmp", "minidiff/course/milestones/networks.py": "Path(folder)"}
+
+
+def write_target(node: ast.Call) -> ast.AST | None:
+    """The path (or file object's source) a write call writes to, or None when the call is no file write."""
+    name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+    if name == "open":
+        mode = node.args[1] if len(node.args) > 1 else None
+        return node.args[0] if isinstance(mode, ast.Constant) and set("wax") & set(str(mode.value)) else None
+    if name in ("write_text", "write_bytes"):
+        return node.func.value
+    if name == "save_file":  # safetensors: save_file(tensors, path)
+        return node.args[1] if len(node.args) > 1 else None
+    return node.args[0] if name in WRITES and node.args else None
+
+
+def direct_writes(path: Path) -> list[str]:
+    """'file:line: call' for each file write in `path` that is not to the temporary path atomic_save hands its
+    writer (a parameter of a lambda or function passed to atomic_save), a buffer in memory or a kernel file: the
+    writes that a reader could find half done."""
+    source = path.read_text()
+    tree = ast.parse(source, str(path))
+    saved = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", getattr(node.func, "attr", "")) == "atomic_save"]
+    passed = {ast.get_source_segment(source, arg) for call in saved for arg in call.args[1:]}
+    writers = [node for node in ast.walk(tree) if isinstance(node, ast.Lambda) and any(
+        node in call.args for call in saved) or isinstance(node, ast.FunctionDef) and node.name in passed]
+    temporary = {id(call): {a.arg for a in writer.args.args} for writer in writers for call in ast.walk(writer)
+                 if isinstance(call, ast.Call)}
+    where = str(path.relative_to(ROOT))
+    found = []
+    for node in ast.walk(tree):
+        target = write_target(node) if isinstance(node, ast.Call) else None
+        if target is None:
+            continue
+        names = {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        text = ast.get_source_segment(source, target)
+        if names & temporary.get(id(node), set()) or any(safe in text for safe in SAFE_TARGETS) or (
+                SAFE_WRITES.get(where, "\0") in text):
+            continue
+        found.append(f"{where}:{node.lineno}: {ast.get_source_segment(source, node)[:80]}")
+    return found
+
+
+def test_every_file_the_code_writes_is_written_whole():
+    """Outputs go to a temporary file that is then renamed (minidiff.files.atomic_save): an interrupted run leaves
+    the old file or the new one, never half of one."""
+    sources = ALL_MODULES + sorted((ROOT / "benchmarks").glob("*.py"))
+    assert [line for path in sources for line in direct_writes(path)] == []
+
+
+def test_the_write_finder_finds_direct_writes():
+    sample = ROOT / "benchmarks" / "_sample_for_the_write_finder.py"
+    try:
+        sample.write_text("Path('out.json').write_text('{}')\npicture.save(PICTURE)\nsave_file(state, 'a.bin')\n"
+                          "open(path, 'w').write('x')\n"
+                          "atomic_save(path, lambda tmp: Path(tmp).write_text('{}'))\n"
+                          "atomic_save(path, lambda tmp: Path(other).write_text('{}'))\n"
+                          "def save(tmp):\n    open(tmp, 'w').write('x')\natomic_save(path, save)\n"
+                          "picture.save(buffer, format='PNG')\n")
+        assert [int(line.split(":")[1]) for line in direct_writes(sample)] == [1, 2, 3, 4, 6]
+    finally:
+        sample.unlink()

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minidiff.course import shapes
+from minidiff.files import atomic_save
 from minidiff.images import from_pil, psnr
 
 
@@ -142,7 +143,7 @@ def save_grid(images: dict, pairs: list, path, columns: int = 8) -> None:
             if i == 0:
                 ax.set_title(pairs[j][0], fontsize=6, wrap=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_save(path, lambda tmp: figure.savefig(tmp, dpi=100))
     plt.close(figure)
 
 

@@ -19,6 +19,7 @@ import math
 import numpy as np
 import torch
 
+from minidiff.files import atomic_save
 from minidiff.schedule import NoiseSchedule
 
 
@@ -102,7 +103,7 @@ def plot_convergence(errors: dict, steps, path=None):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     if path:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
         plt.close(fig)
     return fig
 

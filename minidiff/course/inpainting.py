@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from minidiff.course import evaluate, shapes
+from minidiff.files import atomic_save
 from minidiff.images import to_pil
 
 MASK_SPANS = {0: (0, 32), 1: (16, 48), 2: (32, 64)}  # pixel span of each grid row / column, on the 8-px latent grid
@@ -119,9 +120,9 @@ def main(argv=None) -> int:
     results, examples = measure(pipe, n=args.n, steps=args.steps)
     print(json.dumps(results, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        atomic_save(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1) + "\n"))
     if args.picture:
-        example_grid(examples[:4]).save(args.picture)
+        atomic_save(args.picture, example_grid(examples[:4]).save)
     return 0
 
 

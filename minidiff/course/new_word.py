@@ -27,6 +27,7 @@ import torch
 
 from minidiff.course import shapes
 from minidiff.course.evaluate import evaluate, generate
+from minidiff.files import atomic_save
 from minidiff.finetune import FinetuneConfig, finetune
 from minidiff.pipeline import load_pipeline
 
@@ -57,6 +58,12 @@ def word_caption(word: str, spec: shapes.ShapeSpec, rng: np.random.Generator) ->
                                        where_phrase=pick(shapes.WHERE_PHRASES[spec.position]))
 
 
+def write_example(stem: Path, picture, caption: str):
+    """stem.png and its caption in stem.txt, each written whole (a temporary file, then renamed)."""
+    atomic_save(stem.parent / f"{stem.name}.png", picture.save)
+    atomic_save(stem.parent / f"{stem.name}.txt", lambda tmp: Path(tmp).write_text(caption + "\n"))
+
+
 def write_folder(folder, word: str, n: int = 40, seed: int = 0, regular: int = 0) -> list:
     """n pictures of the word's shape at the training places (each place and size in turn), each with its caption
     in a .txt of the same name, and `regular` pictures of the model's own training split with their plain captions
@@ -67,11 +74,9 @@ def write_folder(folder, word: str, n: int = 40, seed: int = 0, regular: int = 0
     specs = [shapes.ShapeSpec(SHAPE, COLOUR, TRAIN_PLACES[i % len(TRAIN_PLACES)],
                               shapes.SIZES[(i // len(TRAIN_PLACES)) % 2]) for i in range(n)]
     for i, spec in enumerate(specs):
-        shapes.render(spec, rng).save(folder / f"{word.strip('<>')}_{i:03d}.png")
-        (folder / f"{word.strip('<>')}_{i:03d}.txt").write_text(word_caption(word, spec, rng) + "\n")
+        write_example(folder / f"{word.strip('<>')}_{i:03d}", shapes.render(spec, rng), word_caption(word, spec, rng))
     for i, spec in enumerate(shapes.random_specs(regular, rng, "train")):
-        shapes.render(spec, rng).save(folder / f"regular_{i:03d}.png")
-        (folder / f"regular_{i:03d}.txt").write_text(shapes.caption(spec, rng) + "\n")
+        write_example(folder / f"regular_{i:03d}", shapes.render(spec, rng), shapes.caption(spec, rng))
     return specs
 
 
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(out.read_text()) if out.is_file() else {}
-    out.write_text(json.dumps(merged | results, indent=2) + "\n")
+    atomic_save(out, lambda tmp: Path(tmp).write_text(json.dumps(merged | results, indent=2) + "\n"))
     print(json.dumps(results, indent=2))
     return 0
 

@@ -45,6 +45,7 @@ from minidiff.config import to_diffusers
 from minidiff.course import shapes
 from minidiff.course.evaluate import evaluate
 from minidiff.course.grounding import grounded_tokens, shape_cells, with_grounding
+from minidiff.files import atomic_save
 from minidiff.hub import bundled_path
 from minidiff.schedule import NoiseSchedule
 from minidiff.tokenizer import MAX_LENGTH, CLIPTokenizer, write_vocab_files
@@ -295,11 +296,11 @@ def save_weights(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> Non
     from safetensors.torch import save_file
 
     state = {key: value.detach().to(dtype).contiguous() for key, value in module.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+    atomic_save(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_save(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def save_folder(out, vae: AutoencoderKL, unet: UNet, text_encoder: CLIPTextModel, dtype=torch.float32) -> Path:
@@ -388,7 +389,7 @@ def train(config: TrainConfig, out=DEFAULT_OUT, progress: bool = True, threads: 
     if not distributed.is_main():
         return {}
     save_folder(out, vae, unet, text_encoder, dtype=torch.float16)  # fp16 files: half the size, loaded as fp32
-    plot_losses(vae_losses, diffusion_losses).savefig(out / "loss_curve.png", dpi=100)
+    atomic_save(out / "loss_curve.png", lambda tmp: plot_losses(vae_losses, diffusion_losses).savefig(tmp, dpi=100))
     timings["total training"] = sum(timings.values())
 
     start = time.perf_counter()

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from minidiff.clip import CLIPTextConfig, CLIPTextModel
 from minidiff.errors import MinidiffError
+from minidiff.files import atomic_save
 from minidiff.hub import bundled_path
 from minidiff.images import evenly_spaced_steps, to_pil, trace_frames  # noqa: F401 (to_pil: the notebooks')
 from minidiff.pipeline import Pipeline, TraceStep, load_pipeline
@@ -167,7 +168,7 @@ def trace_gif(trace: list, path=None, index: int = 0, ms_per_frame: int = 150, s
     data = buffer.getvalue()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(data)
+        atomic_save(path, lambda tmp: Path(tmp).write_bytes(data))
     try:
         from IPython.display import Image as IPythonImage
     except ImportError:

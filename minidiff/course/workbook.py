@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from minidiff.errors import MinidiffError
+from minidiff.files import atomic_save
 
 SOLUTIONS = Path(__file__).resolve().parent / "solutions"
 PACKAGE_IMPORT = "from minidiff.course.solutions."  # -> "from " in the workbook: the student's own earlier lesson
@@ -76,7 +77,8 @@ def init(folder, solutions: bool = False) -> list:
     written = []
     for lesson in lessons():
         path = folder / file_name(lesson)
-        path.write_text(workbook_source(lesson, solutions))
+        source = workbook_source(lesson, solutions)
+        atomic_save(path, lambda tmp, source=source: Path(tmp).write_text(source))
         written.append(path)
     return written
 
