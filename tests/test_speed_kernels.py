@@ -149,12 +149,14 @@ MASKS = {None: None, "bool": torch.ones(33, 33, dtype=torch.bool).tril(), "addit
          "one row": torch.randn(2, 1, 1, 33)}
 
 
+@pytest.mark.parametrize("width", [8, 40, 64])
 @pytest.mark.parametrize("mask_kind", list(MASKS))
-def test_blockwise_attention_is_naive_attention(mask_kind):
-    """Blocks of 5 of 33 queries (the last one short), each in the same score buffers: float32, to 1e-6. (Inference
-    only: its matmuls write into buffers, which autograd refuses; cpu_attention does not use it for gradients.)"""
+def test_blockwise_attention_is_naive_attention(mask_kind, width):
+    """Blocks of 5 of 33 queries (the last one short), each in the same score buffers: float32, to 1e-6; values of
+    8 and 40 columns (padded to 16 and 48 inside) and 64. (Inference only: its matmuls write into buffers, which
+    autograd refuses; cpu_attention does not use it for gradients.)"""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 33, 8) for _ in range(3))
+    q, k, v = torch.randn(2, 4, 33, 8), torch.randn(2, 4, 33, 8), torch.randn(2, 4, 33, width)
     mask = MASKS[mask_kind]
     torch.testing.assert_close(blockwise_attention(q, k, v, mask, block=5), naive_attention(q, k, v, mask),
                                rtol=1e-6, atol=1e-6)
