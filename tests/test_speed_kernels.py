@@ -162,6 +162,16 @@ def test_blockwise_attention_is_naive_attention(mask_kind, width):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_blockwise_attention_compiles_into_one_graph():
+    """Inside the compiled UNet (the +int8 rung on a CPU without AMX) a graph break in the blockwise loop splits the
+    UNet into pieces that recompile for each shape; fullgraph=True fails on any break."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 40) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: blockwise_attention(q, k, v, block=5), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), naive_attention(q, k, v), rtol=1e-6, atol=1e-6)
+
+
 def test_cpu_attention_in_float32_is_sdpa():
     q, k, v = (torch.randn(2, 4, 33, 8) for _ in range(3))
     assert torch.equal(cpu_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))

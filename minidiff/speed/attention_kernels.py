@@ -68,10 +68,14 @@ def blockwise_attention(q, k, v, mask=None, block: int | None = None):
     probs, out = torch.empty_like(scores), q.new_empty(*q.shape[:3], v.shape[-1])
     for start in range(0, length_q, block):
         rows, count = slice(start, start + block), min(block, length_q - start)
-        block_scores, block_probs = scores[:, :, :count], probs[:, :, :count]
-        torch.matmul(q[:, :, rows], keys, out=block_scores)
-        torch.softmax(apply_mask_(block_scores, mask_rows(mask, rows)), dim=-1, out=block_probs)
-        torch.matmul(block_probs, v, out=out[:, :, rows])
+        if torch.compiler.is_compiling():  # Inductor plans the buffers itself, and TorchDynamo breaks the graph at
+            # an out= that is not contiguous (a short last block's); eager calls write into the buffers
+            block_probs = torch.softmax(apply_mask_(q[:, :, rows] @ keys, mask_rows(mask, rows)), dim=-1)
+        else:
+            block_scores, block_probs = scores[:, :, :count], probs[:, :, :count]
+            torch.matmul(q[:, :, rows], keys, out=block_scores)
+            torch.softmax(apply_mask_(block_scores, mask_rows(mask, rows)), dim=-1, out=block_probs)
+        out[:, :, rows] = block_probs @ v
     return out[..., :width]
 
 
