@@ -365,6 +365,28 @@ def _engines_geglu() -> dict:
     return values
 
 
+def _engines_amd() -> dict:
+    """On the 2-core AMD EPYC (AVX512_BF16, no AMX) of 2026-12-05: `python -m benchmarks.vs_engines --config sd15
+    --size 256 --steps 2 --repeats 2 --rungs fp32_fast,int8 --json
+    benchmarks/results/engines_sd15_256_int8_fp32_amd.json` (keys amd256.*), then `--size 512` with `--rungs int8`
+    into engines_sd15_512_int8_amd.json (amd512.*), with `--repeats 1 --rungs fp32_fast` into
+    engines_sd15_512_fp32_fast_amd.json (amd512f.*), and `--rungs int8` again after the values' padding in
+    blockwise_attention, into engines_sd15_512_int8_amd_padded.json (amd512p.*), and with `--repeats 4` into
+    engines_sd15_512_int8_amd_padded_r4.json (amd512q.*)."""
+    results, peers = "benchmarks/results/engines_sd15_", ("onnxruntime", "openvino")
+    values = _against_peers(f"{results}256_int8_fp32_amd.json", "amd256",
+                            {"+int8": "int8", "fp32 +every option": "fp32_fast"}, peers)
+    for file, prefix, rung, key in (("512_int8_amd.json", "amd512", "+int8", "int8"),
+                                    ("512_int8_amd_padded.json", "amd512p", "+int8", "int8"),
+                                    ("512_int8_amd_padded_r4.json", "amd512q", "+int8", "int8"),
+                                    ("512_fp32_fast_amd.json", "amd512f", "fp32 +every option", "fp32_fast")):
+        values |= _against_peers(results + file, prefix, {rung: key}, peers)
+        row = read_json(results + file)[0]
+        values[f"{prefix}.dev"] = f"{row['max_dev']:.1e}"
+        values[f"{prefix}.openvino_ratio3"] = f"{row['openvino_ratio']:.3f}"  # beside a 0.8 target, 0.805 is not 0.80
+    return values
+
+
 def _engine_profile() -> dict:
     """Written by `python -m benchmarks.engine_profile --size 512` (benchmarks/results/engine_profile_512.json):
     where the +int8 rung's step and OpenVINO's go, each engine's own profiler, four groups."""
@@ -440,7 +462,7 @@ def sources() -> dict:
             | _end_to_end() | _engines()
             | _linear_kernels() | _engines_int8() | _engines_int8_amd() | _engines_512() | _engines_fp32_intel()
             | _engines_int8_intel512() | _engines_int8_static() | _engines_int8_unfolded() | _engines_autotune()
-            | _engines_geglu()
+            | _engines_geglu() | _engines_amd()
             | _engine_profile()
             | _int8_quality() | _sampler_table() | _gpu_ladder())
 
