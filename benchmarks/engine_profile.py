@@ -4,9 +4,11 @@ profiler and its operators put in four groups:
 
     python -m benchmarks.engine_profile [--size 512] [--json benchmarks/results/engine_profile_512.json]
 
-    attention      minidiff: aten's flash-attention kernel (SDPA); OpenVINO: the fused subgraphs of the export's
+    attention      minidiff: aten's flash-attention kernel (SDPA), or on a CPU without AMX the blockwise path's
+                   batched matmuls and Inductor's softmax kernels; OpenVINO: the fused subgraphs of the export's
                    scaled_dot_product_attention nodes. Also per call for the self-attentions of the longest
-                   sequence (minidiff: by the inputs' shapes; OpenVINO: its slowest attention nodes, as many)
+                   sequence (minidiff: by the inputs' shapes, on the blockwise path its matmuls alone, as the
+                   softmax kernels carry no shapes; OpenVINO: its slowest attention nodes, as many)
     convolutions   minidiff: oneDNN's int8 convolutions (and the first and last, kept in bf16); OpenVINO: its
                    Convolution nodes
     linear layers  minidiff: oneDNN's int8 matmuls (1x1 convolutions included); OpenVINO: FullyConnected
@@ -48,6 +50,8 @@ def torch_group(name: str) -> str:
         return "the rest"
     if "::_scaled_dot_product" in name:  # the kernel, not the dispatching aten::scaled_dot_product_attention
         return "attention"
+    if name == "aten::bmm" or name.startswith("graph_") and "softmax" in name:  # blockwise_attention (no AMX): the
+        return "attention"  # int8 rung's other matmuls are oneDNN's
     if "qconv" in name or "convolution" in name:
         return "convolutions"
     if "qlinear" in name or name in ("aten::mm", "aten::addmm", "aten::linear"):
@@ -80,12 +84,22 @@ def profile_minidiff(unet, x, context) -> dict:
         total = 1000 * (time.perf_counter() - start)
     events = profiler.events()
     groups = grouped([(torch_group(e.name), e.self_cpu_time_total / 1000) for e in events], total)
-    attention = [e for e in events if torch_group(e.name) == "attention"]
-    lengths = [(e.input_shapes[0][2], e.input_shapes[1][2]) for e in attention]  # (queries, keys) a call
-    longest = max(queries for queries, keys in lengths if queries == keys)  # the self-attentions of the top level
-    selfs = [e.self_cpu_time_total / 1000 for e, shape in zip(attention, lengths) if shape == (longest, longest)]
+    sdpa = [e for e in events if "::_scaled_dot_product" in e.name]
+    if sdpa:
+        lengths = [(e.input_shapes[0][2], e.input_shapes[1][2]) for e in sdpa]  # (queries, keys) a call
+        longest = max(queries for queries, keys in lengths if queries == keys)  # the top level's self-attentions
+        selfs = [e.self_cpu_time_total / 1000 for e, shape in zip(sdpa, lengths) if shape == (longest, longest)]
+        self_ms, calls = sum(selfs), len(selfs)
+    else:  # blockwise_attention: per block, scores (BH, rows, d) @ (BH, d, keys), then (BH, rows, keys) @ values
+        products = [e for e in events if e.name == "aten::bmm"]
+        keys = context.shape[1]  # the cross-attentions' (the text's tokens)
+        scores = [e for e in products if e.input_shapes[1][2] > e.input_shapes[1][1] and e.input_shapes[1][2] != keys]
+        longest = max(e.input_shapes[1][2] for e in scores)  # the top level's self-attentions
+        rows = max(e.input_shapes[0][1] for e in scores if e.input_shapes[1][2] == longest)
+        calls = round(sum(e.input_shapes[1][2] == longest for e in scores) / -(-longest // rows))
+        self_ms = sum(e.self_cpu_time_total / 1000 for e in products if longest in e.input_shapes[1][1:])
     return {"profiled_ms": total, "groups_ms": groups, "longest_sequence": longest,
-            "self_attention_ms": statistics.mean(selfs), "self_attention_calls": len(selfs)}
+            "self_attention_ms": self_ms / calls, "self_attention_calls": calls}
 
 
 def profile_openvino(peer, x, context, calls: int) -> dict:
