@@ -1,5 +1,7 @@
 """The grounding loss the shapes model trains with (minidiff.course.grounding): its cells, tokens and value."""
 
+import statistics
+
 import numpy as np
 import pytest
 import torch
@@ -95,4 +97,6 @@ def test_training_on_the_grounding_loss_moves_the_words_attention_onto_the_shape
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    # the median of the last 20 steps: at lr 1e-2 Adam's loss can jump back up for a few steps (on a 2-core AMD EPYC
+    # it fell from 0.011 to 7e-5 by step 31, then rose to 0.0068 at step 39)
+    assert statistics.median(losses[-20:]) < 0.5 * losses[0], losses
