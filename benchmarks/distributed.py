@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.records import save_json, writable
-from minidiff.files import atomic_save
+from minidiff.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = 1024
@@ -54,7 +54,7 @@ def worker(steps: int, out: str) -> None:
             "losses": {"vae": vae_losses, "diffusion": losses},
             "s_per_step": {"vae": vae_seconds / steps, "diffusion": unet_seconds / steps},
         }
-        atomic_save(out, lambda temporary: Path(temporary).write_text(json.dumps(record)))
+        atomic_write_text(out, json.dumps(record))
     distributed.teardown()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.records import writable
-from minidiff.files import atomic_save
+from minidiff.files import atomic_write_text
 from minidiff.pipeline import load_pipeline
 
 PROMPT = "a small red circle in the top left"
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         print(f"{label:32s} {medians[part + ' wall_s']:8.3f} {medians[part + ' cpu_s']:8.3f}")
     if args.json:
         record = {"steps": args.steps, "threads": args.threads, "load": load, **medians}
-        atomic_save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=2)))
+        atomic_write_text(args.json, json.dumps(record, indent=2))
     return 0
 
 

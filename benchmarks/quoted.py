@@ -19,7 +19,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from minidiff.files import atomic_save
+from minidiff.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "course").glob("*.md"))]
@@ -492,7 +492,7 @@ def write(documents=DOCUMENTS) -> int:
         new = MARKED.sub(lambda m: f"<!--n:{m['key']}-->{values.get(m['key'], m['text'])}<!--/n-->", text)
         changed += sum(a != b for a, b in zip(marked(text), marked(new)))
         if new != text:
-            atomic_save(path, lambda tmp, new=new: Path(tmp).write_text(new))
+            atomic_write_text(path, new)
     return changed
 
 

@@ -2,10 +2,9 @@
 
 import json
 import sys
-from pathlib import Path
 
 from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save, check_writable
+from minidiff.files import atomic_write_text, check_writable
 
 
 def writable(script: str, *paths) -> bool:
@@ -21,4 +20,4 @@ def writable(script: str, *paths) -> bool:
 
 def save_json(path, record, indent: int = 1) -> None:
     """The record as JSON and a newline, through a temporary file renamed into place."""
-    atomic_save(path, lambda temporary: Path(temporary).write_text(json.dumps(record, indent=indent) + "\n"))
+    atomic_write_text(path, json.dumps(record, indent=indent) + "\n")

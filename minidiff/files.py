@@ -87,3 +87,8 @@ def atomic_save(path, save) -> None:
         _PENDING.discard(tmp)
         if main_thread and previous in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """atomic_save of a text file (UTF-8)."""
+    atomic_save(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

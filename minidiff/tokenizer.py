@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from minidiff.errors import CheckpointError, MinidiffError
-from minidiff.files import atomic_save
+from minidiff.files import atomic_write_text
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # positions of the CLIP text encoder: START + 75 tokens + END
@@ -118,7 +118,7 @@ def write_vocab_files(folder) -> tuple[Path, Path]:
     texts = {vocab_path: json.dumps(vocab, ensure_ascii=False),
              merges_path: "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)}
     for path, text in texts.items():
-        atomic_save(path, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(path, text)
     return vocab_path, merges_path
 
 

@@ -17,14 +17,13 @@ import argparse
 import io
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from minidiff.course import evaluate, shapes
-from minidiff.files import atomic_save
+from minidiff.files import atomic_save, atomic_write_text
 from minidiff.images import to_pil
 
 MASK_SPANS = {0: (0, 32), 1: (16, 48), 2: (32, 64)}  # pixel span of each grid row / column, on the 8-px latent grid
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
     results, examples = measure(pipe, n=args.n, steps=args.steps)
     print(json.dumps(results, indent=1))
     if args.json:
-        atomic_save(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1) + "\n"))
+        atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
     if args.picture:
         atomic_save(args.picture, example_grid(examples[:4]).save)
     return 0

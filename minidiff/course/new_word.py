@@ -27,7 +27,7 @@ import torch
 
 from minidiff.course import shapes
 from minidiff.course.evaluate import evaluate, generate
-from minidiff.files import atomic_save
+from minidiff.files import atomic_save, atomic_write_text
 from minidiff.finetune import FinetuneConfig, finetune
 from minidiff.pipeline import load_pipeline
 
@@ -61,7 +61,7 @@ def word_caption(word: str, spec: shapes.ShapeSpec, rng: np.random.Generator) ->
 def write_example(stem: Path, picture, caption: str):
     """stem.png and its caption in stem.txt, each written whole (a temporary file, then renamed)."""
     atomic_save(stem.parent / f"{stem.name}.png", picture.save)
-    atomic_save(stem.parent / f"{stem.name}.txt", lambda tmp: Path(tmp).write_text(caption + "\n"))
+    atomic_write_text(stem.parent / f"{stem.name}.txt", caption + "\n")
 
 
 def write_folder(folder, word: str, n: int = 40, seed: int = 0, regular: int = 0) -> list:
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(out.read_text()) if out.is_file() else {}
-    atomic_save(out, lambda tmp: Path(tmp).write_text(json.dumps(merged | results, indent=2) + "\n"))
+    atomic_write_text(out, json.dumps(merged | results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
 

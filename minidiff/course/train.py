@@ -45,7 +45,7 @@ from minidiff.config import to_diffusers
 from minidiff.course import shapes
 from minidiff.course.evaluate import evaluate
 from minidiff.course.grounding import grounded_tokens, shape_cells, with_grounding
-from minidiff.files import atomic_save
+from minidiff.files import atomic_save, atomic_write_text
 from minidiff.hub import bundled_path
 from minidiff.schedule import NoiseSchedule
 from minidiff.tokenizer import MAX_LENGTH, CLIPTokenizer, write_vocab_files
@@ -300,7 +300,7 @@ def save_weights(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> Non
 
 
 def write_json(path: Path, data: dict) -> None:
-    atomic_save(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_folder(out, vae: AutoencoderKL, unet: UNet, text_encoder: CLIPTextModel, dtype=torch.float32) -> Path:

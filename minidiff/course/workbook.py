@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from minidiff.errors import MinidiffError
-from minidiff.files import atomic_save
+from minidiff.files import atomic_write_text
 
 SOLUTIONS = Path(__file__).resolve().parent / "solutions"
 PACKAGE_IMPORT = "from minidiff.course.solutions."  # -> "from " in the workbook: the student's own earlier lesson
@@ -77,8 +77,7 @@ def init(folder, solutions: bool = False) -> list:
     written = []
     for lesson in lessons():
         path = folder / file_name(lesson)
-        source = workbook_source(lesson, solutions)
-        atomic_save(path, lambda tmp, source=source: Path(tmp).write_text(source))
+        atomic_write_text(path, workbook_source(lesson, solutions))
         written.append(path)
     return written
 
