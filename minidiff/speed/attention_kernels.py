@@ -65,17 +65,21 @@ def blockwise_attention(q, k, v, mask=None, block: int | None = None):
     # contiguous once, not once a block: the (B, heads, L, d) views of (B, L, heads * d) tensors are strided
     q, keys = (q / math.sqrt(q.shape[-1])).contiguous(), k.contiguous().transpose(-2, -1)
     v = F.pad(v, (0, -width % VALUE_COLUMNS)).contiguous()
-    scores = q.new_empty(*q.shape[:2], min(block, length_q), k.shape[2])  # (B, heads, block, L_k)
-    probs, out = torch.empty_like(scores), q.new_empty(*q.shape[:3], v.shape[-1])
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    # compiled, Inductor plans the buffers itself, and TorchDynamo breaks the graph at an out= that is not contiguous
+    # (a short last block's); eager calls write into the buffers
+    buffered = not torch.compiler.is_compiling()
+    if buffered:
+        scores = q.new_empty(*q.shape[:2], min(block, length_q), k.shape[2])  # (B, heads, block, L_k)
+        probs = torch.empty_like(scores)
     for start in range(0, length_q, block):
         rows, count = slice(start, start + block), min(block, length_q - start)
-        if torch.compiler.is_compiling():  # Inductor plans the buffers itself, and TorchDynamo breaks the graph at
-            # an out= that is not contiguous (a short last block's); eager calls write into the buffers
-            block_probs = torch.softmax(apply_mask_(q[:, :, rows] @ keys, mask_rows(mask, rows)), dim=-1)
-        else:
+        if buffered:
             block_scores, block_probs = scores[:, :, :count], probs[:, :, :count]
             torch.matmul(q[:, :, rows], keys, out=block_scores)
             torch.softmax(apply_mask_(block_scores, mask_rows(mask, rows)), dim=-1, out=block_probs)
+        else:
+            block_probs = torch.softmax(apply_mask_(q[:, :, rows] @ keys, mask_rows(mask, rows)), dim=-1)
         out[:, :, rows] = block_probs @ v
     return out[..., :width]
 
