@@ -162,14 +162,32 @@ def test_blockwise_attention_is_naive_attention(mask_kind, width):
                                rtol=1e-6, atol=1e-6)
 
 
-def test_blockwise_attention_compiles_into_one_graph():
+@pytest.mark.parametrize("mask_kind", list(MASKS))
+def test_blockwise_attention_compiles_into_one_graph(mask_kind):
     """Inside the compiled UNet (the +int8 rung on a CPU without AMX) a graph break in the blockwise loop splits the
-    UNet into pieces that recompile for each shape; fullgraph=True fails on any break."""
+    UNet into pieces that recompile for each shape; fullgraph=True fails on any break. Traced, each block is
+    base2_block (exp2 of scores in base 2, the additive masks scaled to match): float32, to 1e-5."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 33, 40) for _ in range(3))
-    compiled = torch.compile(lambda q, k, v: blockwise_attention(q, k, v, block=5), fullgraph=True, backend="eager")
+    mask = MASKS[mask_kind]
+    compiled = torch.compile(lambda q, k, v: blockwise_attention(q, k, v, mask, block=5), fullgraph=True,
+                             backend="eager")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(q, k, v), naive_attention(q, k, v), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(compiled(q, k, v), naive_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_blockwise_attention_compiled_by_inductor_in_bf16():
+    """The kernels Inductor writes for base2_block, in bf16 as the +int8 rung runs them: within bf16's rounding of
+    float32 naive attention on the same (bf16) numbers, and as close as the eager bf16 path."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 40, dtype=torch.bfloat16) for _ in range(3))
+    mask = MASKS["additive"]
+    reference = naive_attention(q.float(), k.float(), v.float(), mask)
+    compiled = torch.compile(lambda q, k, v: blockwise_attention(q, k, v, mask, block=5), fullgraph=True)
+    with torch.no_grad():
+        error = (compiled(q, k, v).float() - reference).abs().max().item()
+        eager_error = (blockwise_attention(q, k, v, mask, block=5).float() - reference).abs().max().item()
+    assert error < 2 * eager_error + 1e-3 and error < 0.02, (error, eager_error)
 
 
 def test_cpu_attention_in_float32_is_sdpa():
