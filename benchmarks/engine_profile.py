@@ -46,12 +46,13 @@ GROUPS = ("attention", "convolutions", "linear layers", "the rest")
 
 def torch_group(name: str) -> str:
     """The group of a torch.profiler row (Inductor's fused kernels, named graph_..._cpp_fused_..., are the rest)."""
-    if name.startswith("graph_"):
-        return "the rest"
     if "::_scaled_dot_product" in name:  # the kernel, not the dispatching aten::scaled_dot_product_attention
         return "attention"
-    if name == "aten::bmm" or name.startswith("graph_") and "softmax" in name:  # blockwise_attention (no AMX): the
-        return "attention"  # int8 rung's other matmuls are oneDNN's
+    if name == "aten::bmm" or name.startswith("graph_") and ("softmax" in name or "amax_exp2" in name):
+        return "attention"  # blockwise_attention (no AMX; base2_block's kernels are named by their ops): the int8
+        # rung's other matmuls are oneDNN's
+    if name.startswith("graph_"):
+        return "the rest"
     if "qconv" in name or "convolution" in name:
         return "convolutions"
     if "qlinear" in name or name in ("aten::mm", "aten::addmm", "aten::linear"):

@@ -16,6 +16,10 @@ from minidiff.speed import int8_available, memory, reuse_memory_available
     ("aten::scaled_dot_product_attention", "the rest"),  # an eager call's dispatch: its kernel is a child row
     # Inductor's fused kernels around the attention (the projections' epilogues) are the rest, not attention
     ("graph_0_cpp_fused__scaled_dot_product_flash_attention_for_cpu__to_copy_add_clamp_div_mul_6", "the rest"),
+    # the blockwise path's (a CPU without AMX): the batched matmuls, Inductor's softmax and base2_block's kernels
+    ("aten::bmm", "attention"),
+    ("graph_0_cpp_fused__softmax_view_8", "attention"),
+    ("graph_0_cpp_fused__to_copy_amax_exp2_sub_sum_view_12", "attention"),
     ("onednn::qconv_pointwise", "convolutions"),
     ("mkldnn::_convolution_pointwise", "convolutions"),  # conv_in and conv_out, kept in bf16
     ("onednn::qlinear_pointwise", "linear layers"),
