@@ -372,13 +372,17 @@ def _engines_amd() -> dict:
     into engines_sd15_512_int8_amd.json (amd512.*), with `--repeats 1 --rungs fp32_fast` into
     engines_sd15_512_fp32_fast_amd.json (amd512f.*), and `--rungs int8` again after the values' padding in
     blockwise_attention, into engines_sd15_512_int8_amd_padded.json (amd512p.*), and with `--repeats 4` into
-    engines_sd15_512_int8_amd_padded_r4.json (amd512q.*)."""
+    engines_sd15_512_int8_amd_padded_r4.json (amd512q.*); after base2_block, `--rungs int8` into
+    engines_sd15_512_int8_amd_base2.json (amd512b.*), and with `--repeats 4` into
+    engines_sd15_512_int8_amd_base2_r4.json (amd512c.*)."""
     results, peers = "benchmarks/results/engines_sd15_", ("onnxruntime", "openvino")
     values = _against_peers(f"{results}256_int8_fp32_amd.json", "amd256",
                             {"+int8": "int8", "fp32 +every option": "fp32_fast"}, peers)
     for file, prefix, rung, key in (("512_int8_amd.json", "amd512", "+int8", "int8"),
                                     ("512_int8_amd_padded.json", "amd512p", "+int8", "int8"),
                                     ("512_int8_amd_padded_r4.json", "amd512q", "+int8", "int8"),
+                                    ("512_int8_amd_base2.json", "amd512b", "+int8", "int8"),
+                                    ("512_int8_amd_base2_r4.json", "amd512c", "+int8", "int8"),
                                     ("512_fp32_fast_amd.json", "amd512f", "fp32 +every option", "fp32_fast")):
         values |= _against_peers(results + file, prefix, {rung: key}, peers)
         row = read_json(results + file)[0]
@@ -388,20 +392,23 @@ def _engines_amd() -> dict:
 
 
 def _engine_profile() -> dict:
-    """Written by `python -m benchmarks.engine_profile --size 512` (benchmarks/results/engine_profile_512.json):
-    where the +int8 rung's step and OpenVINO's go, each engine's own profiler, four groups."""
-    run, values = read_json("benchmarks/results/engine_profile_512.json"), {}
-    for engine in ("minidiff", "openvino"):
-        record = run[engine]
-        for group, ms in record["groups_ms"].items():
-            values[f"eprof.{engine}.{group.removeprefix('the ').split()[0]}"] = f"{ms:.0f}"
-        for key in ("profiled_ms", "call_ms", "self_attention_ms"):
-            values[f"eprof.{engine}.{key.removesuffix('_ms')}"] = f"{record[key]:.0f}"
-    values["eprof.openvino.nodes"] = f"{run['openvino']['nodes_ms']:.0f}"
-    ours, theirs = run["minidiff"], run["openvino"]
-    values["eprof.ratio"] = f"{ours['call_ms'] / theirs['call_ms']:.2f}"
-    values["eprof.needed"] = f"{ours['call_ms'] - 0.8 * theirs['call_ms']:.0f}"  # ms off minidiff's call for 0.8x
-    values["eprof.rest_gap"] = f"{ours['groups_ms']['the rest'] - theirs['groups_ms']['the rest']:.0f}"
+    """Written by `python -m benchmarks.engine_profile --size 512`: where the +int8 rung's step and OpenVINO's go,
+    each engine's own profiler, four groups; on the Intel Xeon with AMX (benchmarks/results/engine_profile_512.json,
+    keys eprof.*) and on the AMD EPYC without AMX (engine_profile_512_amd.json, eprofa.*)."""
+    values = {}
+    for file, prefix in (("engine_profile_512.json", "eprof"), ("engine_profile_512_amd.json", "eprofa")):
+        run = read_json(f"benchmarks/results/{file}")
+        for engine in ("minidiff", "openvino"):
+            record = run[engine]
+            for group, ms in record["groups_ms"].items():
+                values[f"{prefix}.{engine}.{group.removeprefix('the ').split()[0]}"] = f"{ms:.0f}"
+            for key in ("profiled_ms", "call_ms", "self_attention_ms"):
+                values[f"{prefix}.{engine}.{key.removesuffix('_ms')}"] = f"{record[key]:.0f}"
+        values[f"{prefix}.openvino.nodes"] = f"{run['openvino']['nodes_ms']:.0f}"
+        ours, theirs = run["minidiff"], run["openvino"]
+        values[f"{prefix}.ratio"] = f"{ours['call_ms'] / theirs['call_ms']:.2f}"
+        values[f"{prefix}.needed"] = f"{ours['call_ms'] - 0.8 * theirs['call_ms']:.0f}"  # ms off our call for 0.8x
+        values[f"{prefix}.rest_gap"] = f"{ours['groups_ms']['the rest'] - theirs['groups_ms']['the rest']:.0f}"
     return values
 
 
