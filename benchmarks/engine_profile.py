@@ -45,7 +45,8 @@ GROUPS = ("attention", "convolutions", "linear layers", "the rest")
 
 
 def torch_group(name: str) -> str:
-    """The group of a torch.profiler row (Inductor's fused kernels, named graph_..._cpp_fused_..., are the rest)."""
+    """The group of a torch.profiler row (Inductor's fused kernels, named graph_..._cpp_fused_..., are the rest, but
+    for the blockwise attention's softmax kernels, which are attention)."""
     if "::_scaled_dot_product" in name:  # the kernel, not the dispatching aten::scaled_dot_product_attention
         return "attention"
     if name == "aten::bmm" or name.startswith("graph_") and ("softmax" in name or "amax_exp2" in name):

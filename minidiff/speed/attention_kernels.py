@@ -67,7 +67,7 @@ def blockwise_attention(q, k, v, mask=None, block: int | None = None):
     block = block or max(1, CPU_SCORES_PER_BLOCK // (q.shape[0] * q.shape[1] * k.shape[2]))
     compiled = torch.compiler.is_compiling()
     # contiguous once, not once a block: the (B, heads, L, d) views of (B, L, heads * d) tensors are strided
-    q = (q * ((LOG2E if compiled else 1.0) / math.sqrt(q.shape[-1]))).contiguous()
+    q = (q / (math.sqrt(q.shape[-1]) / (LOG2E if compiled else 1.0))).contiguous()  # eager: as naive_attention
     keys = k.contiguous().transpose(-2, -1)
     v = F.pad(v, (0, -width % VALUE_COLUMNS)).contiguous()
     out = q.new_empty(*q.shape[:3], v.shape[-1])
