@@ -92,16 +92,24 @@ def profile_minidiff(unet, x, context) -> dict:
         longest = max(queries for queries, keys in lengths if queries == keys)  # the top level's self-attentions
         selfs = [e.self_cpu_time_total / 1000 for e, shape in zip(sdpa, lengths) if shape == (longest, longest)]
         self_ms, calls = sum(selfs), len(selfs)
-    else:  # blockwise_attention: per block, scores (BH, rows, d) @ (BH, d, keys), then (BH, rows, keys) @ values
-        products = [e for e in events if e.name == "aten::bmm"]
-        keys = context.shape[1]  # the cross-attentions' (the text's tokens)
-        scores = [e for e in products if e.input_shapes[1][2] > e.input_shapes[1][1] and e.input_shapes[1][2] != keys]
-        longest = max(e.input_shapes[1][2] for e in scores)  # the top level's self-attentions
-        rows = max(e.input_shapes[0][1] for e in scores if e.input_shapes[1][2] == longest)
-        calls = round(sum(e.input_shapes[1][2] == longest for e in scores) / -(-longest // rows))
-        self_ms = sum(e.self_cpu_time_total / 1000 for e in products if longest in e.input_shapes[1][1:])
+    else:
+        products = [(e.input_shapes, e.self_cpu_time_total / 1000) for e in events if e.name == "aten::bmm"]
+        pairs = x.shape[0] * unet.config.num_attention_heads[0]  # (batch entry, head) pairs at the top level
+        self_ms, calls, longest = blockwise_self_attention(products, context.shape[1], pairs)
     return {"profiled_ms": total, "groups_ms": groups, "longest_sequence": longest,
             "self_attention_ms": self_ms / calls, "self_attention_calls": calls}
+
+
+def blockwise_self_attention(products, text_tokens: int, pairs: int) -> tuple[float, int, int]:
+    """(ms of the self-attentions of the longest sequence, how many, the length) from blockwise_attention's batched
+    matmuls, (input shapes, ms) each: per block of n (batch entry, head) pairs and r queries, the scores
+    (n, r, d) @ (n, d, keys), then (n, r, keys) @ (n, keys, d'); `pairs` of them in one attention, and text_tokens
+    the cross-attentions' keys."""
+    scores = [shapes for shapes, ms in products if shapes[1][2] > shapes[1][1] and shapes[1][2] != text_tokens]
+    longest = max(shapes[1][2] for shapes in scores)  # the top level's self-attentions
+    score_rows = sum(shapes[0][0] * shapes[0][1] for shapes in scores if shapes[1][2] == longest)
+    calls = round(score_rows / (pairs * longest))
+    return sum(ms for shapes, ms in products if longest in shapes[1][1:]), calls, longest
 
 
 def profile_openvino(peer, x, context, calls: int) -> dict:

@@ -4,6 +4,7 @@ docstring says, and a whole run on the tiny config writes a record with every gr
 import json
 
 import pytest
+import torch
 
 import benchmarks.engine_profile as engine_profile
 import benchmarks.vs_engines as vs_engines
@@ -48,6 +49,29 @@ def test_the_rest_is_the_total_less_the_named_groups_or_the_sum_of_its_rows():
         "attention": 5.0, "convolutions": 2.0, "linear layers": 1.5, "the rest": 1.5}
     assert engine_profile.grouped(rows)["the rest"] == 1.5  # OpenVINO: its other nodes
     assert engine_profile.grouped(rows, total_ms=9.0)["the rest"] == 0.5
+
+
+@pytest.mark.parametrize("budget", [2 * 17 * 64, 2**22])  # blocks of 2 heads x 17 queries; one block
+def test_the_blockwise_self_attentions_are_counted_from_the_matmuls_shapes(budget, monkeypatch):
+    """Three self-attentions of 64 tokens among shorter ones and cross-attentions (7 text tokens), 2 x 4
+    (batch entry, head) pairs, through blockwise_attention under torch.profiler: three calls of length 64, and the
+    ms are those of the bmm rows of 64 keys."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from minidiff.speed import attention_kernels
+
+    monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", budget)
+    q64, q16, text = (torch.randn(2, 4, length, 8) for length in (64, 16, 7))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+        for _ in range(3):
+            attention_kernels.blockwise_attention(q64, q64, q64)
+            attention_kernels.blockwise_attention(q16, q16, q16)
+            attention_kernels.blockwise_attention(q64, text, text)
+    products = [(e.input_shapes, e.self_cpu_time_total / 1000) for e in profiler.events() if e.name == "aten::bmm"]
+    ms, calls, longest = engine_profile.blockwise_self_attention(products, text_tokens=7, pairs=8)
+    assert (calls, longest) == (3, 64)
+    assert ms == pytest.approx(sum(ms for shapes, ms in products if 64 in shapes[1][1:]))
+    assert 0 < ms < sum(ms for shapes, ms in products)
 
 
 @pytest.mark.parametrize("arguments, message", [

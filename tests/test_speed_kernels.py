@@ -26,7 +26,7 @@ from minidiff.speed import (
     cpu_defaults,
     set_attention,
 )
-from minidiff.speed.attention_kernels import attention_kernel
+from minidiff.speed.attention_kernels import attention_kernel, tiles
 from minidiff.speed.kernels import replace_modules
 from minidiff.unet import Attention, FeedForward, UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, SpatialSelfAttention, VAEConfig
@@ -146,32 +146,72 @@ def test_blocked_feed_forward_goes_whole_under_torch_compile(monkeypatch):
 
 
 MASKS = {None: None, "bool": torch.ones(33, 33, dtype=torch.bool).tril(), "additive": torch.randn(2, 1, 33, 33),
-         "one row": torch.randn(2, 1, 1, 33)}
+         "one row": torch.randn(2, 1, 1, 33), "per head": torch.randn(4, 33, 33), "per entry and head":
+         torch.randn(2, 4, 1, 33)}
+
+
+@pytest.mark.parametrize("shape, width, budget, expected", [
+    ((2, 8, 4096, 4096), 40, None, (1, 2, 512)),  # SD 1.5 at 512 px: the top level's self-attention
+    ((2, 8, 1024, 1024), 40, None, (1, 4, 1024)),
+    ((2, 8, 256, 256), 40, None, (2, 8, 256)),  # one block
+    ((2, 8, 4096, 77), 40, None, (1, 8, 4096)),  # a cross-attention
+    ((1, 1, 4096, 4096), 512, None, (1, 1, 4096)),  # the VAE's single wide head: a larger budget
+    ((2, 5, 9216, 9216), 64, None, (1, 2, 225)),  # SD 2.x at 768 px: 41 blocks of queries, 3 of heads
+    ((2, 4, 33, 33), 8, 2 * 17 * 33, (1, 2, 17)),  # equal blocks, the last shorter
+    ((3, 2, 5, 7), 8, 2 * 2 * 5 * 7, (2, 2, 5)),  # batch entries together, the last alone
+])
+def test_tiles_cover_the_scores_once_within_the_budget(shape, width, budget, expected, monkeypatch):
+    """Every (batch entry, head, query) in exactly one block, each block within the budget and no larger than the
+    first (the eager path's buffers are its size), and the blocks measured fastest for SD 1.5 (attention_kernels'
+    comment)."""
+    if budget is not None:
+        monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", budget)
+    batch, heads, length_q, length_k = shape
+    blocks = tiles(batch, heads, length_q, length_k, width)
+    sizes = [tuple(part.stop - part.start for part in block) for block in blocks]
+    assert sizes[0] == expected
+    assert all(size <= first for block in sizes for size, first in zip(block, expected))
+    most = attention_kernels.CPU_SCORES_PER_BLOCK * max(1, width // 64)
+    assert all(b * h * r * length_k <= most for b, h, r in sizes)
+    covered = torch.zeros(batch, heads, length_q, dtype=torch.int64)
+    for block in blocks:
+        covered[block] += 1
+    assert bool((covered == 1).all())
+
+
+# blocks of 5 queries of every head, or `tiles`' default with a budget that splits the heads and the batch: blocks
+# of 2 heads x 17 queries, the last 16 (the masks' parts per batch entry, head and query)
+BLOCKS = {"5 queries": 5, "2 heads x 17 queries": None}
 
 
 @pytest.mark.parametrize("width", [8, 40, 64])
 @pytest.mark.parametrize("mask_kind", list(MASKS))
-def test_blockwise_attention_is_naive_attention(mask_kind, width):
-    """Blocks of 5 of 33 queries (the last one short), each in the same score buffers: float32, to 1e-6; values of
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+def test_blockwise_attention_is_naive_attention(blocks, mask_kind, width, monkeypatch):
+    """Blocks of 33 queries (the last one short), each in the same score buffers: float32, to 1e-6; values of
     8 and 40 columns (padded to 16 and 48 inside) and 64. (Inference only: its matmuls write into buffers, which
     autograd refuses; cpu_attention does not use it for gradients.)"""
+    monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", 2 * 17 * 33)
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 33, 8), torch.randn(2, 4, 33, 8), torch.randn(2, 4, 33, width)
     mask = MASKS[mask_kind]
-    torch.testing.assert_close(blockwise_attention(q, k, v, mask, block=5), naive_attention(q, k, v, mask),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(blockwise_attention(q, k, v, mask, block=BLOCKS[blocks]),
+                               naive_attention(q, k, v, mask), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mask_kind", list(MASKS))
-def test_blockwise_attention_compiles_into_one_graph(mask_kind):
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+def test_blockwise_attention_compiles_into_one_graph(blocks, mask_kind, monkeypatch):
     """Inside the compiled UNet (the +int8 rung on a CPU without AMX) a graph break in the blockwise loop splits the
     UNet into pieces that recompile for each shape; fullgraph=True fails on any break. Traced, each block is
     base2_block (exp2 of scores in base 2, the additive masks scaled to match): float32, to 1e-5."""
+    monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", 2 * 17 * 33)
+    torch._dynamo.reset()  # the lambda's code object is each case's: a compile per case, not recompiles
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 33, 40) for _ in range(3))
     mask = MASKS[mask_kind]
-    compiled = torch.compile(lambda q, k, v: blockwise_attention(q, k, v, mask, block=5), fullgraph=True,
-                             backend="eager")
+    compiled = torch.compile(lambda q, k, v: blockwise_attention(q, k, v, mask, block=BLOCKS[blocks]),
+                             fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(q, k, v), naive_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
@@ -186,8 +226,10 @@ def test_blockwise_attention_compiled_by_inductor_in_bf16():
     reference = naive_attention(q.float(), k.float(), v.float(), mask)
     compiled = torch.compile(lambda q, k, v: blockwise_attention(q, k, v, mask, block=5), fullgraph=True)
     with torch.no_grad():
-        error = (compiled(q, k, v).float() - reference).abs().max().item()
+        out = compiled(q, k, v)
+        error = (out.float() - reference).abs().max().item()
         eager_error = (blockwise_attention(q, k, v, mask, block=5).float() - reference).abs().max().item()
+    assert out.dtype == torch.bfloat16
     assert error < 2 * eager_error + 1e-3 and error < 0.02, (error, eager_error)
 
 
@@ -223,7 +265,7 @@ def bf16_cpu_attention_case(monkeypatch, amx: bool, causal: bool):
 def test_cpu_attention_in_bf16_with_bf16_instructions_goes_in_blocks(causal, monkeypatch):
     """The bf16 path without AMX (written-out formula, blocks of queries) agrees with float32 attention to bf16's
     precision."""
-    monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", 2 * 4 * 33 * 5)  # 5 queries a block: 7 blocks
+    monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", 2 * 4 * 33 * 5)  # 8 blocks of 2 heads x 17
     calls, q, k, v, mask = bf16_cpu_attention_case(monkeypatch, amx=False, causal=causal)
     out = cpu_attention(q, k, v, mask)
     assert out.dtype == torch.bfloat16 and calls == [None]
