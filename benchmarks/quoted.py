@@ -375,7 +375,8 @@ def _engines_amd() -> dict:
     engines_sd15_512_int8_amd_padded_r4.json (amd512q.*); after base2_block, `--rungs int8` into
     engines_sd15_512_int8_amd_base2.json (amd512b.*), and with `--repeats 4` into
     engines_sd15_512_int8_amd_base2_r4.json (amd512c.*), and `--size 256 --rungs int8` into
-    engines_sd15_256_int8_amd_base2.json (amd256b.*)."""
+    engines_sd15_256_int8_amd_base2.json (amd256b.*); after blockwise attention's blocks of heads (`tiles`),
+    `--size 512 --rungs int8` into engines_sd15_512_int8_amd_tiles.json (amd512t.*)."""
     results, peers = "benchmarks/results/engines_sd15_", ("onnxruntime", "openvino")
     values = _against_peers(f"{results}256_int8_fp32_amd.json", "amd256",
                             {"+int8": "int8", "fp32 +every option": "fp32_fast"}, peers)
@@ -385,6 +386,7 @@ def _engines_amd() -> dict:
                                     ("512_int8_amd_base2.json", "amd512b", "+int8", "int8"),
                                     ("512_int8_amd_base2_r4.json", "amd512c", "+int8", "int8"),
                                     ("256_int8_amd_base2.json", "amd256b", "+int8", "int8"),
+                                    ("512_int8_amd_tiles.json", "amd512t", "+int8", "int8"),
                                     ("512_fp32_fast_amd.json", "amd512f", "fp32 +every option", "fp32_fast")):
         values |= _against_peers(results + file, prefix, {rung: key}, peers)
         row = read_json(results + file)[0]

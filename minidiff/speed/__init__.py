@@ -82,10 +82,10 @@ def set_attention(target, name: str | None = None, slice_size: int | None = None
     """Choose the attention kernel of a model (or of every model of a Pipeline); returns target.
 
     name: "sdpa" (PyTorch's fused kernels), "naive" (the formula written out, minidiff.attention.naive_attention),
-    "blockwise" (the formula a block of queries at a time in reused buffers), "cpu" (cpu_attention: bf16 SDPA with
-    AMX, blockwise in bf16 on a CPU with AVX512-BF16 alone, half precision in float32), or None: the default where
-    each model's weights are ("cpu" on a CPU, else "sdpa"). slice_size: at most this many queries at a time (bounds
-    the memory of the scores).
+    "blockwise" (the formula a block of heads and queries at a time in reused buffers), "cpu" (cpu_attention: bf16
+    SDPA with AMX, blockwise in bf16 on a CPU with AVX512-BF16 alone, half precision in float32), or None: the
+    default where each model's weights are ("cpu" on a CPU, else "sdpa"). slice_size: at most this many queries at
+    a time (bounds the memory of the scores).
     """
     attention_kernel(name or "sdpa", slice_size)  # MinidiffError for a bad name or slice_size, models or not
     for model in models_of(target):

@@ -10,10 +10,10 @@ blockwise path below 148, SDPA in float32 175; the VAE's (1, 1, 4096, 512): 16 v
 the CPU default:
 - bfloat16 on a CPU with AMX: SDPA in bf16 (PyTorch's flash kernel; it accumulates in float32).
 - bfloat16 on a CPU that multiplies bf16 with AVX512-BF16 but has no AMX: the written-out formula, a block of
-  queries at a time (`blockwise_attention`), its matmuls in bf16 (the softmax accumulates in float32; compiled,
-  in base 2, `base2_block`): eager 176 ms for the shape above (158 with reuse_memory), 50 ms instead of 184 for
-  the VAE's (1, 1, 4096, 512). The scores are rounded to bf16 before the softmax, as in any bf16 matmul; each
-  block holds at most CPU_SCORES_PER_BLOCK of them.
+  heads and queries at a time (`blockwise_attention`), its matmuls in bf16 (the softmax accumulates in float32;
+  compiled, in base 2, `base2_block`): eager 176 ms for the shape above (158 with reuse_memory), 50 ms instead of
+  184 for the VAE's (1, 1, 4096, 512). The scores are rounded to bf16 before the softmax, as in any bf16 matmul;
+  each block holds at most CPU_SCORES_PER_BLOCK of them.
 - float16 (which such CPUs do not multiply natively: the blockwise path takes 7 s), and bfloat16 elsewhere:
   SDPA in float32, the result cast back (float16 SDPA, (2, 8, 4096, 40): 1.9 s, in float32 0.5 s).
 - float32: SDPA.
