@@ -188,7 +188,7 @@ BLOCKS = {"5 queries": 5, "2 heads x 17 queries": None}
 @pytest.mark.parametrize("mask_kind", list(MASKS))
 @pytest.mark.parametrize("blocks", list(BLOCKS))
 def test_blockwise_attention_is_naive_attention(blocks, mask_kind, width, monkeypatch):
-    """Blocks of 33 queries (the last one short), each in the same score buffers: float32, to 1e-6; values of
+    """The BLOCKS of 33 queries (the last ones short), each in the same score buffers: float32, to 1e-6; values of
     8 and 40 columns (padded to 16 and 48 inside) and 64. (Inference only: its matmuls write into buffers, which
     autograd refuses; cpu_attention does not use it for gradients.)"""
     monkeypatch.setattr(attention_kernels, "CPU_SCORES_PER_BLOCK", 2 * 17 * 33)

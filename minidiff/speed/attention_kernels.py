@@ -144,7 +144,8 @@ def mask_block(mask, index: tuple):
 
 
 def base2_block(scores, mask, v):
-    """softmax(scores + mask) @ v for scores (and an additive mask) in base 2, log2(e) times the natural ones.
+    """softmax(scores + mask) @ v, in v's dtype, for scores (and an additive mask) in base 2, log2(e) times the
+    natural ones.
 
     One pass over the scores computes each exp2 once (for the probabilities, unnormalized, and for their sum), and
     the rows' sums divide the (rows, d) product instead of the (rows, keys) probabilities. Inductor's softmax
